@@ -1,0 +1,265 @@
+"""config.ini parsed once into frozen dataclasses.
+
+The parsed :class:`Config` is passed explicitly to whatever needs it; there
+are no module-level settings. Database settings may be overridden by the
+``SENDSYSTEM_DB_*`` environment variables and the signing secret by
+``SENDSYSTEM_SECRET`` so that secrets need not live in the file.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = "config.ini"
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    host: str = "127.0.0.1"
+    port: int = 3306
+    user: str = "root"
+    password: str = ""
+    name: str = "sendsystem"
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    lock_dir: Path = Path("/tmp/sendsystem/locks")
+    journal_dir: Path = Path("/tmp/sendsystem/journal")
+
+
+@dataclass(frozen=True)
+class BalancerConfig:
+    horizon_seconds: float = 30.0
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 15.0
+    batch_min: int = 50
+    batch_max: int = 2000
+    # How often a balancer runs one assignment tick.
+    tick_seconds: float = 1.0
+    # The first batch a worker with no measured rate yet receives.
+    probe_batch: int = 50
+
+
+@dataclass(frozen=True)
+class Relay:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SendingConfig:
+    relays: tuple[Relay, ...] = (Relay("127.0.0.1", 25),)
+    connections: int = 4
+    messages_per_connection: int = 1000
+    timeout: float = 30.0
+    retry_min: float = 60.0
+    retry_max: float = 3600.0
+    max_age: float = 4 * 24 * 3600.0
+    envelope_domain: str = "bounces.example.com"
+    domain_rates: Mapping[str, float] = field(default_factory=dict)
+    # A newsletter pauses itself when this share of its finished messages
+    # failed (after at least failure_pause_min finished), so a broken list
+    # or a blacklisted relay does not burn the sender's reputation.
+    failure_pause_ratio: float = 0.5
+    failure_pause_min: int = 200
+    helo: str = ""
+
+
+@dataclass(frozen=True)
+class UnsubscribeConfig:
+    url: str = "https://lists.example.com/unsubscribe/{token}"
+    mailto: str = "unsubscribe@bounces.example.com"
+    secret: str = ""
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    domain: str = ""
+    selector: str = ""
+    key_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.key_file is not None
+
+
+@dataclass(frozen=True)
+class BounceConfig:
+    hard_limit: int = 1
+    soft_limit: int = 3
+    soft_window_days: int = 7
+
+
+@dataclass(frozen=True)
+class Config:
+    database: DatabaseConfig = DatabaseConfig()
+    paths: PathsConfig = PathsConfig()
+    balancer: BalancerConfig = BalancerConfig()
+    sending: SendingConfig = SendingConfig()
+    unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
+    dkim: DkimConfig = DkimConfig()
+    bounce: BounceConfig = BounceConfig()
+    source: str = "(defaults)"
+
+    def secret(self) -> bytes:
+        """The HMAC secret for unsubscribe tokens and VERP addresses."""
+        if not self.unsubscribe.secret:
+            raise ConfigError(
+                f"No signing secret: set [unsubscribe] secret in {self.source} "
+                "or the SENDSYSTEM_SECRET environment variable (any long random string)."
+            )
+        return self.unsubscribe.secret.encode()
+
+
+def _get(cp: configparser.ConfigParser, section: str, key: str, default: object, kind: type,
+         source: str) -> object:
+    if not cp.has_option(section, key):
+        return default
+    raw = cp.get(section, key).strip()
+    try:
+        if kind is bool:
+            return cp.getboolean(section, key)
+        if kind is Path:
+            return Path(raw) if raw else default
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{source}: [{section}] {key} = {raw!r} is not a valid {kind.__name__}"
+        ) from None
+
+
+def _section(cp: configparser.ConfigParser, section: str, cls: type, source: str,
+             skip: tuple[str, ...] = ()) -> dict[str, object]:
+    defaults = cls()
+    values: dict[str, object] = {}
+    for name, f in cls.__dataclass_fields__.items():
+        if name in skip:
+            continue
+        default = getattr(defaults, name)
+        kind = type(default) if default is not None else Path
+        if isinstance(default, Path):
+            kind = Path
+        values[name] = _get(cp, section, name, default, kind, source)
+        del f
+    return values
+
+
+def parse_relays(text: str, source: str = "config") -> tuple[Relay, ...]:
+    relays = []
+    for item in text.replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"{source}: relay {item!r} must be host:port")
+        relays.append(Relay(host.strip("[]"), int(port)))
+    if not relays:
+        raise ConfigError(f"{source}: [sending] relays lists no relay (host:port, host:port)")
+    return tuple(relays)
+
+
+def parse_domain_rates(text: str, source: str = "config") -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        domain, sep, rate = item.partition(":")
+        try:
+            rates[domain.strip().lower()] = float(rate)
+        except ValueError:
+            raise ConfigError(
+                f"{source}: domain_rates entry {item!r} must be domain:messages_per_second"
+            ) from None
+        if not sep:
+            raise ConfigError(f"{source}: domain_rates entry {item!r} must be domain:rate")
+    return rates
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read config.ini (``path``, else $SENDSYSTEM_CONFIG, else ./config.ini).
+
+    A missing file is an error when it was named explicitly; the implicit
+    ./config.ini may be absent, and then the defaults apply.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or "SENDSYSTEM_CONFIG" in env
+    chosen = Path(path if path is not None else env.get("SENDSYSTEM_CONFIG", DEFAULT_CONFIG))
+    cp = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    if chosen.exists():
+        try:
+            cp.read(chosen, encoding="utf-8")
+        except configparser.Error as exc:
+            raise ConfigError(f"{chosen}: cannot parse: {exc}") from None
+        source = str(chosen)
+    elif explicit:
+        raise ConfigError(
+            f"Config file {chosen} does not exist. Copy config.ini.example there and edit it."
+        )
+    else:
+        source = "(defaults)"
+
+    db = _section(cp, "database", DatabaseConfig, source)
+    for key, kind in (("host", str), ("port", int), ("user", str), ("password", str),
+                      ("name", str)):
+        var = f"SENDSYSTEM_DB_{key.upper()}"
+        if var in env:
+            try:
+                db[key] = kind(env[var])
+            except ValueError:
+                raise ConfigError(f"${var} = {env[var]!r} is not a valid {kind.__name__}") from None
+
+    sending = _section(cp, "sending", SendingConfig, source, skip=("relays", "domain_rates"))
+    sending["relays"] = (parse_relays(cp.get("sending", "relays"), source)
+                         if cp.has_option("sending", "relays") else SendingConfig().relays)
+    sending["domain_rates"] = (parse_domain_rates(cp.get("sending", "domain_rates"), source)
+                               if cp.has_option("sending", "domain_rates") else {})
+
+    unsub = _section(cp, "unsubscribe", UnsubscribeConfig, source)
+    if env.get("SENDSYSTEM_SECRET"):
+        unsub["secret"] = env["SENDSYSTEM_SECRET"]
+
+    dkim = _section(cp, "dkim", DkimConfig, source, skip=("key_file",))
+    key_file = cp.get("dkim", "key_file", fallback="").strip()
+    dkim["key_file"] = Path(key_file) if key_file else None
+
+    config = Config(
+        database=DatabaseConfig(**db),  # type: ignore[arg-type]
+        paths=PathsConfig(**_section(cp, "paths", PathsConfig, source)),  # type: ignore[arg-type]
+        balancer=BalancerConfig(**_section(cp, "balancer", BalancerConfig, source)),  # type: ignore[arg-type]
+        sending=SendingConfig(**sending),  # type: ignore[arg-type]
+        unsubscribe=UnsubscribeConfig(**unsub),  # type: ignore[arg-type]
+        dkim=DkimConfig(**dkim),  # type: ignore[arg-type]
+        bounce=BounceConfig(**_section(cp, "bounce", BounceConfig, source)),  # type: ignore[arg-type]
+        source=source,
+    )
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    b = config.balancer
+    if b.batch_min < 1 or b.batch_max < b.batch_min:
+        raise ConfigError(f"{config.source}: need 1 <= batch_min <= batch_max in [balancer]")
+    if b.heartbeat_timeout <= b.heartbeat_interval:
+        raise ConfigError(
+            f"{config.source}: [balancer] heartbeat_timeout must exceed heartbeat_interval"
+        )
+    s = config.sending
+    if s.connections < 1 or s.messages_per_connection < 1:
+        raise ConfigError(f"{config.source}: [sending] connections and "
+                          "messages_per_connection must be at least 1")
+    if s.retry_min <= 0 or s.retry_max < s.retry_min:
+        raise ConfigError(f"{config.source}: need 0 < retry_min <= retry_max in [sending]")
