@@ -1,0 +1,290 @@
+"""MIME building blocks for the merge hot path and the per-send finalisation.
+
+Building an ``email.message.EmailMessage`` per recipient costs milliseconds.
+Instead the structure of a newsletter's messages is fixed once (a *skeleton*
+of byte pieces) and each recipient's rendered parts are spliced in, encoded
+with the C quoted-printable encoder of ``binascii``.
+
+Decisions worth knowing:
+
+- Boundaries are deterministic per newsletter (``=_ss_alt_<id>``,
+  ``=_ss_mix_<id>``): identical bytes in every message of a newsletter
+  compress to nothing, and a boundary starting with ``=_`` can never occur in
+  quoted-printable or base64 content (QP writes ``=`` only before two hex
+  digits or a line break; base64 has no ``_``). Neither boundary is a prefix of
+  the other, so even prefix-matching parsers split correctly.
+- Bodies are always quoted-printable, UTF-8: 7-bit safe for any relay, lines
+  below 76 characters, readable in the raw source, and it compresses far
+  better against a shared dictionary than base64 does.
+- A message of a newsletter with attachments is stored as a multipart/mixed
+  whose only stored part is the multipart/alternative; the mixed part is left
+  unterminated and :func:`attachment_tail` (computed once per newsletter,
+  never stored per message) supplies the attachment parts and the closing
+  boundary at send time.
+- Per-send headers (Message-ID, Date, List-Unsubscribe, ...) are prepended by
+  :func:`finalize`, so the stored, compressed message never depends on when or
+  how often it is sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.policy
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.message import MIMEPart
+
+CRLF = b"\r\n"
+
+# Anything that could end a header line or confuse a mail client: C0 and C1
+# controls (CR, LF, TAB, NUL, ESC ...) and the Unicode line/paragraph
+# separators.
+_CONTROL_RUN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+# RFC 5322 field names: printable ASCII except the colon.
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
+_NEWLINES = re.compile(r"\r\n|\r|\n")
+
+# RFC 2047: an encoded-word is at most 75 characters. "=?utf-8?b?" + "?="
+# take 12, leaving 63 base64 characters: 45 bytes of UTF-8 fit in 60.
+_EW_BYTES = 45
+_FOLD_AT = 78  # RFC 5322 "SHOULD" line length
+_HARD_LIMIT = 998  # RFC 5322 "MUST" line length
+
+_SMTP = email.policy.SMTP
+
+
+def safe_header_value(value: str) -> str:
+    """Collapse every run of CR/LF/control characters to one space (and trim).
+
+    No merge value can then start a new header or end the header block.
+    """
+    return _CONTROL_RUN.sub(" ", value).strip()
+
+
+def alternative_boundary(newsletter_id: int) -> str:
+    return f"=_ss_alt_{newsletter_id}"
+
+
+def mixed_boundary(newsletter_id: int) -> str:
+    return f"=_ss_mix_{newsletter_id}"
+
+
+def encode_qp(text: str) -> bytes:
+    """A rendered text or HTML part as quoted-printable UTF-8 with CRLF lines.
+
+    ``b2a_qp`` keeps the line ending style it finds, so newlines are first
+    normalised to CRLF; it then escapes ``=``, trailing blanks, a leading
+    ``.`` and everything non-ASCII, and inserts soft breaks below 76 columns.
+    """
+    if "\r" in text or "\n" in text:
+        text = _NEWLINES.sub("\r\n", text)
+    return binascii.b2a_qp(text.encode("utf-8", "surrogatepass"), False, True, False)
+
+
+def _encoded_words(value: str) -> list[bytes]:
+    """Split ``value`` into RFC 2047 base64 encoded-words of at most 75 chars.
+
+    Splits only between characters, never inside a UTF-8 sequence.
+    """
+    raw = value.encode("utf-8")
+    if len(raw) <= _EW_BYTES:
+        return [b"=?utf-8?b?" + base64.b64encode(raw) + b"?="]
+    words: list[bytes] = []
+    chunk: list[str] = []
+    size = 0
+    for ch in value:
+        n = len(ch.encode("utf-8"))
+        if size + n > _EW_BYTES:
+            words.append(b"=?utf-8?b?" + base64.b64encode("".join(chunk).encode()) + b"?=")
+            chunk, size = [], 0
+        chunk.append(ch)
+        size += n
+    if chunk:
+        words.append(b"=?utf-8?b?" + base64.b64encode("".join(chunk).encode()) + b"?=")
+    return words
+
+
+def header_line(name: str, value: str) -> bytes:
+    """One unstructured header (e.g. Subject) as folded, 7-bit bytes ending in CRLF.
+
+    ``value`` must already be free of control characters (see
+    :func:`safe_header_value`). ASCII that fits is written as is; ASCII that is
+    long is folded at spaces; anything non-ASCII, anything that looks like an
+    encoded-word, or a word too long to fold becomes RFC 2047 encoded-words.
+    """
+    prefix = name.encode("ascii") + b": "
+    if value.isascii() and "=?" not in value:
+        line = prefix + value.encode("ascii")
+        if len(line) <= _FOLD_AT:
+            return line + CRLF
+        words = value.split(" ")
+        if max(len(w) for w in words) + 1 < _HARD_LIMIT - len(prefix):
+            return _fold_words(prefix, [w.encode("ascii") for w in words])
+    if not value:
+        return prefix.rstrip() + CRLF
+    # Encoded-words separated by folding whitespace: decoders drop that
+    # whitespace, so the value round-trips exactly.
+    return _fold_words(prefix, _encoded_words(value))
+
+
+def _fold_words(prefix: bytes, words: Sequence[bytes]) -> bytes:
+    lines: list[bytes] = []
+    line = prefix + words[0]
+    for word in words[1:]:
+        if len(line) + 1 + len(word) > _FOLD_AT:
+            lines.append(line)
+            line = b" " + word
+        else:
+            line += b" " + word
+    lines.append(line)
+    return b"\r\n".join(lines) + CRLF
+
+
+def address_header(name: str, value: str) -> bytes:
+    """A structured address header (From) folded and encoded by the email package.
+
+    Called once per newsletter, so the standard library's careful (and slow)
+    folder is the right tool.
+    """
+    header = _SMTP.header_factory(name, value)
+    if header.defects:
+        raise ValueError(f"{name} header {value!r} is not valid: {header.defects[0]}")
+    return header.fold(policy=_SMTP).encode("ascii")
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """The constant byte pieces of every message of one newsletter.
+
+    A message is ``from_line + b"To: " + addr + CRLF + subject_line + head +
+    qp(text) + mid + qp(html) + end``; without a text part ``mid`` is empty
+    and the text slot is skipped.
+    """
+
+    from_line: bytes
+    head: bytes
+    mid: bytes
+    end: bytes
+    has_text: bool
+
+
+def _part_headers(subtype: str) -> bytes:
+    return (
+        b"Content-Type: text/" + subtype.encode() + b'; charset="utf-8"\r\n'
+        b"Content-Transfer-Encoding: quoted-printable\r\n"
+    )
+
+
+def build_skeleton(
+    newsletter_id: int, from_header: str | None, has_text: bool, has_attachments: bool
+) -> Skeleton:
+    """Lay out the MIME structure once per newsletter.
+
+    Without a text part the message (or, with attachments, the first part of
+    the mixed) is a single text/html part rather than an alternative with one
+    member. ``from_header`` None leaves the From line out (dictionary use).
+    """
+    alt = alternative_boundary(newsletter_id).encode()
+    mix = mixed_boundary(newsletter_id).encode()
+    html_headers = _part_headers("html")
+    if has_text:
+        alt_type = b'Content-Type: multipart/alternative; boundary="' + alt + b'"\r\n'
+        body_head = alt_type + CRLF + b"--" + alt + CRLF + _part_headers("plain") + CRLF
+        mid = CRLF + b"--" + alt + CRLF + html_headers + CRLF
+        body_end = CRLF + b"--" + alt + b"--" + CRLF
+    else:
+        body_head = html_headers + CRLF
+        mid = b""
+        body_end = CRLF
+    if has_attachments:
+        mixed_type = b'Content-Type: multipart/mixed; boundary="' + mix + b'"\r\n'
+        head = mixed_type + CRLF + b"--" + mix + CRLF + body_head
+        # Unterminated on purpose: attachment_tail() starts with the next
+        # "--mix" delimiter line and ends with the closing one.
+        end = body_end
+    else:
+        head = body_head
+        end = body_end
+    return Skeleton(
+        from_line=address_header("From", from_header) if from_header is not None else b"",
+        head=b"MIME-Version: 1.0\r\n" + head,
+        mid=mid,
+        end=end,
+        has_text=has_text,
+    )
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def attachment_tail(newsletter_id: int, attachments: Sequence[Attachment]) -> bytes:
+    """The bytes appended to every stored message of a newsletter with attachments.
+
+    Built with the email package (RFC 2231 filenames, base64 lines), once per
+    newsletter; the send worker caches it. ``b""`` when there are none.
+    """
+    if not attachments:
+        return b""
+    mix = mixed_boundary(newsletter_id).encode()
+    pieces: list[bytes] = []
+    for att in attachments:
+        maintype, sep, subtype = att.content_type.partition("/")
+        if not sep or not maintype or not subtype:
+            maintype, subtype = "application", "octet-stream"
+        part = MIMEPart(policy=_SMTP)
+        part.set_content(
+            att.data,
+            maintype=maintype,
+            subtype=subtype,
+            cte="base64",
+            disposition="attachment",
+            filename=safe_header_value(att.filename) or "attachment",
+        )
+        body = part.as_bytes(policy=_SMTP)
+        if not body.endswith(CRLF):
+            body += CRLF
+        pieces.append(b"--" + mix + CRLF + body)
+    pieces.append(b"--" + mix + b"--" + CRLF)
+    return b"".join(pieces)
+
+
+def finalize(stored: bytes, tail: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
+    """The wire bytes of one send: per-send ``headers``, the stored message, ``tail``.
+
+    Raises ValueError for a header name that is not a valid field name or a
+    value containing CR, LF or another control character (a header injection
+    attempt or a bug upstream: never silently repaired here). Non-ASCII values
+    are RFC 2047 encoded.
+    """
+    lines: list[bytes] = []
+    for name, value in headers:
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"invalid header name {name!r}")
+        if _CONTROL_RUN.search(value):
+            raise ValueError(f"header {name} contains a control character (CR/LF?): {value!r}")
+        if value.isascii() and len(name) + len(value) + 2 <= _HARD_LIMIT:
+            lines.append(f"{name}: {value}\r\n".encode("ascii"))
+        else:
+            lines.append(header_line(name, value))
+    lines.append(stored)
+    lines.append(tail)
+    return b"".join(lines)
+
+
+def list_id(list_name: str, list_key: str, domain: str) -> str:
+    """A List-Id value (RFC 2919): ``"Name" <key.domain>``; non-ASCII names encoded.
+
+    ``list_key`` must be a dot-atom-safe identifier (e.g. the list's id).
+    """
+    phrase = safe_header_value(list_name).replace("\\", "").replace('"', "")
+    ident = f"<{list_key}.{domain}>"
+    if phrase.isascii():
+        return f'"{phrase}" {ident}' if phrase else ident
+    words = b" ".join(_encoded_words(phrase)).decode("ascii")
+    return f"{words} {ident}"
