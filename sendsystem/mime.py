@@ -44,7 +44,6 @@ CRLF = b"\r\n"
 _CONTROL_RUN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 # RFC 5322 field names: printable ASCII except the colon.
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")
-_NEWLINES = re.compile(r"\r\n|\r|\n")
 
 # RFC 2047: an encoded-word is at most 75 characters. "=?utf-8?b?" + "?="
 # take 12, leaving 63 base64 characters: 45 bytes of UTF-8 fit in 60.
@@ -74,13 +73,15 @@ def mixed_boundary(newsletter_id: int) -> str:
 def encode_qp(text: str) -> bytes:
     """A rendered text or HTML part as quoted-printable UTF-8 with CRLF lines.
 
-    ``b2a_qp`` keeps the line ending style it finds, so newlines are first
-    normalised to CRLF; it then escapes ``=``, trailing blanks, a leading
-    ``.`` and everything non-ASCII, and inserts soft breaks below 76 columns.
+    ``b2a_qp`` escapes ``=``, trailing blanks, a leading ``.`` and everything
+    non-ASCII, and inserts soft breaks below 76 columns. It keeps the line
+    ending style it finds, so it is fed bare LF (the common case, no copy) and
+    its output, which has no other CR or LF, is converted to CRLF in one C pass.
     """
-    if "\r" in text or "\n" in text:
-        text = _NEWLINES.sub("\r\n", text)
-    return binascii.b2a_qp(text.encode("utf-8", "surrogatepass"), False, True, False)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    qp = binascii.b2a_qp(text.encode("utf-8", "surrogatepass"), False, True, False)
+    return qp.replace(b"\n", b"\r\n")
 
 
 def _encoded_words(value: str) -> list[bytes]:

@@ -1,0 +1,198 @@
+# ruff: noqa: E501  (the newsletter HTML has the long lines real ones have)
+"""Merge throughput on one core: render + compress, as the sort worker does it.
+
+    .venv/bin/python bench/merge_bench.py [--recipients 20000] [--profile]
+
+A realistic ~20 KB newsletter (HTML with a 10-article loop defined by
+``{% set %}``, a text version, 5 merge fields) merged for N recipients with
+distinct field values. Prints messages/s, mean stored (compressed) bytes per
+message and peak RSS. Targets: >= 1,000 msgs/s and <= 8 KB stored per message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import resource
+import sys
+import time
+
+from sendsystem.merge import Merger, NewsletterInfo, TemplateSource, decompress
+
+ARTICLES = "\n".join(
+    f"""  {{"title": "Article {i}: {topic}", "url": "https://news.example.com/2024/{i}/{slug}",
+     "teaser": "{teaser}"}},"""
+    for i, (topic, slug, teaser) in enumerate(
+        [
+            (
+                f"Nyt fra {place}",
+                f"nyt-fra-{place.lower()}",
+                f"Her kan du læse om hvad der sker i {place} denne måned: arrangementer, "
+                "tilbud og historier fra vores medlemmer. Vi har samlet det vigtigste, så "
+                "du hurtigt kan få overblikket over sæsonens højdepunkter og nyheder.",
+            )
+            for place in (
+                "Aarhus",
+                "Odense",
+                "Aalborg",
+                "Esbjerg",
+                "Randers",
+                "Kolding",
+                "Horsens",
+                "Vejle",
+                "Roskilde",
+                "Herning",
+            )
+        ],
+        start=1,
+    )
+)
+
+HTML = (
+    """{% set articles = [
+"""
+    + ARTICLES
+    + """
+] %}<!DOCTYPE html>
+<html lang="da">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ newsletter.subject }}</title>
+<style type="text/css">
+  body { margin: 0; padding: 0; background-color: #f4f4f4; font-family: Helvetica, Arial, sans-serif; }
+  table { border-collapse: collapse; }
+  .wrapper { width: 100%; background-color: #f4f4f4; padding: 20px 0; }
+  .content { width: 600px; background-color: #ffffff; margin: 0 auto; }
+  .header { background-color: #003366; color: #ffffff; padding: 24px; font-size: 24px; }
+  .article { padding: 16px 24px; border-bottom: 1px solid #e0e0e0; }
+  .article h2 { font-size: 18px; color: #003366; margin: 0 0 8px 0; }
+  .article p { font-size: 14px; line-height: 20px; color: #333333; margin: 0 0 8px 0; }
+  .button { display: inline-block; background-color: #ff6600; color: #ffffff; padding: 8px 16px; text-decoration: none; border-radius: 4px; }
+  .footer { padding: 24px; font-size: 12px; color: #888888; text-align: center; }
+  @media only screen and (max-width: 620px) { .content { width: 100% !important; } }
+</style>
+</head>
+<body>
+<table class="wrapper" role="presentation" width="100%" cellpadding="0" cellspacing="0">
+<tr><td align="center">
+<table class="content" role="presentation" width="600" cellpadding="0" cellspacing="0">
+<tr><td class="header">{{ list.name }}</td></tr>
+<tr><td class="article">
+<p>Kære {{ first_name }} {{ last_name }},</p>
+<p>Tak fordi du har været medlem siden {{ member_since }}. Som {{ plan }}-medlem i {{ city }}
+får du denne måned ekstra fordele hos vores partnere. Læs mere nedenfor.</p>
+</td></tr>
+{% for a in articles %}
+<tr><td class="article">
+<h2><a href="{{ a.url }}?utm_source=newsletter&amp;utm_medium=email&amp;utm_campaign={{ newsletter.id }}" style="color: #003366; text-decoration: none;">{{ a.title }}</a></h2>
+<p>{{ a.teaser }}</p>
+<p>{{ a.teaser }}</p>
+<p><a class="button" href="{{ a.url }}?utm_source=newsletter&amp;utm_medium=email&amp;utm_campaign={{ newsletter.id }}" style="background-color: #ff6600; color: #ffffff; padding: 8px 16px; text-decoration: none;">Læs hele artiklen</a></p>
+</td></tr>
+{% endfor %}
+<tr><td class="footer">
+<p>Du modtager denne e-mail fordi {{ email }} er tilmeldt {{ list.name }}.<br>
+{{ list.from_name }} &middot; Eksempelvej 1 &middot; 8000 Aarhus C &middot; Danmark</p>
+<p><a href="{{ unsubscribe_url }}" style="color: #888888;">Afmeld nyhedsbrevet</a></p>
+</td></tr>
+</table>
+</td></tr>
+</table>
+</body>
+</html>
+"""
+)
+
+TEXT = (
+    """{% set articles = [
+"""
+    + ARTICLES
+    + """
+] %}Kære {{ first_name }} {{ last_name }},
+
+Tak fordi du har været medlem siden {{ member_since }}. Som {{ plan }}-medlem i {{ city }}
+får du denne måned ekstra fordele hos vores partnere. Læs mere nedenfor.
+{% for a in articles %}
+{{ a.title }}
+{{ "-" * a.title|length }}
+{{ a.teaser }}
+Læs mere: {{ a.url }}?utm_source=newsletter&utm_medium=email&utm_campaign={{ newsletter.id }}
+{% endfor %}
+--
+Du modtager denne e-mail fordi {{ email }} er tilmeldt {{ list.name }}.
+Afmeld: {{ unsubscribe_url }}
+"""
+)
+
+SUBJECT = "{{ first_name }}, her er {{ list.name }} for {{ city }}"
+
+FIRST = ["Søren", "Anna", "Mette", "Jens", "Lars", "Kirsten", "Åse", "Peter", "Hanne", "Bjørn"]
+LAST = ["Jensen", "Nielsen", "Hansen", "Pedersen", "Andersen", "Christensen", "Larsen", "Sørensen"]
+CITIES = ["Aarhus", "København", "Odense", "Aalborg", "Esbjerg", "Randers", "Kolding", "Ærøskøbing"]
+PLANS = ["Basis", "Plus", "Premium"]
+
+
+def recipient(i: int) -> tuple[str, dict[str, str], str]:
+    fields = {
+        "first_name": FIRST[i % len(FIRST)],
+        "last_name": LAST[(i // 10) % len(LAST)],
+        "city": CITIES[(i // 7) % len(CITIES)],
+        "member_since": str(1990 + i % 34),
+        "plan": PLANS[i % len(PLANS)],
+    }
+    email = f"user{i}.{fields['last_name'].lower().replace('ø', 'oe')}@example{i % 97}.com"
+    unsub = f"https://lists.example.com/u/{i:x}.{i * 7919 % 100000:x}.Q2hhbmdlTWVQbGVhc2VIZWxsbw"
+    return email, fields, unsub
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--recipients", type=int, default=20_000)
+    parser.add_argument("--profile", action="store_true", help="cProfile the loop")
+    args = parser.parse_args()
+
+    src = TemplateSource(subject=SUBJECT, html=HTML, text=TEXT)
+    info = NewsletterInfo(
+        newsletter_id=4711,
+        list_name="Medlemsnyt",
+        from_header="Foreningen Ærø <nyhedsbrev@example.dk>",
+        has_attachments=False,
+    )
+    t0 = time.perf_counter()
+    merger = Merger(src, info)
+    setup = time.perf_counter() - t0
+    people = [recipient(i) for i in range(args.recipients)]
+
+    sample = merger.render(*people[0])
+    profiler = cProfile.Profile() if args.profile else None
+    stored_total = 0
+    raw_total = 0
+    t0 = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    for email, fields, unsub in people:
+        raw = merger.render(email, fields, unsub)
+        stored_total += len(merger.compress(raw))
+        raw_total += len(raw)
+    if profiler:
+        profiler.disable()
+    elapsed = time.perf_counter() - t0
+
+    blob = merger.compress(sample)
+    assert decompress(blob, merger.zdict) == sample
+    n = args.recipients
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"python {sys.version.split()[0]}, {n} recipients, merger setup {setup * 1000:.1f} ms")
+    print(f"raw message size       {raw_total / n:,.0f} bytes (mean)")
+    print(f"stored (compressed)    {stored_total / n:,.0f} bytes/message (mean)")
+    print(f"zdict                  {len(merger.zdict):,} bytes")
+    print(f"render+compress        {n / elapsed:,.0f} msgs/s on one core ({elapsed:.2f} s)")
+    print(f"peak RSS               {peak_kb / 1024:.1f} MB")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
