@@ -38,10 +38,11 @@ from sendsystem.tables import (
 
 log = logging.getLogger(__name__)
 
-# Colour-blind-friendly categorical palette (Tableau 10) for workers.
+# Categorical palette for workers (Tableau 10 plus two); it repeats beyond 12
+# workers, where the legend's order and the hover titles tell bands apart.
 WORKER_COLORS: tuple[str, ...] = (
-    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2",
-    "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac",
+    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948",
+    "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac", "#499894", "#d37295",
 )
 STATE_COLORS: Mapping[str, str] = {
     "queued": "#a0aab5", "merged": "#6c8ebf", "deferred": "#f2b134", "sent": "#3aa05b",
@@ -254,9 +255,10 @@ def states_svg(counts: list[tuple[str, int]]) -> str:
         parts.append(f'<rect class="segment" data-state="{_e(state)}" x="{x:.2f}" y="8" '
                      f'width="{w:.2f}" height="{bar_h}" fill="{color}">'
                      f'<title>{_e(state)}: {n:,} ({n / total:.1%})</title></rect>')
-        if w > 90:
+        label = f"{state} {n / total:.1%}"
+        if w > len(label) * 8.5 + 24:   # only where the label fits (14px bold ≈ 8.5px/char)
             parts.append(f'<text class="seg-label" x="{x + 12:.1f}" y="{8 + bar_h / 2 + 5}">'
-                         f'{_e(state)} {n / total:.1%}</text>')
+                         f'{_e(label)}</text>')
         x += w
     parts.append("</g></svg>")
     return "".join(parts)
@@ -281,13 +283,14 @@ def bounces_svg(bounces: Mapping[str, Any]) -> str:
     width, height = 520, 260
     left, right, top_pad, bottom = 48, 12, 24, 36
     values = [as_int(bounces.get(k)) for k in BOUNCE_CLASSES]
-    ticks = nice_ticks(max(values), 4)
+    # With nothing to show, a 0..1 scale would only suggest a measurement.
+    ticks = nice_ticks(max(values), 4) if any(values) else [0.0, 1.0]
     plot_w, plot_h = width - left - right, height - top_pad - bottom
     baseline = height - bottom
     slot = plot_w / len(values)
     parts = [f'<svg class="chart bounces" viewBox="0 0 {width} {height}" role="img" '
              f'aria-label="Bounces by class">']
-    for t in ticks:
+    for t in ticks if any(values) else ():
         y = baseline - t / ticks[-1] * plot_h
         parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y:.1f}" '
                      f'y2="{y:.1f}"/><text class="tick" x="{left - 8}" y="{y + 4:.1f}" '
@@ -361,17 +364,20 @@ def _kpi(label: str, value: str, sub: str = "", cls: str = "") -> str:
             f'<div class="value">{value}</div><div class="sub">{sub}</div></div>')
 
 
+def _level(rate: float | None, warn: float) -> str:
+    return "unknown" if rate is None else "warn" if rate >= warn else "ok"
+
+
 def _health(stats: Mapping[str, Any]) -> str:
     bounce_rate = as_float(stats.get("bounce_rate"))
     complaint_rate = as_float(stats.get("complaint_rate"))
     rows = [
         ("Deferral events", format_count(stats.get("deferrals")), "",
          "4xx replies and unreachable relays; each was retried with back-off"),
-        ("Bounce rate", _e(format_percent(bounce_rate, 2)),
-         "warn" if bounce_rate is not None and bounce_rate >= BOUNCE_WARN else "",
+        ("Bounce rate", _e(format_percent(bounce_rate, 2)), _level(bounce_rate, BOUNCE_WARN),
          f"bounces per sent message; watch above {BOUNCE_WARN:.0%}"),
         ("Complaint rate", _e(format_percent(complaint_rate, 3)),
-         "warn" if complaint_rate is not None and complaint_rate >= COMPLAINT_WARN else "",
+         _level(complaint_rate, COMPLAINT_WARN),
          f"spam reports per sent message; keep below {COMPLAINT_WARN:.1%}"),
     ]
     return '<dl class="health">' + "".join(
@@ -519,6 +525,7 @@ svg .empty-msg { fill: var(--muted); font-size: 14px; }
 .health { margin: 0; display: grid; gap: 14px; }
 .health div { border-left: 3px solid #3aa05b; padding-left: 12px; }
 .health div.warn { border-left-color: #f2b134; }
+.health div.unknown { border-left-color: var(--line); }
 .health dt { color: var(--muted); font-size: 12px; text-transform: uppercase;
   letter-spacing: .05em; }
 .health dd { margin: 0; font-size: 22px; font-weight: 650; font-variant-numeric: tabular-nums; }

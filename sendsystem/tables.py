@@ -259,23 +259,43 @@ class Column:
     align: str = "<"        # "<" left, ">" right
     shrink: bool = False    # may be truncated when the table is wider than the screen
     min_width: int = 4
+    drop: int = 0           # >0: left out on narrow screens, highest first; 0: always shown
 
 
 Cell = tuple[str, str | None]   # (text, color name or None)
 
 
-def render_table(columns: Sequence[Column], rows: Sequence[Sequence[Cell]], *,
-                 width: int, color: bool, indent: str = "  ") -> list[str]:
-    """Fixed-width table; shrinkable columns give way when the screen is narrow."""
-    widths = [max([display_width(c.title)] + [display_width(r[i][0]) for r in rows])
-              for i, c in enumerate(columns)]
-    budget = width - len(indent) - 2 * (len(columns) - 1)
-    while sum(widths) > budget:
+def _fit_widths(columns: Sequence[Column], natural: list[int], budget: int) -> list[int]:
+    widths = list(natural)
+    while sum(widths) + 2 * (len(widths) - 1) > budget:
         candidates = [i for i, c in enumerate(columns) if c.shrink and widths[i] > c.min_width]
         if not candidates:
             break
         widest = max(candidates, key=lambda i: widths[i])
         widths[widest] -= 1
+    return widths
+
+
+def render_table(columns: Sequence[Column], rows: Sequence[Sequence[Cell]], *,
+                 width: int, color: bool, indent: str = "  ") -> list[str]:
+    """Fixed-width table for a screen ``width`` columns wide.
+
+    Shrinkable columns are truncated first; if that is not enough, optional
+    columns are left out (highest ``drop`` first) rather than wrapping lines.
+    """
+    keep = list(range(len(columns)))
+    natural = [max([display_width(c.title)] + [display_width(r[i][0]) for r in rows])
+               for i, c in enumerate(columns)]
+    budget = width - len(indent)
+    while True:
+        cols = [columns[i] for i in keep]
+        widths = _fit_widths(cols, [natural[i] for i in keep], budget)
+        droppable = [i for i in keep if columns[i].drop]
+        if sum(widths) + 2 * (len(widths) - 1) <= budget or not droppable:
+            break
+        keep.remove(max(droppable, key=lambda i: columns[i].drop))
+    columns = cols
+    rows = [[row[i] for i in keep] for row in rows]
     head = "  ".join(fit(c.title, w, c.align) for c, w in zip(columns, widths, strict=True))
     lines = [indent + _paint(head.rstrip(), "bold", color)]
     for row in rows:
@@ -296,7 +316,7 @@ def _is_dead(worker: Mapping[str, Any]) -> bool:
 def _worker_row(w: Mapping[str, Any]) -> list[Cell]:
     state = clean(w.get("state")) or "?"
     if _is_dead(w):
-        state_cell: Cell = (f"DEAD ({state})", "red")
+        state_cell: Cell = ("DEAD", "red")
     else:
         state_cell = (state, {"running": "green", "stopping": "yellow", "starting": "yellow",
                               "stopped": "dim"}.get(state))
@@ -319,10 +339,10 @@ def _worker_row(w: Mapping[str, Any]) -> list[Cell]:
 def _format_workers(workers: list[Mapping[str, Any]], width: int, color: bool) -> list[str]:
     if not workers:
         return ["  No workers registered. Cron starts them within a minute of installation."]
-    columns = [Column("ID", ">"), Column("HOST", shrink=True), Column("ROLE"),
-               Column("NAME", shrink=True), Column("ENABLED"), Column("STATE"),
-               Column("RATE", ">"), Column("BACKLOG", ">"), Column("HEARTBEAT", ">"),
-               Column("MESSAGES", ">")]
+    columns = [Column("ID", ">"), Column("HOST", shrink=True, min_width=6), Column("ROLE"),
+               Column("NAME", shrink=True, min_width=8), Column("ENABLED", drop=2), Column("STATE"),
+               Column("RATE", ">"), Column("BACKLOG", ">", drop=3),
+               Column("HEARTBEAT", ">", drop=1), Column("MESSAGES", ">", drop=4)]
     ordered = sorted(workers, key=lambda w: (clean(w.get("host")), clean(w.get("role")),
                                              clean(w.get("name"))))
     return render_table(columns, [_worker_row(w) for w in ordered], width=width, color=color)
@@ -339,8 +359,8 @@ def _format_newsletters(newsletters: list[Mapping[str, Any]], width: int, color:
     if not newsletters:
         return ["  No newsletters in progress."]
     bar_width = max(10, min(30, width // 5))
-    columns = [Column("ID", ">"), Column("LIST", shrink=True), Column("STATE"),
-               Column("PROGRESS"), Column("DONE/TOTAL", ">"), Column("RATE", ">"),
+    columns = [Column("ID", ">"), Column("LIST", shrink=True, drop=2), Column("STATE"),
+               Column("PROGRESS"), Column("DONE/TOTAL", ">", drop=3), Column("RATE", ">", drop=1),
                Column("ETA", ">"), Column("SUBJECT", shrink=True, min_width=10)]
     rows: list[list[Cell]] = []
     notes: list[str] = []
@@ -380,7 +400,7 @@ def format_status(status: Mapping[str, Any], *, width: int = 100, color: bool = 
     ANSI colours (DEAD in red); ``ascii_only`` draws bars with '#' for mail
     readers that mangle Unicode.
     """
-    width = max(width, 40)
+    width = max(width, 60)
     workers = list(status.get("workers") or [])
     newsletters = list(status.get("newsletters") or [])
     dead = sum(1 for w in workers if _is_dead(w))
