@@ -1,0 +1,290 @@
+"""What the admin commands do, without the command line around it.
+
+Each function takes the :class:`Database` it works on and raises a
+:class:`UserError` that says what to fix; nothing is half-done: every
+change that spans several rows runs in one transaction.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import mimetypes
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .addresses import domain_of, parse_from, validate_email
+from .db import Database
+from .errors import ImportRowsError, UserError
+from .merge import TemplateSource, check_template
+
+log = logging.getLogger(__name__)
+
+IMPORT_CHUNK = 2000
+
+
+# ------------------------------------------------------------------ lists
+
+def create_list(db: Database, name: str, from_header: str) -> int:
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise UserError("A list name must be 1 to 100 characters.")
+    try:
+        sender = parse_from(from_header)
+    except ValueError as exc:
+        raise UserError(f"--from: {exc}") from None
+    if db.fetchone("list_by_name", {"name": name}):
+        raise UserError(f"A list named {name!r} already exists.")
+    return db.insert("list_insert", {"name": name, "from_name": sender.name,
+                                     "from_address": sender.address})
+
+
+def get_list(db: Database, name: str) -> dict[str, Any]:
+    row = db.fetchone("list_by_name", {"name": name})
+    if row is None:
+        raise UserError(f"There is no list named {name!r}. Create it with "
+                        f"`sendsystem list create {name} --from 'Name <address>'`.")
+    return row
+
+
+@dataclass
+class ImportResult:
+    imported: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    total: int = 0
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file.") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        "save the file as UTF-8 CSV.") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise UserError(f"{path}: the file is empty; it needs a header row with 'email'.") from None
+    names = [h.strip() for h in header]
+    lowered = [n.lower() for n in names]
+    if "email" not in lowered:
+        raise UserError(f"{path}: the header row has no 'email' column "
+                        f"(it has: {', '.join(names)}).")
+    if len(set(lowered)) != len(lowered) or "" in lowered:
+        raise UserError(f"{path}: the header row has empty or repeated column names.")
+    names = ["email" if n.lower() == "email" else n for n in names]
+    for row in reader:
+        line = reader.line_num
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(names):
+            yield line, {"__error__": f"has {len(row)} fields, the header has {len(names)}"}
+            continue
+        yield line, dict(zip(names, row, strict=True))
+
+
+def _check_row(row: dict[str, str]) -> tuple[str, dict[str, str]]:
+    if "__error__" in row:
+        raise ValueError(row["__error__"])
+    for key, value in row.items():
+        if "\r" in value or "\n" in value or "\x00" in value:
+            raise ValueError(f"field {key!r} contains a line break or NUL")
+    email = validate_email(row["email"])
+    fields = {k: v for k, v in row.items() if k != "email"}
+    return email, fields
+
+
+def import_csv(db: Database, list_name: str, path: Path, *, skip_invalid: bool = False,
+               progress: Callable[[int], None] | None = None) -> ImportResult:
+    """Import (or update) subscribers. Strict: any bad row and nothing is imported."""
+    lst = get_list(db, list_name)
+    result = ImportResult()
+    good: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for line, row in _read_csv(path):
+        result.total += 1
+        try:
+            email, fields = _check_row(row)
+            key = email.lower()
+            if key in seen:
+                raise ValueError(f"{email} already appears on line {seen[key]}")
+            seen[key] = line
+        except ValueError as exc:
+            result.bad.append((line, str(exc)))
+            continue
+        good.append({"list_id": lst["id"], "email": email, "domain": domain_of(email),
+                     "fields": json.dumps(fields, ensure_ascii=False)})
+    if result.bad and not skip_invalid:
+        raise ImportRowsError(result.bad, result.total)
+    with db.transaction():
+        for start in range(0, len(good), IMPORT_CHUNK):
+            chunk = good[start:start + IMPORT_CHUNK]
+            db.executemany("subscriber_upsert", chunk)
+            if progress:
+                progress(len(chunk))
+    result.imported = len(good)
+    return result
+
+
+# -------------------------------------------------------------- templates
+
+def add_template(db: Database, name: str, subject: str, html_file: Path,
+                 text_file: Path | None) -> int:
+    """Add or replace a template; it must compile in the sandbox first."""
+    html = _read_text(html_file, "--html")
+    text = _read_text(text_file, "--text") if text_file else None
+    check_template(TemplateSource(subject=subject, html=html, text=text))
+    db.execute("template_upsert", {"name": name, "subject": subject, "html": html, "text": text})
+    row = db.fetchone("template_by_name", {"name": name})
+    assert row is not None
+    return int(row["id"])
+
+
+def _read_text(path: Path, option: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{option} {path}: no such file.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{option} {path}: not UTF-8 text.") from None
+
+
+# ------------------------------------------------------------- newsletters
+
+def parse_at(text: str, now: datetime | None = None) -> datetime:
+    """``YYYY-MM-DD HH:MM`` in this machine's local time, as naive UTC for the database."""
+    try:
+        local = datetime.strptime(text.strip(), "%Y-%m-%d %H:%M")
+    except ValueError:
+        raise UserError(f"--at {text!r}: use the form 'YYYY-MM-DD HH:MM' (local time).") from None
+    return local.astimezone().astimezone(UTC).replace(tzinfo=None)
+
+
+def enqueue(db: Database, list_name: str, template_name: str, *, at: str | None = None,
+            attachments: tuple[Path, ...] = ()) -> tuple[int, int]:
+    """Create a newsletter; (newsletter id, message rows created now).
+
+    Unscheduled newsletters are released at once (message rows created in
+    one set-based statement); scheduled ones are released by the sort
+    balancer when due, so the audience is the list as it is at send time.
+    """
+    lst = get_list(db, list_name)
+    template = db.fetchone("template_by_name", {"name": template_name})
+    if template is None:
+        raise UserError(f"There is no template named {template_name!r}. Add it with "
+                        "`sendsystem template add`.")
+    send_at = parse_at(at) if at else None
+    files = []
+    for path in attachments:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"--attach {path}: {exc.strerror or exc}.") from None
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        files.append({"filename": path.name, "content_type": ctype, "size": len(data),
+                      "data": data})
+    with db.transaction():
+        nid = db.insert("newsletter_insert", {
+            "list_id": lst["id"], "template_id": template["id"], "subject": template["subject"],
+            "html": template["html"], "text": template["text"], "send_at": send_at,
+            "attachment_bytes": sum(f["size"] for f in files),
+        })
+        for f in files:
+            db.execute("attachment_insert", {"newsletter_id": nid, **f})
+    created = 0
+    if send_at is None or send_at <= datetime.now(UTC).replace(tzinfo=None):
+        created = release(db, nid, int(lst["id"]))
+    return nid, created
+
+
+def release(db: Database, newsletter_id: int, list_id: int) -> int:
+    """Create the message rows of a scheduled newsletter and start it; idempotent."""
+    with db.transaction():
+        state = db.fetchval("newsletter_lock_for_release", {"id": newsletter_id})
+        if state != "scheduled":
+            return 0
+        created = db.execute("newsletter_release_messages", {"id": newsletter_id,
+                                                             "list_id": list_id})
+        db.execute("newsletter_mark_released", {"id": newsletter_id, "total": created})
+    log.info("newsletter %s released with %d messages", newsletter_id, created)
+    return created
+
+
+def get_newsletter(db: Database, newsletter_id: int) -> dict[str, Any]:
+    row = db.fetchone("newsletter_get", {"id": newsletter_id})
+    if row is None:
+        raise UserError(f"There is no newsletter {newsletter_id}.")
+    return row
+
+
+def pause(db: Database, newsletter_id: int, reason: str = "paused by an admin") -> None:
+    nl = get_newsletter(db, newsletter_id)
+    if not db.execute("newsletter_pause", {"id": newsletter_id, "reason": reason}):
+        raise UserError(f"Newsletter {newsletter_id} is {nl['state']}; only a scheduled or "
+                        "running newsletter can be paused.")
+
+
+def resume(db: Database, newsletter_id: int) -> None:
+    nl = get_newsletter(db, newsletter_id)
+    if not db.execute("newsletter_resume", {"id": newsletter_id}):
+        raise UserError(f"Newsletter {newsletter_id} is {nl['state']}, not paused.")
+
+
+def cancel(db: Database, newsletter_id: int) -> int:
+    """Cancel; every message not yet final becomes cancelled. Returns how many."""
+    nl = get_newsletter(db, newsletter_id)
+    with db.transaction():
+        if not db.execute("newsletter_cancel", {"id": newsletter_id}):
+            raise UserError(f"Newsletter {newsletter_id} is already {nl['state']}.")
+        return db.execute("newsletter_cancel_messages", {"id": newsletter_id})
+
+
+# ----------------------------------------------------------------- workers
+
+def find_worker(db: Database, ident: str) -> dict[str, Any]:
+    rows = db.fetchall("worker_find", {"id": int(ident) if ident.isdigit() else -1,
+                                       "name": ident})
+    if not rows:
+        raise UserError(f"There is no worker {ident!r}; `sendsystem workers` lists them.")
+    if len(rows) > 1:
+        listing = ", ".join(f"{r['id']} ({r['role']} on {r['host']})" for r in rows)
+        raise UserError(f"{ident!r} names several workers: {listing}. Use the id.")
+    return rows[0]
+
+
+def set_worker_enabled(db: Database, ident: str, enabled: bool) -> dict[str, Any]:
+    worker = find_worker(db, ident)
+    db.execute("worker_set_enabled", {"id": worker["id"], "enabled": int(enabled)})
+    return worker
+
+
+# --------------------------------------------------------------- blocklist
+
+def block_pattern(raw: str) -> str:
+    raw = raw.strip()
+    if raw.startswith("@"):
+        domain = raw[1:].lower()
+        try:
+            validate_email(f"x@{domain}")
+        except ValueError:
+            raise UserError(f"{raw!r} is not a valid @domain.") from None
+        return "@" + domain.encode("idna").decode("ascii")
+    try:
+        return validate_email(raw)
+    except ValueError as exc:
+        raise UserError(f"{exc}. Give an address or @domain.") from None
+
+
+def block_add(db: Database, raw: str, reason: str | None = None) -> bool:
+    return bool(db.execute("block_add", {"pattern": block_pattern(raw), "reason": reason}))
+
+
+def block_remove(db: Database, raw: str) -> bool:
+    return bool(db.execute("block_remove", {"pattern": block_pattern(raw)}))

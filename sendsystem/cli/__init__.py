@@ -1,0 +1,82 @@
+"""The `sendsystem` command line (click).
+
+Command names are fixed by DESIGN.md. Every command parses the config once
+and passes it down; errors from the SendSystemError family print one clear
+line and exit with their code (1 user error, 75 try again later); click's
+usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from ..config import Config, load_config
+from ..db import Database
+from ..errors import SendSystemError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    config_path: str | None
+    _config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def db(self, retry_for: float = 10.0) -> Database:
+        return Database(self.config.database, retry_for=retry_for)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              envvar="SENDSYSTEM_CONFIG", help="config.ini (default ./config.ini).")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.version_option(package_name="sendsystem")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, log_level: str) -> None:
+    """SendSystem: distributed, load-balanced bulk mail sender."""
+    setup_logging(log_level)
+    ctx.obj = Context(config_path)
+
+
+def main() -> None:
+    from . import admin_cmds, bounce_cmds, ops_cmds, role_cmds  # noqa: F401 - registers commands
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SendSystemError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(0)
+
+
+def path_arg(**kw: object) -> click.Path:
+    return click.Path(path_type=Path, **kw)  # type: ignore[arg-type]

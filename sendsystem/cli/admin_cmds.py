@@ -1,0 +1,232 @@
+"""Admin commands: schema, lists, templates, newsletters, workers, blocklist."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .. import admin
+from . import Context, cli, pass_ctx, path_arg
+
+
+def interactive() -> bool:
+    """Progress bars only on a terminal; cron mail stays quiet."""
+    return sys.stderr.isatty()
+
+
+@cli.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command("init")
+@pass_ctx
+def db_init(ctx: Context) -> None:
+    """Create or upgrade the schema from sql/ (idempotent)."""
+    before, after = ctx.db().init_schema()
+    name = ctx.config.database.name
+    if before == after:
+        click.echo(f"Database {name!r} is up to date (schema version {after}).")
+    elif before == 0:
+        click.echo(f"Created database {name!r} (schema version {after}).")
+    else:
+        click.echo(f"Upgraded database {name!r} from schema version {before} to {after}.")
+
+
+@cli.group("list")
+def list_group() -> None:
+    """Mailing lists and their subscribers."""
+
+
+@list_group.command("create")
+@click.argument("name")
+@click.option("--from", "from_header", required=True, help='"Name <address@example.com>"')
+@pass_ctx
+def list_create(ctx: Context, name: str, from_header: str) -> None:
+    """Create a list."""
+    list_id = admin.create_list(ctx.db(), name, from_header)
+    click.echo(f"Created list {name!r} (id {list_id}).")
+
+
+@list_group.command("import")
+@click.argument("name")
+@click.argument("file", type=path_arg(dir_okay=False))
+@click.option("--skip-invalid", is_flag=True,
+              help="Import the good rows and report the bad ones (default: import nothing "
+                   "if any row is bad).")
+@pass_ctx
+def list_import(ctx: Context, name: str, file: Path, skip_invalid: bool) -> None:
+    """Import subscribers from a CSV file with a header row (email + merge fields)."""
+    database = ctx.db()
+    if interactive():
+        with click.progressbar(length=_count_lines(file), label="Importing",
+                               file=sys.stderr) as bar:
+            result = admin.import_csv(database, name, file, skip_invalid=skip_invalid,
+                                      progress=bar.update)
+    else:
+        result = admin.import_csv(database, name, file, skip_invalid=skip_invalid)
+    click.echo(f"Imported {result.imported} of {result.total} rows into {name!r}.")
+    if result.bad:
+        click.echo(f"Skipped {len(result.bad)} invalid rows:", err=True)
+        for line, reason in result.bad:
+            click.echo(f"  line {line}: {reason}", err=True)
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as fh:
+            return max(sum(1 for _ in fh) - 1, 1)
+    except OSError:
+        return 1
+
+
+@list_group.command("show")
+@pass_ctx
+def list_show(ctx: Context) -> None:
+    """Show the lists with their subscriber counts."""
+    for row in ctx.db().fetchall("list_all"):
+        click.echo(f"{row['id']:>4}  {row['name']:<24} {row['active']:>9} active "
+                   f"{row['total']:>9} total  {row['from_name']} <{row['from_address']}>")
+
+
+@cli.group()
+def template() -> None:
+    """Newsletter templates."""
+
+
+@template.command("add")
+@click.argument("name")
+@click.option("--subject", required=True, help="The subject (a template too).")
+@click.option("--html", "html_file", required=True, type=path_arg(dir_okay=False))
+@click.option("--text", "text_file", type=path_arg(dir_okay=False))
+@pass_ctx
+def template_add(ctx: Context, name: str, subject: str, html_file: Path,
+                 text_file: Path | None) -> None:
+    """Add a template (or replace one of the same name); it must compile."""
+    tid = admin.add_template(ctx.db(), name, subject, html_file, text_file)
+    click.echo(f"Template {name!r} saved (id {tid}).")
+
+
+@cli.command()
+@click.option("--list", "list_name", required=True)
+@click.option("--template", "template_name", required=True)
+@click.option("--at", help='Send time "YYYY-MM-DD HH:MM" (local time of this machine).')
+@click.option("--attach", "attachments", multiple=True, type=path_arg(dir_okay=False))
+@pass_ctx
+def enqueue(ctx: Context, list_name: str, template_name: str, at: str | None,
+            attachments: tuple[Path, ...]) -> None:
+    """Create a newsletter for a list."""
+    nid, created = admin.enqueue(ctx.db(retry_for=30.0), list_name, template_name, at=at,
+                                 attachments=attachments)
+    if created or not at:
+        click.echo(f"Newsletter {nid} queued: {created} messages.")
+    else:
+        click.echo(f"Newsletter {nid} scheduled for {at} (local time).")
+
+
+@cli.group()
+def newsletter() -> None:
+    """Pause, resume or cancel a newsletter."""
+
+
+@newsletter.command("pause")
+@click.argument("newsletter_id", type=int)
+@pass_ctx
+def newsletter_pause(ctx: Context, newsletter_id: int) -> None:
+    """Stop new assignment; batches in flight finish."""
+    admin.pause(ctx.db(), newsletter_id)
+    click.echo(f"Newsletter {newsletter_id} paused.")
+
+
+@newsletter.command("resume")
+@click.argument("newsletter_id", type=int)
+@pass_ctx
+def newsletter_resume(ctx: Context, newsletter_id: int) -> None:
+    admin.resume(ctx.db(), newsletter_id)
+    click.echo(f"Newsletter {newsletter_id} resumed.")
+
+
+@newsletter.command("cancel")
+@click.argument("newsletter_id", type=int)
+@pass_ctx
+def newsletter_cancel(ctx: Context, newsletter_id: int) -> None:
+    n = admin.cancel(ctx.db(), newsletter_id)
+    click.echo(f"Newsletter {newsletter_id} cancelled ({n} messages will not be sent).")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def workers(click_ctx: click.Context) -> None:
+    """List, disable or enable workers."""
+    if click_ctx.invoked_subcommand is None:
+        click_ctx.invoke(workers_list)
+
+
+@workers.command("list")
+@pass_ctx
+def workers_list(ctx: Context) -> None:
+    rows = ctx.db().fetchall("workers_all")
+    timeout = ctx.config.balancer.heartbeat_timeout
+    click.echo(f"{'ID':>4}  {'ROLE':<14}{'HOST':<18}{'NAME':<16}{'ENABLED':<8}{'STATE':<10}"
+               f"{'RATE':>8}{'BACKLOG':>9}{'HEARTBEAT':>11}")
+    for w in rows:
+        age = w["heartbeat_age"]
+        dead = w["state"] != "stopped" and (age is None or float(age) > timeout)
+        rate = f"{w['rate']:.1f}" if w["rate"] is not None else "-"
+        hb = f"{float(age):.1f}s" if age is not None else "-"
+        click.echo(f"{w['id']:>4}  {w['role']:<14}{w['host'][:17]:<18}{w['name'][:15]:<16}"
+                   f"{'yes' if w['enabled'] else 'no':<8}{'DEAD' if dead else w['state']:<10}"
+                   f"{rate:>8}{w['backlog']:>9}{hb:>11}")
+
+
+@workers.command("disable")
+@click.argument("worker")
+@pass_ctx
+def workers_disable(ctx: Context, worker: str) -> None:
+    """Disable a worker (id or name): it stops within one heartbeat and stays stopped."""
+    w = admin.set_worker_enabled(ctx.db(), worker, False)
+    click.echo(f"Worker {w['id']} ({w['role']} {w['name']} on {w['host']}) disabled.")
+
+
+@workers.command("enable")
+@click.argument("worker")
+@pass_ctx
+def workers_enable(ctx: Context, worker: str) -> None:
+    """Enable a worker again; cron starts it within a minute."""
+    w = admin.set_worker_enabled(ctx.db(), worker, True)
+    click.echo(f"Worker {w['id']} ({w['role']} {w['name']} on {w['host']}) enabled.")
+
+
+@cli.group()
+def block() -> None:
+    """The blocklist: addresses and @domains that are never mailed."""
+
+
+@block.command("add")
+@click.argument("patterns", nargs=-1, required=True)
+@click.option("--reason")
+@pass_ctx
+def block_add(ctx: Context, patterns: tuple[str, ...], reason: str | None) -> None:
+    database = ctx.db()
+    for p in patterns:
+        added = admin.block_add(database, p, reason)
+        click.echo(f"{'Blocked' if added else 'Already blocked'}: {admin.block_pattern(p)}")
+
+
+@block.command("remove")
+@click.argument("patterns", nargs=-1, required=True)
+@pass_ctx
+def block_remove(ctx: Context, patterns: tuple[str, ...]) -> None:
+    database = ctx.db()
+    for p in patterns:
+        removed = admin.block_remove(database, p)
+        click.echo(f"{'Unblocked' if removed else 'Was not blocked'}: {admin.block_pattern(p)}")
+
+
+@block.command("list")
+@pass_ctx
+def block_list(ctx: Context) -> None:
+    for row in ctx.db().fetchall("block_list"):
+        click.echo(f"{row['pattern']}\t{row['reason'] or ''}")

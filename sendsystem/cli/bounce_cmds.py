@@ -1,0 +1,1 @@
+"""Bounce intake and the unsubscribe service (filled in by the bounce issue)."""

@@ -1,0 +1,291 @@
+"""The database layer: the only place that opens connections and cursors.
+
+Statements are looked up by name from sql/queries.sql. At start-up a role
+calls :meth:`Database.prepare` with the statements it will run: the server
+PREPAREs each one, so a schema that does not match fails at start with a
+message naming the statement, not in the middle of a batch. The statements
+then run through PyMySQL's client-side interpolation, which measured fastest
+(one round trip; see bench/db_exec_bench.py and the README).
+
+When MariaDB goes away, a single statement outside a transaction is retried
+after reconnecting with capped back-off (logged once per outage); inside a
+transaction the caller gets :class:`DatabaseUnavailable` and retries its
+whole unit of work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pymysql
+import pymysql.cursors
+from pymysql.constants import CLIENT
+
+from ..config import DatabaseConfig
+from ..errors import DatabaseUnavailable, SchemaError
+from .queries import load_queries, migrations, to_server_syntax
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+Params = Mapping[str, Any] | Sequence[Any] | None
+
+# Client error codes that mean "the connection is gone", not "your SQL is wrong".
+_CONNECTION_ERRNOS = {0, 1053, 1927, 2002, 2003, 2006, 2013, 2014, 2055, 4031}
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, pymysql.err.InterfaceError):
+        return True
+    if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InternalError):
+        return bool(exc.args) and exc.args[0] in _CONNECTION_ERRNOS
+    return isinstance(exc, ConnectionError | TimeoutError | BrokenPipeError)
+
+
+class Database:
+    """One connection to MariaDB, with named statements and reconnects.
+
+    ``retry_for``: how long (seconds) to keep retrying an unreachable
+    database before raising :class:`DatabaseUnavailable`; None retries until
+    ``should_abort()`` says stop (the long-running roles).
+    """
+
+    def __init__(self, config: DatabaseConfig, *, retry_for: float | None = 10.0,
+                 should_abort: Callable[[], bool] = lambda: False) -> None:
+        self.config = config
+        self.retry_for = retry_for
+        self.should_abort = should_abort
+        self._conn: pymysql.connections.Connection | None = None
+        self._queries = load_queries()
+        self._in_transaction = False
+        self._outage_since: float | None = None
+        self.reconnects = 0
+
+    # -- connection ---------------------------------------------------------
+
+    def _connect(self, database: str | None) -> pymysql.connections.Connection:
+        cfg = self.config
+        return pymysql.connect(
+            host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password,
+            database=database, charset="utf8mb4", autocommit=True,
+            cursorclass=pymysql.cursors.DictCursor, connect_timeout=5,
+            client_flag=CLIENT.MULTI_STATEMENTS if database is None else 0,
+            init_command="SET SESSION time_zone = '+00:00'",
+        )
+
+    def _ensure(self) -> pymysql.connections.Connection:
+        if self._conn is None:
+            try:
+                self._conn = self._connect(self.config.name)
+            except pymysql.err.OperationalError as exc:
+                if exc.args and exc.args[0] == 1049:  # unknown database
+                    raise SchemaError(
+                        f"Database {self.config.name!r} does not exist on "
+                        f"{self.config.host}:{self.config.port}. Run `sendsystem db init`."
+                    ) from None
+                if exc.args and exc.args[0] in (1044, 1045):
+                    raise DatabaseUnavailable(
+                        f"MariaDB refused user {self.config.user!r}: {exc.args[1]}. "
+                        "Check [database] user/password or SENDSYSTEM_DB_USER/_PASSWORD."
+                    ) from None
+                raise
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            # Closing a dead socket may fail; there is nothing to do about it.
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def connection_id(self) -> int:
+        return int(self.fetchval("connection_id") or 0)
+
+    def _run(self, op: Callable[[pymysql.cursors.DictCursor], Any]) -> Any:
+        delay = 0.2
+        while True:
+            try:
+                conn = self._ensure()
+                with conn.cursor() as cur:
+                    result = op(cur)
+                if self._outage_since is not None:
+                    log.warning("database reachable again after %.1fs",
+                                time.monotonic() - self._outage_since)
+                    self._outage_since = None
+                return result
+            except Exception as exc:
+                if not _is_connection_error(exc):
+                    raise
+                self.close()
+                self.reconnects += 1
+                now = time.monotonic()
+                if self._outage_since is None:
+                    self._outage_since = now
+                    log.warning("database %s:%s unreachable (%s); retrying",
+                                self.config.host, self.config.port, exc)
+                if self._in_transaction:
+                    raise DatabaseUnavailable(f"database connection lost mid-transaction: {exc}") \
+                        from exc
+                waited = now - self._outage_since
+                if (self.retry_for is not None and waited >= self.retry_for) or self.should_abort():
+                    raise DatabaseUnavailable(
+                        f"MariaDB at {self.config.host}:{self.config.port} is unreachable "
+                        f"({exc}); try again later."
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # -- named statements ---------------------------------------------------
+
+    def sql(self, name: str) -> str:
+        try:
+            return self._queries[name]
+        except KeyError:
+            raise SchemaError(f"no statement named {name!r} in sql/queries.sql") from None
+
+    def execute(self, name: str, params: Params = None) -> int:
+        """Run a statement; the number of rows it changed."""
+        statement = self.sql(name)
+        return int(self._run(lambda cur: cur.execute(statement, params)))
+
+    def insert(self, name: str, params: Params = None) -> int:
+        """Run an INSERT; the new row's AUTO_INCREMENT id."""
+        statement = self.sql(name)
+
+        def op(cur: pymysql.cursors.DictCursor) -> int:
+            cur.execute(statement, params)
+            return int(cur.lastrowid)
+        return int(self._run(op))
+
+    def executemany(self, name: str, rows: Sequence[Params]) -> int:
+        """One statement over many parameter sets (multi-row INSERTs in one round trip)."""
+        if not rows:
+            return 0
+        statement = self.sql(name)
+        return int(self._run(lambda cur: cur.executemany(statement, rows) or 0))
+
+    def fetchall(self, name: str, params: Params = None) -> list[dict[str, Any]]:
+        statement = self.sql(name)
+
+        def op(cur: pymysql.cursors.DictCursor) -> list[dict[str, Any]]:
+            cur.execute(statement, params)
+            return list(cur.fetchall())
+        return list(self._run(op))
+
+    def fetchone(self, name: str, params: Params = None) -> dict[str, Any] | None:
+        rows = self.fetchall(name, params)
+        return rows[0] if rows else None
+
+    def fetchval(self, name: str, params: Params = None) -> Any:
+        row = self.fetchone(name, params)
+        return None if row is None else next(iter(row.values()))
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A unit of work: committed at the end, rolled back on any error."""
+        if self._in_transaction:
+            raise RuntimeError("nested transactions are not supported")
+        self._run(lambda cur: cur.execute("BEGIN"))
+        self._in_transaction = True
+        try:
+            yield
+            self._run(lambda cur: cur.execute("COMMIT"))
+        except BaseException:
+            self._in_transaction = False
+            try:
+                if self._conn is not None:
+                    self._conn.rollback()
+            except Exception:  # the connection may be gone; the server rolls back
+                self.close()
+            raise
+        finally:
+            self._in_transaction = False
+
+    def prepare(self, names: Iterable[str]) -> None:
+        """Have the server PREPARE each statement: a schema mismatch fails here, by name."""
+        self.check_schema_version()
+        for name in names:
+            text = to_server_syntax(self.sql(name))
+
+            def op(cur: pymysql.cursors.DictCursor, text: str = text) -> None:
+                cur.execute("PREPARE sendsystem_check FROM %s", (text,))
+                cur.execute("DEALLOCATE PREPARE sendsystem_check")
+            try:
+                self._run(op)
+            except pymysql.err.MySQLError as exc:
+                if _is_connection_error(exc):
+                    raise
+                raise SchemaError(
+                    f"The database schema does not match statement {name!r}: "
+                    f"{exc.args[-1] if exc.args else exc}. "
+                    "Run `sendsystem db init` to create or upgrade the schema "
+                    "(all servers must run the same SendSystem version)."
+                ) from None
+
+    def check_schema_version(self) -> int:
+        try:
+            version = self.fetchval("schema_version")
+        except pymysql.err.ProgrammingError:
+            version = None
+        if version is None:
+            raise SchemaError(
+                f"Database {self.config.name!r} has no SendSystem schema. Run `sendsystem db init`."
+            )
+        if int(version) < SCHEMA_VERSION:
+            raise SchemaError(
+                f"Database schema is version {version}, this SendSystem needs {SCHEMA_VERSION}. "
+                "Run `sendsystem db init` to upgrade it."
+            )
+        if int(version) > SCHEMA_VERSION:
+            raise SchemaError(
+                f"Database schema is version {version}, newer than this SendSystem "
+                f"({SCHEMA_VERSION}). Upgrade SendSystem on this server."
+            )
+        return int(version)
+
+    # -- lifecycle of the schema itself --------------------------------------
+
+    def init_schema(self, *, up_to: int | None = None) -> tuple[int, int]:
+        """Create the database if needed and apply missing migrations; (from, to) versions."""
+        cfg = self.config
+        try:
+            admin = self._connect(None)
+        except pymysql.err.OperationalError as exc:
+            raise DatabaseUnavailable(
+                f"Cannot reach MariaDB at {cfg.host}:{cfg.port}: {exc.args[-1]}"
+            ) from None
+        try:
+            with admin.cursor() as cur:
+                cur.execute(
+                    f"CREATE DATABASE IF NOT EXISTS `{_ident(cfg.name)}` "
+                    "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+                )
+                cur.execute(f"USE `{_ident(cfg.name)}`")
+                cur.execute("SHOW TABLES LIKE 'schema_version'")
+                current = 0
+                if cur.fetchone():
+                    cur.execute("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version")
+                    current = int(cur.fetchone()["v"])
+                start = current
+                for version, path in migrations():
+                    if version <= current or (up_to is not None and version > up_to):
+                        continue
+                    log.info("applying schema migration %s", path.name)
+                    cur.execute(path.read_text(encoding="utf-8"))
+                    while cur.nextset():
+                        pass
+                    current = version
+        finally:
+            admin.close()
+        return start, current
+
+
+def _ident(name: str) -> str:
+    if not name.replace("_", "").isalnum():
+        raise SchemaError(f"database name {name!r} may only contain letters, digits and _")
+    return name

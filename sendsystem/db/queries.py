@@ -1,0 +1,64 @@
+"""Load the named SQL statements from sql/queries.sql.
+
+Every statement SendSystem runs lives in that one file under a
+``-- name: <name>`` header, like procrastinate's queries.sql. Placeholders are
+PyMySQL's ``%(name)s`` style.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+from ..errors import SchemaError
+
+_NAME_RE = re.compile(r"^--\s*name:\s*([a-z0-9_]+)\s*$", re.MULTILINE)
+
+
+def sql_dir() -> Path:
+    """The sql/ directory: inside the installed wheel, or beside the source tree."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if (candidate / "queries.sql").exists():
+            return candidate
+    raise SchemaError("Cannot find sql/queries.sql; reinstall the sendsystem package.")
+
+
+def parse_queries(text: str) -> dict[str, str]:
+    queries: dict[str, str] = {}
+    parts = _NAME_RE.split(text)
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        lines = [ln for ln in body.strip().splitlines() if not ln.strip().startswith("--")]
+        statement = "\n".join(lines).strip().rstrip(";")
+        if name in queries:
+            raise SchemaError(f"queries.sql defines {name!r} twice")
+        queries[name] = statement
+    return queries
+
+
+@cache
+def load_queries() -> dict[str, str]:
+    return parse_queries((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
+
+
+def migrations() -> list[tuple[int, Path]]:
+    """(version, file) for every sql/migrations/NNN_*.sql, in order."""
+    found = []
+    for path in sorted((sql_dir() / "migrations").glob("[0-9][0-9][0-9]_*.sql")):
+        found.append((int(path.name[:3]), path))
+    return found
+
+
+_PARAM_RE = re.compile(r"%\((\w+)\)s|%s")
+_IN_PARAM_RE = re.compile(r"\bIN\s+%\((\w+)\)s", re.IGNORECASE)
+
+
+def to_server_syntax(statement: str) -> str:
+    """The statement as the server's PREPARE wants it: every placeholder a '?'.
+
+    A PyMySQL list parameter (``IN %(ids)s``, expanded client-side) becomes
+    ``IN (?)`` so the statement still parses and names its columns.
+    """
+    statement = _IN_PARAM_RE.sub("IN (?)", statement)
+    return _PARAM_RE.sub("?", statement).replace("%%", "%")

@@ -1,0 +1,1 @@
+"""One module per process role, all over :class:`sendsystem.runner.Runner`."""

@@ -1,0 +1,232 @@
+"""The base runner every role process stands on.
+
+Lifecycle (DESIGN.md): take the file lock for this role and ``--name`` (a
+second copy exits 0 at once), connect, PREPARE the role's statements,
+register in ``workers`` (never re-enabling a disabled row), then loop:
+heartbeat every ``heartbeat_interval`` (which is also when the ``enabled``
+flag is read), do one unit of work, sleep when idle. A disabled worker, the
+first SIGTERM/SIGINT, ``--max-runtime`` or, with ``--once``, running out of
+work, ends the loop gracefully: the role hands back what it holds, marks
+itself stopped and exits 0. A second signal stops at once (like rq's cold
+shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import ClassVar
+
+from filelock import FileLock, Timeout
+
+from .config import Config
+from .db import Database
+from .errors import DatabaseUnavailable, SendSystemError
+
+log = logging.getLogger(__name__)
+
+# Statements every role uses; roles add their own in `statements`.
+BASE_STATEMENTS = ("worker_register", "worker_get", "worker_heartbeat", "worker_set_state")
+
+
+class ForcedStop(BaseException):
+    """Raised by the second signal: unwind now (BaseException so no handler eats it)."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    name: str
+    once: bool = False
+    max_runtime: float | None = None
+    max_rate: float | None = None
+    host: str = ""
+
+    @property
+    def hostname(self) -> str:
+        return self.host or socket.gethostname()
+
+
+class Runner:
+    """One role process. Subclasses set ``role``/``statements`` and implement ``work``."""
+
+    role: ClassVar[str]
+    statements: ClassVar[tuple[str, ...]] = ()
+    idle_sleep: ClassVar[float] = 0.5
+
+    def __init__(self, config: Config, options: RunOptions) -> None:
+        self.config = config
+        self.options = options
+        self.stop_reason: str | None = None
+        self._signals = 0
+        self.worker_id = 0
+        self.processed = 0
+        self.db = Database(config.database, retry_for=None, should_abort=self._abort_db_wait)
+        self._last_heartbeat = 0.0
+        self._started = time.monotonic()
+
+    # -- hooks for the roles --------------------------------------------------
+
+    def setup(self) -> None:
+        """After registration, before the loop (e.g. replay a journal)."""
+
+    def work(self) -> int:
+        """Do one unit of work; return how much was done (0 = idle)."""
+        raise NotImplementedError
+
+    def drained(self) -> bool:
+        """With --once: True when nothing is left that this role could do."""
+        return True
+
+    def shutdown(self) -> None:
+        """Hand back or finish what this process holds; called once on the way out."""
+
+    def heartbeat_fields(self) -> dict[str, object]:
+        return {"rate": None, "backlog": 0}
+
+    @property
+    def heartbeat_state(self) -> str:
+        return "running"
+
+    # -- lifecycle --------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_reason is not None
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            log.info("%s %s: stopping (%s)", self.role, self.options.name, reason)
+            self.stop_reason = reason
+
+    def _abort_db_wait(self) -> bool:
+        return self._signals > 0
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self.request_stop(signal.Signals(signum).name)
+        else:
+            raise ForcedStop(signal.Signals(signum).name)
+
+    def lock_path(self) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.options.name)
+        return self.config.paths.lock_dir / f"{self.role}-{safe}.lock"
+
+    def run(self) -> int:
+        path = self.lock_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SendSystemError(
+                f"Cannot create lock directory {path.parent}: {exc}. Fix [paths] lock_dir."
+            ) from None
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("%s %s already runs on this server (lock %s); exiting",
+                     self.role, self.options.name, path)
+            return 0
+        try:
+            return self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            self.db.prepare(BASE_STATEMENTS + self.statements)
+            self.worker_id = self.db.insert("worker_register", {
+                "host": self.options.hostname, "role": self.role,
+                "name": self.options.name, "pid": os.getpid(),
+            })
+            row = self.db.fetchone("worker_get", {"id": self.worker_id})
+            if row is None or not row["enabled"]:
+                log.info("%s %s (worker %s) is disabled; exiting. Enable it with "
+                         "`sendsystem workers enable %s`.", self.role, self.options.name,
+                         self.worker_id, self.worker_id)
+                self.db.execute("worker_set_state", {"id": self.worker_id, "state": "stopped"})
+                return 0
+            log.info("%s %s registered as worker %s (pid %s)", self.role, self.options.name,
+                     self.worker_id, os.getpid())
+            self.setup()
+            self.heartbeat(force=True)
+            self._loop()
+            return 0
+        except ForcedStop as exc:
+            log.warning("%s %s: second %s, stopping now", self.role, self.options.name, exc)
+            self._best_effort_stopped()
+            return 1
+        except DatabaseUnavailable:
+            if self._signals:
+                log.warning("%s %s: stopped while the database was unreachable",
+                            self.role, self.options.name)
+                return 0
+            raise
+        finally:
+            self.db.close()
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            try:
+                self.heartbeat()
+                if self.stopping:
+                    break
+                done = self.work()
+            except DatabaseUnavailable as exc:
+                # Connection lost mid-transaction: the unit of work was rolled
+                # back by the server; reconnecting happens on the next call.
+                log.warning("%s %s: %s; retrying", self.role, self.options.name, exc)
+                self.sleep(1.0)
+                continue
+            if self.options.max_runtime is not None and \
+                    time.monotonic() - self._started >= self.options.max_runtime:
+                self.request_stop("max-runtime reached")
+            elif done == 0:
+                if self.options.once and self.drained():
+                    self.request_stop("--once: nothing left to do")
+                else:
+                    self.sleep(self.idle_sleep)
+        self.shutdown()
+        self.heartbeat(force=True)
+        self.db.execute("worker_set_state", {"id": self.worker_id, "state": "stopped"})
+        log.info("%s %s stopped (%s)", self.role, self.options.name, self.stop_reason)
+
+    def _best_effort_stopped(self) -> None:
+        try:
+            self.db.retry_for = 2.0
+            self.db.execute("worker_set_state", {"id": self.worker_id, "state": "stopped"})
+        except Exception:  # a forced stop must not hang on a dead database
+            log.debug("could not mark worker stopped", exc_info=True)
+
+    def heartbeat(self, *, force: bool = False) -> None:
+        """Report liveness, rate and backlog; read the enabled flag. Cheap when not due."""
+        now = time.monotonic()
+        if not force and now - self._last_heartbeat < self.config.balancer.heartbeat_interval:
+            return
+        self._last_heartbeat = now
+        fields = self.heartbeat_fields()
+        self.db.execute("worker_heartbeat", {
+            "id": self.worker_id, "state": "stopping" if self.stopping else self.heartbeat_state,
+            "rate": fields.get("rate"), "backlog": fields.get("backlog", 0),
+            "processed": self.processed,
+        })
+        row = self.db.fetchone("worker_get", {"id": self.worker_id})
+        if row is not None and not row["enabled"]:
+            self.request_stop("disabled by an admin")
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake for a stop request and keep heartbeating."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))

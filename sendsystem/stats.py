@@ -1,0 +1,100 @@
+"""The facts behind `status` and `stats`, as plain dicts (JSON-ready).
+
+tables.py and report.py turn these into text and HTML; `--json` prints them
+as they are, with the fields DESIGN.md promises.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from .admin import get_newsletter
+from .db import Database
+
+STATES = ("queued", "merged", "sent", "deferred", "failed", "skipped", "bounced", "cancelled")
+FINAL = ("sent", "failed", "skipped", "bounced", "cancelled")
+ROLE_NAMES = {"sort": "sort", "send": "send"}
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat(sep="T") + "Z" if isinstance(value, datetime) else None
+
+
+def _num(value: Any) -> float | None:
+    return None if value is None else round(float(value), 3)
+
+
+def counts(db: Database, newsletter_id: int) -> dict[str, int]:
+    found = {row["state"]: int(row["n"]) for row in db.fetchall("newsletter_counts",
+                                                                 {"id": newsletter_id})}
+    return {state: found.get(state, 0) for state in STATES}
+
+
+def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
+    workers = []
+    for w in db.fetchall("workers_all"):
+        age = _num(w["heartbeat_age"])
+        alive = w["state"] != "stopped" and age is not None and age <= heartbeat_timeout
+        workers.append({
+            "id": w["id"], "name": w["name"], "host": w["host"], "role": w["role"],
+            "pid": w["pid"], "enabled": bool(w["enabled"]), "state": w["state"],
+            "alive": alive, "rate": _num(w["rate"]), "backlog": int(w["backlog"]),
+            "heartbeat_age": age, "messages": int(w["processed"]),
+        })
+    newsletters = []
+    for n in db.fetchall("newsletters_in_progress"):
+        c = counts(db, n["id"])
+        done = sum(c[s] for s in FINAL)
+        recent = int(db.fetchval("newsletter_recent_sent", {"id": n["id"], "seconds": 60}) or 0)
+        rate = recent / 60.0 if recent else None
+        left = max(int(n["total"]) - done, 0)
+        newsletters.append({
+            "id": n["id"], "subject": n["subject"], "list": n["list_name"], "state": n["state"],
+            "total": int(n["total"]), "done": done, "counts": c, "rate": _num(rate),
+            "eta_seconds": _num(left / rate) if rate and left else (0 if not left else None),
+            "send_at": _iso(n["send_at"]), "pause_reason": n["pause_reason"],
+        })
+    return {"generated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "workers": workers, "newsletters": newsletters}
+
+
+def _workers(db: Database, name: str, role: str, newsletter_id: int) -> list[dict[str, Any]]:
+    out = []
+    for row in db.fetchall(name, {"id": newsletter_id}):
+        span = float(row["span"] or 0)
+        n = int(row["messages"])
+        out.append({"name": row["name"], "host": row["host"], "role": role, "messages": n,
+                    "rate": round(n / span, 1) if span > 0 else None})
+    return out
+
+
+def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
+    nl = get_newsletter(db, newsletter_id)
+    c = counts(db, newsletter_id)
+    bounces = {"hard": 0, "soft": 0, "complaint": 0, "autoreply": 0}
+    for row in db.fetchall("stats_bounces", {"id": newsletter_id}):
+        bounces[row["kind"]] = int(row["n"])
+    delivered = c["sent"] + c["bounced"]
+    duration = _num(db.fetchval("stats_span", {"id": newsletter_id}))
+    finished = sum(c[s] for s in FINAL)
+    return {
+        "newsletter": newsletter_id, "state": nl["state"], "subject": nl["subject"],
+        "list": nl["list_name"], "created_at": _iso(nl["created_at"]),
+        "released_at": _iso(nl["released_at"]), "finished_at": _iso(nl["finished_at"]),
+        "total": int(nl["total"]), "counts": c,
+        "workers": _workers(db, "stats_sort_workers", "sort", newsletter_id)
+        + _workers(db, "stats_send_workers", "send", newsletter_id),
+        "timeline": [{"minute": r["minute"], "worker": r["worker"], "sent": int(r["sent"])}
+                     for r in db.fetchall("stats_timeline", {"id": newsletter_id})],
+        "replies": [{"code": int(r["code"]), "reply": r["reply"], "count": int(r["count"])}
+                    for r in db.fetchall("stats_replies", {"id": newsletter_id})],
+        "deferrals": int(db.fetchval("stats_deferrals", {"id": newsletter_id}) or 0),
+        "bounces": bounces,
+        "bounce_rate": round((bounces["hard"] + bounces["soft"]) / delivered, 6)
+        if delivered else 0.0,
+        "complaint_rate": round(bounces["complaint"] / delivered, 6) if delivered else 0.0,
+        "pause_reason": nl["pause_reason"],
+        "duration_seconds": duration,
+        "rate": round(finished / duration, 1) if duration else None,
+    }

@@ -1,0 +1,405 @@
+-- Every SQL statement SendSystem runs, by name (see sendsystem/db/queries.py).
+-- Placeholders are PyMySQL's %(name)s. Roles PREPARE the ones they use at
+-- start-up, so a schema mismatch fails at once and names the statement.
+
+-- ===================================================================== meta
+
+-- name: schema_version
+SELECT MAX(version) AS version FROM schema_version;
+
+-- name: connection_id
+SELECT CONNECTION_ID() AS id;
+
+-- name: db_now
+SELECT NOW(6) AS now;
+
+-- ==================================================================== lists
+
+-- name: list_insert
+INSERT INTO lists (name, from_name, from_address) VALUES (%(name)s, %(from_name)s, %(from_address)s);
+
+-- name: list_by_name
+SELECT id, name, from_name, from_address FROM lists WHERE name = %(name)s;
+
+-- name: list_by_id
+SELECT id, name, from_name, from_address FROM lists WHERE id = %(id)s;
+
+-- name: list_all
+SELECT l.id, l.name, l.from_name, l.from_address,
+       (SELECT COUNT(*) FROM subscribers s WHERE s.list_id = l.id AND s.status = 'active') AS active,
+       (SELECT COUNT(*) FROM subscribers s WHERE s.list_id = l.id) AS total
+FROM lists l ORDER BY l.name;
+
+-- ============================================================== subscribers
+
+-- name: subscriber_upsert
+-- Re-import updates the merge fields; it never re-activates someone who
+-- unsubscribed, bounced or complained.
+INSERT INTO subscribers (list_id, email, domain, fields)
+VALUES (%(list_id)s, %(email)s, %(domain)s, %(fields)s)
+ON DUPLICATE KEY UPDATE fields = VALUES(fields), domain = VALUES(domain);
+
+-- name: subscriber_get
+SELECT s.id, s.list_id, s.email, s.status FROM subscribers s WHERE s.id = %(id)s;
+
+-- name: subscriber_set_status
+UPDATE subscribers SET status = %(status)s
+WHERE id = %(id)s AND (status = 'active' OR %(status)s = 'complained');
+
+-- ================================================================ templates
+
+-- name: template_upsert
+INSERT INTO templates (name, subject, html, text)
+VALUES (%(name)s, %(subject)s, %(html)s, %(text)s)
+ON DUPLICATE KEY UPDATE subject = VALUES(subject), html = VALUES(html), text = VALUES(text);
+
+-- name: template_by_name
+SELECT id, name, subject, html, text FROM templates WHERE name = %(name)s;
+
+-- ============================================================== newsletters
+
+-- name: newsletter_insert
+INSERT INTO newsletters (list_id, template_id, subject, html, text, state, send_at, attachment_bytes)
+VALUES (%(list_id)s, %(template_id)s, %(subject)s, %(html)s, %(text)s, 'scheduled', %(send_at)s,
+        %(attachment_bytes)s);
+
+-- name: attachment_insert
+INSERT INTO attachments (newsletter_id, filename, content_type, size, data)
+VALUES (%(newsletter_id)s, %(filename)s, %(content_type)s, %(size)s, %(data)s);
+
+-- name: attachments_for_newsletter
+SELECT id, filename, content_type, data FROM attachments WHERE newsletter_id = %(id)s ORDER BY id;
+
+-- name: newsletter_get
+SELECT n.id, n.list_id, n.subject, n.html, n.text, n.state, n.send_at, n.total, n.pause_reason,
+       n.created_at, n.released_at, n.finished_at,
+       l.name AS list_name, l.from_name, l.from_address,
+       (SELECT COUNT(*) FROM attachments a WHERE a.newsletter_id = n.id) AS attachment_count
+FROM newsletters n JOIN lists l ON l.id = n.list_id
+WHERE n.id = %(id)s;
+
+-- name: newsletters_due
+SELECT id, list_id FROM newsletters
+WHERE state = 'scheduled' AND (send_at IS NULL OR send_at <= NOW(6))
+ORDER BY id;
+
+-- name: newsletter_release_messages
+-- Set-based: one statement creates every message row of a newsletter.
+-- The audience is the list's active subscribers at release time.
+INSERT IGNORE INTO messages (newsletter_id, subscriber_id)
+SELECT %(id)s, s.id FROM subscribers s
+WHERE s.list_id = %(list_id)s AND s.status = 'active'
+ORDER BY s.id;
+
+-- name: newsletter_mark_released
+UPDATE newsletters SET state = 'running', released_at = NOW(6), total = %(total)s
+WHERE id = %(id)s AND state = 'scheduled';
+
+-- name: newsletter_lock_for_release
+SELECT state FROM newsletters WHERE id = %(id)s FOR UPDATE;
+
+-- name: newsletters_running
+SELECT id FROM newsletters WHERE state = 'running' ORDER BY id;
+
+-- name: newsletter_pause
+UPDATE newsletters SET state = 'paused', pause_reason = %(reason)s
+WHERE id = %(id)s AND state IN ('scheduled', 'running');
+
+-- name: newsletter_resume
+UPDATE newsletters SET state = IF(released_at IS NULL, 'scheduled', 'running'), pause_reason = NULL
+WHERE id = %(id)s AND state = 'paused';
+
+-- name: newsletter_cancel
+UPDATE newsletters SET state = 'cancelled', finished_at = NOW(6)
+WHERE id = %(id)s AND state IN ('scheduled', 'running', 'paused');
+
+-- name: newsletter_cancel_messages
+UPDATE messages SET state = 'cancelled', body = NULL, batch_id = NULL, finished_at = NOW(6)
+WHERE newsletter_id = %(id)s AND state IN ('queued', 'merged', 'deferred');
+
+-- name: newsletter_unfinished
+SELECT EXISTS (
+    SELECT 1 FROM messages
+    WHERE newsletter_id = %(id)s AND state IN ('queued', 'merged', 'deferred')
+) AS unfinished;
+
+-- name: newsletter_mark_done
+UPDATE newsletters SET state = 'done', finished_at = NOW(6)
+WHERE id = %(id)s AND state = 'running';
+
+-- name: newsletter_counts
+SELECT state, COUNT(*) AS n FROM messages WHERE newsletter_id = %(id)s GROUP BY state;
+
+-- ================================================================== workers
+
+-- name: worker_register
+-- Re-registering the same host/role/name reuses the row; `enabled` is never
+-- touched here, so a disabled worker stays disabled across restarts.
+INSERT INTO workers (host, role, name, pid, state, started_at, heartbeat_at)
+VALUES (%(host)s, %(role)s, %(name)s, %(pid)s, 'starting', NOW(6), NOW(6))
+ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id), pid = VALUES(pid), state = 'starting',
+    started_at = NOW(6), heartbeat_at = NOW(6);
+
+-- name: worker_get
+SELECT id, host, role, name, pid, state, enabled, rate, backlog, processed,
+       TIMESTAMPDIFF(MICROSECOND, heartbeat_at, NOW(6)) / 1000000 AS heartbeat_age
+FROM workers WHERE id = %(id)s;
+
+-- name: worker_heartbeat
+UPDATE workers SET heartbeat_at = NOW(6), state = %(state)s, rate = %(rate)s,
+    backlog = %(backlog)s, processed = %(processed)s
+WHERE id = %(id)s;
+
+-- name: worker_set_state
+UPDATE workers SET state = %(state)s, heartbeat_at = NOW(6) WHERE id = %(id)s;
+
+-- name: worker_set_enabled
+UPDATE workers SET enabled = %(enabled)s WHERE id = %(id)s;
+
+-- name: worker_find
+SELECT id, host, role, name, enabled, state FROM workers
+WHERE id = %(id)s OR name = %(name)s ORDER BY id;
+
+-- name: workers_all
+SELECT id, host, role, name, pid, state, enabled, rate, backlog, processed, started_at,
+       TIMESTAMPDIFF(MICROSECOND, heartbeat_at, NOW(6)) / 1000000 AS heartbeat_age
+FROM workers ORDER BY role, host, name;
+
+-- name: workers_for_role
+SELECT id, name, state, enabled, rate,
+       TIMESTAMPDIFF(MICROSECOND, heartbeat_at, NOW(6)) / 1000000 AS heartbeat_age
+FROM workers WHERE role = %(role)s;
+
+-- ================================================================ balancers
+
+-- name: lock_get
+SELECT GET_LOCK(%(name)s, %(timeout)s) AS got;
+
+-- name: lock_held
+SELECT IS_USED_LOCK(%(name)s) = CONNECTION_ID() AS held;
+
+-- name: lock_release
+SELECT RELEASE_LOCK(%(name)s) AS released;
+
+-- name: backlog_by_worker
+SELECT b.worker_id, COUNT(m.id) AS backlog
+FROM batches b JOIN messages m ON m.batch_id = b.id
+WHERE b.role = %(role)s AND b.state = 'assigned'
+GROUP BY b.worker_id;
+
+-- name: batches_reclaimable
+-- Batches of workers that stopped or whose heartbeat is older than the timeout.
+SELECT b.id, b.worker_id, w.name
+FROM batches b JOIN workers w ON w.id = b.worker_id
+WHERE b.role = %(role)s AND b.state = 'assigned'
+  AND (w.state = 'stopped'
+       OR w.heartbeat_at < TIMESTAMPADD(MICROSECOND, -%(timeout_us)s, NOW(6)));
+
+-- name: batch_release_messages
+UPDATE messages SET batch_id = NULL WHERE batch_id = %(batch)s;
+
+-- name: batch_mark_reclaimed
+UPDATE batches SET state = 'reclaimed', finished_at = NOW(6) WHERE id = %(batch)s AND state = 'assigned';
+
+-- name: batch_insert
+INSERT INTO batches (role, worker_id, newsletter_id) VALUES (%(role)s, %(worker)s, %(newsletter)s);
+
+-- name: batch_set_size
+UPDATE batches SET size = %(size)s WHERE id = %(batch)s;
+
+-- name: batch_delete_empty
+DELETE FROM batches WHERE id = %(batch)s AND size = 0;
+
+-- name: sort_ready_count
+SELECT COUNT(*) AS n FROM (
+    SELECT 1 FROM messages
+    WHERE newsletter_id = %(newsletter)s AND state = 'queued' AND batch_id IS NULL
+    LIMIT %(cap)s
+) AS ready;
+
+-- name: sort_assign
+-- One set-based statement per batch. The balancer holds the cluster lock, and
+-- `batch_id IS NULL` in the same statement means no message goes to two workers.
+UPDATE messages SET batch_id = %(batch)s
+WHERE newsletter_id = %(newsletter)s AND state = 'queued' AND batch_id IS NULL
+ORDER BY id LIMIT %(n)s;
+
+-- name: send_ready_count
+SELECT COUNT(*) AS n FROM (
+    SELECT 1 FROM messages
+    WHERE newsletter_id = %(newsletter)s AND state = 'merged' AND batch_id IS NULL
+    LIMIT %(cap)s
+) AS ready;
+
+-- name: send_retry_ready_count
+SELECT COUNT(*) AS n FROM (
+    SELECT 1 FROM messages
+    WHERE newsletter_id = %(newsletter)s AND state = 'deferred' AND batch_id IS NULL
+      AND next_attempt_at <= NOW(6)
+    LIMIT %(cap)s
+) AS ready;
+
+-- name: send_assign
+UPDATE messages SET batch_id = %(batch)s
+WHERE newsletter_id = %(newsletter)s AND state = 'merged' AND batch_id IS NULL
+ORDER BY id LIMIT %(n)s;
+
+-- name: send_assign_retries
+UPDATE messages SET batch_id = %(batch)s
+WHERE newsletter_id = %(newsletter)s AND state = 'deferred' AND batch_id IS NULL
+  AND next_attempt_at <= NOW(6)
+ORDER BY id LIMIT %(n)s;
+
+-- name: pending_for_role
+-- For --once: is there anything left that could still reach this role?
+SELECT EXISTS (
+    SELECT 1 FROM messages m JOIN newsletters n ON n.id = m.newsletter_id
+    WHERE n.state = 'running' AND m.state IN %(states)s
+      AND (m.state <> 'deferred' OR m.next_attempt_at <= NOW(6))
+) AS pending;
+
+-- name: batches_outstanding
+SELECT COUNT(*) AS n FROM batches WHERE role = %(role)s AND state = 'assigned';
+
+-- ================================================================== workers' own batches
+
+-- name: my_batches
+SELECT id, newsletter_id FROM batches
+WHERE worker_id = %(worker)s AND state = 'assigned' ORDER BY id;
+
+-- name: my_backlog
+SELECT COUNT(*) AS n FROM messages m JOIN batches b ON b.id = m.batch_id
+WHERE b.worker_id = %(worker)s AND b.state = 'assigned';
+
+-- name: batch_mark_done
+UPDATE batches SET state = 'done', finished_at = NOW(6) WHERE id = %(batch)s AND state = 'assigned';
+
+-- name: my_batches_hand_back_messages
+UPDATE messages m JOIN batches b ON b.id = m.batch_id SET m.batch_id = NULL
+WHERE b.worker_id = %(worker)s AND b.state = 'assigned';
+
+-- name: my_batches_mark_reclaimed
+UPDATE batches SET state = 'reclaimed', finished_at = NOW(6)
+WHERE worker_id = %(worker)s AND state = 'assigned';
+
+-- ============================================================== sort worker
+
+-- name: sort_batch_messages
+SELECT m.id, m.subscriber_id, s.list_id, s.email, s.fields, s.status,
+       (SELECT COUNT(*) FROM blocklist b
+        WHERE b.pattern = s.email OR b.pattern = CONCAT('@', s.domain)) AS blocked
+FROM messages m JOIN subscribers s ON s.id = m.subscriber_id
+WHERE m.batch_id = %(batch)s AND m.state = 'queued'
+ORDER BY m.id LIMIT %(limit)s;
+
+-- name: sort_mark
+-- Only while the row is still ours: a batch reclaimed from us (we were
+-- thought dead) is not written twice.
+UPDATE messages
+SET state = %(state)s, body = %(body)s, detail = %(detail)s, sort_worker_id = %(worker)s,
+    merged_at = NOW(6), finished_at = IF(%(state)s = 'merged', NULL, NOW(6)), batch_id = NULL
+WHERE id = %(id)s AND batch_id = %(batch)s AND state = 'queued';
+
+-- ============================================================== send worker
+
+-- name: send_batch_messages
+SELECT m.id, m.newsletter_id, m.subscriber_id, m.body, m.attempts, s.email, s.status,
+       TIMESTAMPDIFF(SECOND, COALESCE(m.merged_at, m.next_attempt_at, NOW(6)), NOW(6)) AS age,
+       (SELECT COUNT(*) FROM blocklist b
+        WHERE b.pattern = s.email OR b.pattern = CONCAT('@', s.domain)) AS blocked
+FROM messages m JOIN subscribers s ON s.id = m.subscriber_id
+WHERE m.batch_id = %(batch)s AND m.state IN ('merged', 'deferred')
+ORDER BY m.id LIMIT %(limit)s;
+
+-- name: send_mark_sent
+-- A 250 is the truth: it wins over any state but sent/bounced (even a cancel
+-- that came while the message was on the wire).
+UPDATE messages
+SET state = 'sent', body = NULL, batch_id = NULL, send_worker_id = %(worker)s,
+    finished_at = NOW(6), attempts = attempts + 1, reply_code = %(code)s, reply = %(reply)s,
+    message_id = %(message_id)s
+WHERE id = %(id)s AND state NOT IN ('sent', 'bounced');
+
+-- name: send_mark_failed
+UPDATE messages
+SET state = 'failed', body = NULL, batch_id = NULL, send_worker_id = %(worker)s,
+    finished_at = NOW(6), attempts = attempts + %(attempted)s, reply_code = %(code)s,
+    reply = %(reply)s, message_id = %(message_id)s
+WHERE id = %(id)s AND state IN ('merged', 'deferred');
+
+-- name: send_mark_deferred
+UPDATE messages
+SET state = 'deferred', batch_id = NULL, send_worker_id = %(worker)s, attempts = attempts + 1,
+    deferrals = deferrals + 1, reply_code = %(code)s, reply = %(reply)s,
+    next_attempt_at = TIMESTAMPADD(MICROSECOND, %(delay_us)s, NOW(6))
+WHERE id = %(id)s AND state IN ('merged', 'deferred');
+
+-- name: send_mark_skipped
+UPDATE messages
+SET state = 'skipped', body = NULL, batch_id = NULL, send_worker_id = %(worker)s,
+    finished_at = NOW(6), detail = %(detail)s
+WHERE id = %(id)s AND state IN ('merged', 'deferred');
+
+-- ================================================================ blocklist
+
+-- name: block_add
+INSERT IGNORE INTO blocklist (pattern, reason) VALUES (%(pattern)s, %(reason)s);
+
+-- name: block_remove
+DELETE FROM blocklist WHERE pattern = %(pattern)s;
+
+-- name: block_list
+SELECT pattern, reason, created_at FROM blocklist ORDER BY pattern;
+
+-- ============================================================ status, stats
+
+-- name: newsletters_in_progress
+SELECT n.id, n.subject, n.state, n.total, n.send_at, n.pause_reason, n.released_at,
+       l.name AS list_name
+FROM newsletters n JOIN lists l ON l.id = n.list_id
+WHERE n.state IN ('scheduled', 'running', 'paused')
+   OR n.finished_at >= TIMESTAMPADD(MINUTE, -10, NOW(6))
+ORDER BY n.id;
+
+-- name: newsletter_recent_sent
+SELECT COUNT(*) AS n FROM messages
+WHERE newsletter_id = %(id)s AND finished_at >= TIMESTAMPADD(SECOND, -%(seconds)s, NOW(6))
+  AND state IN ('sent', 'bounced');
+
+-- name: stats_sort_workers
+SELECT w.name, w.host, COUNT(*) AS messages,
+       TIMESTAMPDIFF(MICROSECOND, MIN(m.merged_at), MAX(m.merged_at)) / 1000000 AS span
+FROM messages m JOIN workers w ON w.id = m.sort_worker_id
+WHERE m.newsletter_id = %(id)s
+GROUP BY w.id, w.name, w.host ORDER BY w.name;
+
+-- name: stats_send_workers
+SELECT w.name, w.host, COUNT(*) AS messages,
+       TIMESTAMPDIFF(MICROSECOND, MIN(m.finished_at), MAX(m.finished_at)) / 1000000 AS span
+FROM messages m JOIN workers w ON w.id = m.send_worker_id
+WHERE m.newsletter_id = %(id)s AND m.state IN ('sent', 'failed', 'bounced')
+GROUP BY w.id, w.name, w.host ORDER BY w.name;
+
+-- name: stats_timeline
+SELECT DATE_FORMAT(m.finished_at, '%%Y-%%m-%%dT%%H:%%i') AS minute, w.name AS worker,
+       COUNT(*) AS sent
+FROM messages m JOIN workers w ON w.id = m.send_worker_id
+WHERE m.newsletter_id = %(id)s AND m.state IN ('sent', 'bounced')
+GROUP BY minute, w.name ORDER BY minute, w.name;
+
+-- name: stats_replies
+SELECT reply_code AS code, MIN(reply) AS reply, COUNT(*) AS count
+FROM messages WHERE newsletter_id = %(id)s AND reply_code IS NOT NULL
+GROUP BY reply_code ORDER BY count DESC LIMIT 10;
+
+-- name: stats_deferrals
+SELECT COALESCE(SUM(deferrals), 0) AS n FROM messages WHERE newsletter_id = %(id)s;
+
+-- name: stats_bounces
+SELECT b.kind, COUNT(*) AS n
+FROM bounces b JOIN messages m ON m.id = b.message_id
+WHERE m.newsletter_id = %(id)s GROUP BY b.kind;
+
+-- name: stats_span
+SELECT TIMESTAMPDIFF(MICROSECOND, MIN(merged_at), MAX(finished_at)) / 1000000 AS duration
+FROM messages WHERE newsletter_id = %(id)s;
