@@ -1,0 +1,233 @@
+"""The unsubscribe web app over a real loopback HTTP server (wsgiref, urllib)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+
+from sendsystem.errors import TemporaryError
+from sendsystem.signing import UnsubscribeTarget, unsubscribe_token
+from sendsystem.unsubscribe_app import (
+    UnsubscribeResult,
+    make_app,
+    make_wsgi_server,
+    path_prefix_from_url,
+)
+
+SECRET = b"unsubscribe-app-test-secret"
+TOKEN = unsubscribe_token(SECRET, 42, 3)
+ONE_CLICK = b"List-Unsubscribe=One-Click"
+
+
+@dataclass
+class FakeStore:
+    """Stands in for the database the integrator wires in."""
+
+    subscribed: set[tuple[int, int]] = field(default_factory=lambda: {(42, 3)})
+    calls: list[UnsubscribeTarget] = field(default_factory=list)
+    list_name: str = "Garden <News> & \"Friends\""
+    email: str = "<script>alert(1)</script>@example.org"
+    down: bool = False
+
+    def unsubscribe(self, target: UnsubscribeTarget) -> UnsubscribeResult | None:
+        if self.down:
+            raise TemporaryError("database unreachable")
+        self.calls.append(target)
+        self.subscribed.discard((target.subscriber_id, target.list_id))
+        return UnsubscribeResult(True, self.list_name, self.email)
+
+    def lookup(self, target: UnsubscribeTarget) -> UnsubscribeResult | None:
+        active = (target.subscriber_id, target.list_id) in self.subscribed
+        return UnsubscribeResult(active, self.list_name, self.email)
+
+
+@dataclass
+class Server:
+    base: str
+    store: FakeStore
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    store = FakeStore()
+    app = make_app(SECRET, store.unsubscribe, lookup=store.lookup)
+    httpd = make_wsgi_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield Server(f"http://127.0.0.1:{httpd.server_port}", store)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def request(url: str, data: bytes | None = None, *, method: str | None = None,
+            content_type: str = "application/x-www-form-urlencoded"
+            ) -> tuple[int, dict[str, str], str]:
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read().decode()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, dict(err.headers), err.read().decode()
+
+
+def test_one_click_post_unsubscribes(server: Server) -> None:
+    status, headers, body = request(f"{server.base}/unsubscribe/{TOKEN}", ONE_CLICK)
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    assert "unsubscribed" in body
+    assert server.store.calls == [UnsubscribeTarget(42, 3)]
+    assert (42, 3) not in server.store.subscribed
+
+
+def test_one_click_is_idempotent(server: Server) -> None:
+    for _ in range(3):
+        status, _headers, _body = request(f"{server.base}/unsubscribe/{TOKEN}", ONE_CLICK)
+        assert status == 200
+    assert (42, 3) not in server.store.subscribed
+
+
+def test_one_click_multipart_form_data(server: Server) -> None:
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\n"
+            b"One-Click\r\n--XyZ--\r\n")
+    status, _h, _b = request(f"{server.base}/unsubscribe/{TOKEN}", body,
+                             content_type="multipart/form-data; boundary=XyZ")
+    assert status == 200
+    assert server.store.calls == [UnsubscribeTarget(42, 3)]
+
+
+def test_get_shows_form_and_does_not_unsubscribe(server: Server) -> None:
+    for _ in range(2):  # a link scanner prefetching twice changes nothing
+        status, headers, body = request(f"{server.base}/unsubscribe/{TOKEN}")
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/html")
+        assert '<form method="post">' in body
+        assert 'name="confirm"' in body
+    assert server.store.calls == []
+    assert (42, 3) in server.store.subscribed
+    assert headers["Referrer-Policy"] == "no-referrer"
+    assert headers["Cache-Control"] == "no-store"
+
+
+def test_head_does_not_unsubscribe(server: Server) -> None:
+    status, _headers, body = request(f"{server.base}/unsubscribe/{TOKEN}", method="HEAD")
+    assert status == 200 and body == ""
+    assert server.store.calls == []
+
+
+def test_form_post_shows_unsubscribed_page(server: Server) -> None:
+    status, headers, body = request(f"{server.base}/unsubscribe/{TOKEN}", b"confirm=yes")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/html")
+    assert "You are unsubscribed" in body
+    assert server.store.calls == [UnsubscribeTarget(42, 3)]
+    # Afterwards the page says so instead of offering the button again.
+    _s, _h, again = request(f"{server.base}/unsubscribe/{TOKEN}")
+    assert "Already unsubscribed" in again and "<form" not in again
+
+
+def test_everything_shown_is_html_escaped(server: Server) -> None:
+    for body in (request(f"{server.base}/unsubscribe/{TOKEN}")[2],
+                 request(f"{server.base}/unsubscribe/{TOKEN}", b"confirm=yes")[2]):
+        assert "<script>" not in body
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;@example.org" in body
+        assert "Garden &lt;News&gt; &amp; &quot;Friends&quot;" in body
+
+
+@pytest.mark.parametrize("token", [
+    TOKEN[:-1] + ("A" if TOKEN[-1] != "A" else "B"),  # forged signature
+    unsubscribe_token(b"someone else's secret", 42, 3),
+    "not-a-token",
+    "1.1." + "x" * 22,
+])
+def test_forged_token_is_400(server: Server, token: str) -> None:
+    status, _headers, body = request(f"{server.base}/unsubscribe/{token}", ONE_CLICK)
+    assert status == 400
+    assert "42" not in body and "3" not in body
+    status, _h, page = request(f"{server.base}/unsubscribe/{token}")
+    assert status == 400 and "<form" not in page
+    assert server.store.calls == []
+
+
+def test_post_without_one_click_field_is_400(server: Server) -> None:
+    status, _h, _b = request(f"{server.base}/unsubscribe/{TOKEN}", b"foo=bar")
+    assert status == 400
+    assert server.store.calls == []
+
+
+def test_temporary_failure_is_503(server: Server) -> None:
+    server.store.down = True
+    status, headers, _b = request(f"{server.base}/unsubscribe/{TOKEN}", ONE_CLICK)
+    assert status == 503
+    assert headers["Retry-After"] == "300"
+
+
+def test_healthz_and_404(server: Server) -> None:
+    assert request(f"{server.base}/healthz")[:3:2] == (200, "ok\n")
+    assert request(f"{server.base}/")[0] == 404
+    assert request(f"{server.base}/unsubscribe/")[0] == 404
+    assert request(f"{server.base}/unsubscribe/{TOKEN}/extra")[0] == 404
+    assert request(f"{server.base}/other/{TOKEN}")[0] == 404
+    assert request(f"{server.base}/unsubscribe/{TOKEN}", method="DELETE")[0] == 405
+
+
+def call(app: object, method: str, path: str, body: bytes = b"",
+         length: str | None = None) -> tuple[str, bytes]:
+    environ: dict[str, object] = {"REQUEST_METHOD": method, "PATH_INFO": path,
+                                  "CONTENT_TYPE": "application/x-www-form-urlencoded",
+                                  "CONTENT_LENGTH": str(len(body)) if length is None else length,
+                                  "wsgi.input": io.BytesIO(body)}
+    setup_testing_defaults(environ)
+    seen: list[str] = []
+    out = b"".join(app(environ, lambda status, headers: seen.append(status)))  # type: ignore[operator]
+    return seen[0], out
+
+
+def test_body_size_is_limited() -> None:
+    store = FakeStore()
+    app = make_app(SECRET, store.unsubscribe, max_body=1024)
+    status, _ = call(app, "POST", f"/unsubscribe/{TOKEN}", ONE_CLICK + b"&x=" + b"a" * 2000)
+    assert status.startswith("413")
+    assert call(app, "POST", f"/unsubscribe/{TOKEN}", ONE_CLICK, length="-5")[0].startswith("400")
+    assert call(app, "POST", f"/unsubscribe/{TOKEN}", ONE_CLICK, length="x")[0].startswith("400")
+    assert store.calls == []
+
+
+def test_callback_crash_is_500_and_app_survives() -> None:
+    def broken(target: UnsubscribeTarget) -> UnsubscribeResult | None:
+        raise RuntimeError("boom")
+
+    app = make_app(SECRET, broken)
+    assert call(app, "POST", f"/unsubscribe/{TOKEN}", ONE_CLICK)[0].startswith("500")
+    assert call(app, "GET", "/healthz")[0].startswith("200")
+
+
+def test_without_lookup_the_page_is_generic() -> None:
+    app = make_app(SECRET, FakeStore().unsubscribe)
+    status, body = call(app, "GET", f"/unsubscribe/{TOKEN}")
+    assert status.startswith("200") and b"this mailing list" in body
+
+
+def test_custom_prefix() -> None:
+    prefix = path_prefix_from_url("https://lists.example.com/u/x/{token}")
+    assert prefix == "/u/x/"
+    assert path_prefix_from_url("https://lists.example.com/unsubscribe/{token}") == "/unsubscribe/"
+    store = FakeStore()
+    app = make_app(SECRET, store.unsubscribe, path_prefix=prefix)
+    assert call(app, "POST", f"/u/x/{TOKEN}", ONE_CLICK)[0].startswith("200")
+    assert call(app, "POST", f"/unsubscribe/{TOKEN}", ONE_CLICK)[0].startswith("404")
+    with pytest.raises(ValueError):
+        make_app(SECRET, store.unsubscribe, path_prefix="nope")
