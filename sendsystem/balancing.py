@@ -237,15 +237,18 @@ def _waterfill(slots: list[_Slot], total: int) -> dict[int, int]:
     points = sorted(
         {s.backlog / s.rate for s in slots} | {(s.backlog + s.room) / s.rate for s in slots}
     )
-    lo = points[0]
-    level = points[-1]
-    for hi in points[1:]:
-        f_hi = filled(hi)
-        if f_hi >= total:
-            f_lo = filled(lo)
-            level = lo + (hi - lo) * (total - f_lo) / (f_hi - f_lo) if f_hi > f_lo else hi
-            break
-        lo = hi
+    # Binary search for the first kink where everything is used (filled() is
+    # 0 at points[0] and total_room > total at points[-1]), then interpolate.
+    i, j = 0, len(points) - 1
+    while j - i > 1:
+        mid = (i + j) // 2
+        if filled(points[mid]) >= total:
+            j = mid
+        else:
+            i = mid
+    lo, hi = points[i], points[j]
+    f_lo, f_hi = filled(lo), filled(hi)
+    level = lo + (hi - lo) * (total - f_lo) / (f_hi - f_lo) if f_hi > f_lo else hi
 
     exact = {s.worker_id: given(s, level) for s in slots}
     shares = {s.worker_id: min(s.room, math.floor(exact[s.worker_id] + _EPS)) for s in slots}
