@@ -47,7 +47,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from sendsystem import mime
@@ -212,7 +212,7 @@ def template_variables(src: TemplateSource) -> frozenset[str]:
     names: set[str] = set()
     for part, source in _sources(src):
         try:
-            names |= jinja2.meta.find_undeclared_variables(env.parse(source, name=part))
+            names |= meta.find_undeclared_variables(env.parse(source, name=part))
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"{part} template, line {exc.lineno}: {exc.message}") from None
     return frozenset(names - set(env.globals))

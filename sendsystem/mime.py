@@ -45,9 +45,10 @@ _CONTROL_RUN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 # RFC 5322 field names: printable ASCII except the colon.
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")
 
-# RFC 2047: an encoded-word is at most 75 characters. "=?utf-8?b?" + "?="
-# take 12, leaving 63 base64 characters: 45 bytes of UTF-8 fit in 60.
-_EW_BYTES = 45
+# RFC 2047: an encoded-word is at most 75 characters and a line holding one
+# at most 76; "=?utf-8?b?" + "?=" take 12 of them.
+_EW_OVERHEAD = 12
+_EW_LINE = 76
 _FOLD_AT = 78  # RFC 5322 "SHOULD" line length
 _HARD_LIMIT = 998  # RFC 5322 "MUST" line length
 
@@ -84,26 +85,35 @@ def encode_qp(text: str) -> bytes:
     return qp.replace(b"\n", b"\r\n")
 
 
-def _encoded_words(value: str) -> list[bytes]:
-    """Split ``value`` into RFC 2047 base64 encoded-words of at most 75 chars.
+def _b_word(text: str) -> bytes:
+    return b"=?utf-8?b?" + base64.b64encode(text.encode("utf-8")) + b"?="
 
+
+def _encoded_words(value: str, first_room: int) -> list[bytes]:
+    """Split ``value`` into RFC 2047 base64 encoded-words.
+
+    The first word fits in ``first_room`` characters (what is left of the
+    line after "Name: "), the others on a continuation line of their own.
     Splits only between characters, never inside a UTF-8 sequence.
     """
-    raw = value.encode("utf-8")
-    if len(raw) <= _EW_BYTES:
-        return [b"=?utf-8?b?" + base64.b64encode(raw) + b"?="]
+
+    def budget(room: int) -> int:  # UTF-8 bytes whose base64 fits in room
+        return max(3, (room - _EW_OVERHEAD) // 4 * 3)
+
+    limit = budget(first_room)
+    if len(value.encode("utf-8")) <= limit:
+        return [_b_word(value)]
     words: list[bytes] = []
     chunk: list[str] = []
     size = 0
     for ch in value:
         n = len(ch.encode("utf-8"))
-        if size + n > _EW_BYTES:
-            words.append(b"=?utf-8?b?" + base64.b64encode("".join(chunk).encode()) + b"?=")
-            chunk, size = [], 0
+        if size + n > limit and chunk:
+            words.append(_b_word("".join(chunk)))
+            chunk, size, limit = [], 0, budget(_EW_LINE - 1)
         chunk.append(ch)
         size += n
-    if chunk:
-        words.append(b"=?utf-8?b?" + base64.b64encode("".join(chunk).encode()) + b"?=")
+    words.append(_b_word("".join(chunk)))
     return words
 
 
@@ -127,7 +137,7 @@ def header_line(name: str, value: str) -> bytes:
         return prefix.rstrip() + CRLF
     # Encoded-words separated by folding whitespace: decoders drop that
     # whitespace, so the value round-trips exactly.
-    return _fold_words(prefix, _encoded_words(value))
+    return _fold_words(prefix, _encoded_words(value, _EW_LINE - len(prefix)))
 
 
 def _fold_words(prefix: bytes, words: Sequence[bytes]) -> bytes:
@@ -287,5 +297,5 @@ def list_id(list_name: str, list_key: str, domain: str) -> str:
     ident = f"<{list_key}.{domain}>"
     if phrase.isascii():
         return f'"{phrase}" {ident}' if phrase else ident
-    words = b" ".join(_encoded_words(phrase)).decode("ascii")
+    words = b" ".join(_encoded_words(phrase, _EW_LINE - len("List-Id: "))).decode("ascii")
     return f"{words} {ident}"
