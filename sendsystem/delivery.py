@@ -43,12 +43,17 @@ from enum import StrEnum
 
 import aiosmtplib
 from aiosmtplib import (
+    SMTPDataError,
     SMTPException,
     SMTPHeloError,
+    SMTPRecipientRefused,
+    SMTPResponse,
     SMTPResponseException,
+    SMTPSenderRefused,
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.email import parse_address
 
 from .config import Relay
 
@@ -141,6 +146,67 @@ def _reply(code: int, message: str) -> str:
     if "\n" in text or "\r" in text:
         text = " ".join(text.split())
     return text[:MAX_REPLY]
+
+
+# An address we can put between <> as is, without email.utils parsing (~20 us each).
+_PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[^\s<>()\[\]\\,;:\"@]+")
+
+
+def _mailbox(address: str, encoding: str) -> bytes:
+    """``<address>`` for MAIL/RCPT; ValueError unless it is one bare, safe mailbox.
+
+    aiosmtplib's own quoting would turn "x\\r\\nRCPT TO:<y@z>" or "Name <y@z>" into
+    <y@z>, i.e. silently mail someone else: we refuse anything that is not
+    already a bare address.
+    """
+    if address and not _PLAIN_ADDRESS.fullmatch(address) and parse_address(address) != address:
+        raise ValueError(f"{address!r} is not a bare mailbox address")
+    return b"<" + address.encode(encoding) + b">"
+
+
+async def _mail(smtp: aiosmtplib.SMTP, sender: str, options: list[str], encoding: str) -> None:
+    args = [b"FROM:" + _mailbox(sender, encoding)]
+    args.extend(option.encode("ascii") for option in options)
+    response = await smtp.execute_command(b"MAIL", *args)
+    if response.code != 250:
+        raise SMTPSenderRefused(response.code, response.message, sender)
+
+
+async def _rcpt(smtp: aiosmtplib.SMTP, recipient: str, encoding: str) -> None:
+    response = await smtp.execute_command(b"RCPT", b"TO:" + _mailbox(recipient, encoding))
+    if response.code not in (250, 251):
+        raise SMTPRecipientRefused(response.code, response.message, recipient)
+
+
+async def _data(smtp: aiosmtplib.SMTP, data: bytes, timeout: float) -> SMTPResponse:
+    """DATA for a message that already has CRLF line ends.
+
+    aiosmtplib's data() normalises line ends and dot-stuffs with two regex passes
+    (~220 us for 22 KB, a third of our CPU per message). Our composer already
+    emits CRLF, so a count check and one bytes.replace (~55 us) do the same job;
+    anything else falls back to aiosmtplib.
+    """
+    crlf = data.count(b"\r\n")
+    if crlf != data.count(b"\n") or crlf != data.count(b"\r") or not data.endswith(b"\r\n"):
+        return await smtp.data(data)
+    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    if stuffed[:1] == b".":
+        stuffed = b"." + stuffed
+    response = await smtp.execute_command(b"DATA")
+    if response.code != 354:
+        raise SMTPDataError(response.code, response.message)
+    protocol = smtp.protocol
+    if protocol is None:
+        raise SMTPServerDisconnected("Connection lost")
+    try:
+        protocol.write(stuffed + b".\r\n")
+        response = await protocol.read_response(timeout=timeout)
+    except (SMTPServerDisconnected, SMTPTimeoutError):
+        smtp.close()  # as aiosmtplib does: the reply stream is out of step now
+        raise
+    if response.code != 250:
+        raise SMTPDataError(response.code, response.message)
+    return response
 
 
 class _ConnectFailed(Exception):
@@ -445,12 +511,12 @@ class DeliveryPool:
             encoding = "utf-8"
         stage = "MAIL FROM"
         try:
-            await smtp.mail(env.sender, options=options, encoding=encoding)
+            await _mail(smtp, env.sender, options, encoding)
             self._serving(state)
             stage = "RCPT TO"
-            await smtp.rcpt(env.recipient, encoding=encoding)
+            await _rcpt(smtp, env.recipient, encoding)
             stage = "DATA"
-            response = await smtp.data(env.data)
+            response = await _data(smtp, env.data, self._timeout)
         except SMTPResponseException as exc:
             code, text = exc.code, _reply(exc.code, exc.message)
             if code == 421 or not smtp.is_connected:

@@ -71,6 +71,28 @@ def test_250_is_sent_with_reply_and_exact_bytes(server: SmtpServer) -> None:
     assert msg.data == message(1)
 
 
+def test_dot_stuffing_and_bare_line_ends(server: SmtpServer) -> None:
+    starts_with_dot = b".first line\r\n..two dots\r\n.\r\nlast\r\n"
+    bare_lf = b"Subject: lf only\n\nline\n.dot\n"
+    results, _ = run([server.relay], [Envelope(1, SENDER, "a@example.com", starts_with_dot),
+                                      Envelope(2, SENDER, "b@example.com", bare_lf)],
+                     connections=1)
+    assert [r.outcome for r in results] == [Outcome.SENT, Outcome.SENT]
+    got = {m.rcpt_tos[0]: m.data for m in server.messages}
+    assert got["a@example.com"] == starts_with_dot
+    assert got["b@example.com"] == bare_lf.replace(b"\n", b"\r\n")
+
+
+def test_unusual_addresses(server: SmtpServer) -> None:
+    results, _ = run([server.relay], [
+        Envelope(1, SENDER, '"john doe"@example.com', message(1)),
+        Envelope(2, SENDER, "bad\r\nRCPT TO:<x@example.com>", message(2)),
+    ], connections=1)
+    assert results[0].outcome is Outcome.SENT
+    assert results[1].outcome is Outcome.FAILED and results[1].blames_recipient
+    assert server.count_by_recipient() == {'"john doe"@example.com': 1}
+
+
 def test_user_unknown_fails_and_blames_recipient(server: SmtpServer) -> None:
     server.rule("gone@example.com", "550 5.1.1 User unknown")
     results, _ = run([server.relay], [env(1, "gone@example.com"), env(2)])
