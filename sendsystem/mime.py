@@ -122,8 +122,9 @@ def header_line(name: str, value: str) -> bytes:
 
     ``value`` must already be free of control characters (see
     :func:`safe_header_value`). ASCII that fits is written as is; ASCII that is
-    long is folded at spaces; anything non-ASCII, anything that looks like an
-    encoded-word, or a word too long to fold becomes RFC 2047 encoded-words.
+    long is folded at spaces (lines stay within 78 characters); anything
+    non-ASCII, anything that looks like an encoded-word, or a word too long to
+    fold becomes RFC 2047 encoded-words.
     """
     prefix = name.encode("ascii") + b": "
     if value.isascii() and "=?" not in value:
@@ -131,7 +132,9 @@ def header_line(name: str, value: str) -> bytes:
         if len(line) <= _FOLD_AT:
             return line + CRLF
         words = value.split(" ")
-        if max(len(w) for w in words) + 1 < _HARD_LIMIT - len(prefix):
+        # Fold at spaces when every piece then fits; one unbreakable run
+        # longer than a line is sent as encoded-words instead (still short lines).
+        if len(words[0]) + len(prefix) <= _FOLD_AT and max(len(w) for w in words) < _FOLD_AT:
             return _fold_words(prefix, [w.encode("ascii") for w in words])
     if not value:
         return prefix.rstrip() + CRLF
