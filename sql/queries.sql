@@ -403,3 +403,52 @@ WHERE m.newsletter_id = %(id)s GROUP BY b.kind;
 -- name: stats_span
 SELECT TIMESTAMPDIFF(MICROSECOND, MIN(merged_at), MAX(finished_at)) / 1000000 AS duration
 FROM messages WHERE newsletter_id = %(id)s;
+
+-- ============================================================ recipients
+
+-- name: bounce_insert
+INSERT INTO bounces (message_id, subscriber_id, email, kind, status, diagnostic)
+VALUES (%(message_id)s, %(subscriber_id)s, %(email)s, %(kind)s, %(status)s, %(diagnostic)s);
+
+-- name: bounce_tally
+SELECT COALESCE(SUM(kind = 'hard'), 0) AS hard,
+       COALESCE(SUM(kind = 'soft' AND received_at >= TIMESTAMPADD(DAY, -%(days)s, NOW(6))), 0)
+           AS soft
+FROM bounces WHERE email = %(email)s;
+
+-- name: subscribers_mark_bounced
+-- An address that does not exist does not exist for any list.
+UPDATE subscribers SET status = 'bounced' WHERE email = %(email)s AND status = 'active';
+
+-- name: message_mark_bounced
+UPDATE messages SET state = 'bounced' WHERE id = %(id)s AND state = 'sent';
+
+-- name: subscriber_unsubscribe
+UPDATE subscribers SET status = 'unsubscribed'
+WHERE id = %(id)s AND list_id = %(list_id)s AND status = 'active';
+
+-- name: subscriber_complained
+UPDATE subscribers SET status = 'complained' WHERE id = %(id)s;
+
+-- name: subscriber_with_list
+SELECT s.id, s.email, s.status, l.id AS list_id, l.name AS list_name
+FROM subscribers s JOIN lists l ON l.id = s.list_id
+WHERE s.id = %(id)s AND s.list_id = %(list_id)s;
+
+-- name: message_for_bounce
+SELECT m.id, m.state, m.subscriber_id, s.email, s.list_id
+FROM messages m JOIN subscribers s ON s.id = m.subscriber_id
+WHERE m.id = %(id)s;
+
+-- name: message_by_message_id
+SELECT m.id, m.state, m.subscriber_id, s.email, s.list_id
+FROM messages m JOIN subscribers s ON s.id = m.subscriber_id
+WHERE m.message_id = %(message_id)s;
+
+-- name: recent_message_by_email
+-- flufl.bounce found only an address: match the most recent message sent to it.
+SELECT m.id, m.state, m.subscriber_id, s.email, s.list_id
+FROM subscribers s JOIN messages m ON m.subscriber_id = s.id
+WHERE s.email = %(email)s AND m.state IN ('sent', 'bounced')
+  AND m.finished_at >= TIMESTAMPADD(DAY, -%(days)s, NOW(6))
+ORDER BY m.finished_at DESC LIMIT 1;

@@ -60,22 +60,27 @@ def cli(ctx: click.Context, config_path: str | None, log_level: str) -> None:
     ctx.obj = Context(config_path)
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run the command line; the exit status (DESIGN.md: 0, 1, 2 or 75)."""
     from . import admin_cmds, bounce_cmds, ops_cmds, role_cmds  # noqa: F401 - registers commands
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, prog_name="sendsystem", standalone_mode=False)
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return int(exc.exit_code)
     except click.Abort:
         click.echo("Aborted.", err=True)
-        sys.exit(1)
+        return 1
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return int(exc.exit_code)
     except SendSystemError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    sys.exit(0)
+        return exc.exit_code
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
 
 
 def path_arg(**kw: object) -> click.Path:

@@ -1,0 +1,5 @@
+"""`python -m sendsystem` is the `sendsystem` command."""
+
+from .cli import main
+
+main()
