@@ -74,8 +74,7 @@ def smtp_sink(port: int) -> Iterator[Relay]:
 
 @contextmanager
 def aiosmtpd_sink() -> Iterator[Relay]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from smtp_server import SmtpServer
+    from tests.smtp_server import SmtpServer
 
     # The recording server keeps every message: its memory counts in our RSS.
     with SmtpServer() as srv:

@@ -393,7 +393,7 @@ class DeliveryPool:
         parts = []
         for s in self._relays:
             wait = s.down_until - now
-            state = f"retry in {wait:.0f}s" if wait > 0 else "busy"
+            state = f"set aside, retry in {wait:.0f}s" if wait > 0 else "up"
             parts.append(f"{s.name} {state}" + (f" ({s.last_error})" if s.last_error else ""))
         if self._closed:
             parts = ["delivery pool closed"]
@@ -484,12 +484,12 @@ class DeliveryPool:
             result, keep = await self._transact(state, conn, env, reused)
             return result
         finally:
-            if keep and not self._closed and conn.uses < self._per_connection:
+            if not keep or self._closed:
+                conn.smtp.close()  # broken, or close() has already collected the QUITs
+            elif conn.uses < self._per_connection:
                 state.idle.append(conn)
-            elif keep:
-                self._retire(conn)
             else:
-                conn.smtp.close()
+                self._retire(conn)
 
     async def _transact(self, state: _RelayState, conn: _Conn, env: Envelope,
                         reused: bool) -> tuple[Result | tuple[int, str, str], bool]:
@@ -519,8 +519,8 @@ class DeliveryPool:
             response = await _data(smtp, env.data, self._timeout)
         except SMTPResponseException as exc:
             code, text = exc.code, _reply(exc.code, exc.message)
-            if code == 421 or not smtp.is_connected:
-                # 421: the relay is going away and did not take this message.
+            if code == 421:
+                # The relay is going away and did not take this message: try another.
                 self._set_aside(state, text)
                 return (code, text, state.name), False
             self._serving(state)

@@ -7,10 +7,10 @@ import socket
 from collections.abc import Sequence
 
 import pytest
-from smtp_server import SmtpServer
 
 from sendsystem.config import Relay
 from sendsystem.delivery import DeliveryPool, Envelope, Outcome, Result, classify_reply
+from tests.smtp_server import SmtpServer
 
 SENDER = "bounce+1@bounces.example.com"
 
@@ -187,6 +187,18 @@ def test_one_relay_down_everything_goes_through_the_live_one(server: SmtpServer)
     by_name = {s["relay"]: s for s in status}
     assert by_name[str(dead)]["up"] is False
     assert by_name[str(server.relay)]["sent"] == 40
+
+
+def test_relay_that_never_greets_is_set_aside(server: SmtpServer) -> None:
+    with socket.socket() as silent:  # accepts TCP (backlog) but never says 220
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        mute = Relay("127.0.0.1", silent.getsockname()[1])
+        results, status = run([mute, server.relay], [env(i) for i in range(10)], timeout=0.3)
+    assert all(r.outcome is Outcome.SENT for r in results)
+    by_name = {s["relay"]: s for s in status}
+    assert by_name[str(mute)]["up"] is False
+    assert "Timed out" in str(by_name[str(mute)]["last_error"])
 
 
 def test_load_is_spread_over_two_relays() -> None:

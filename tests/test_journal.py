@@ -44,6 +44,17 @@ def test_survives_reopen_and_truncate(tmp_path: Path) -> None:
         assert j.replay() == [(11, "sent", "250 ok")]
 
 
+@pytest.mark.parametrize("interval", [0.0, 0.1, 3600.0])
+def test_sync_policies_keep_every_entry(tmp_path: Path, interval: float) -> None:
+    with Journal(tmp_path, "w", sync_interval=interval) as j:
+        for i in range(20):
+            j.append([(i, "sent", "250 ok")])
+        j.sync()
+        j.sync()  # nothing pending: no-op
+    with Journal(tmp_path, "w") as j:
+        assert [e[0] for e in j.replay()] == list(range(20))
+
+
 def test_torn_last_line_is_ignored_and_cut(tmp_path: Path) -> None:
     with Journal(tmp_path, "w") as j:
         j.append([(1, "sent", "250 a"), (2, "sent", "250 b")])
