@@ -1,12 +1,14 @@
 # ruff: noqa: E501  (the newsletter HTML has the long lines real ones have)
 """Merge throughput on one core: render + compress, as the sort worker does it.
 
-    .venv/bin/python bench/merge_bench.py [--recipients 20000] [--profile]
+    .venv/bin/python bench/merge_bench.py [--recipients 20000] [--profile] [--send-side]
 
 A realistic ~20 KB newsletter (HTML with a 10-article loop defined by
 ``{% set %}``, a text version, 5 merge fields) merged for N recipients with
 distinct field values. Prints messages/s, mean stored (compressed) bytes per
 message and peak RSS. Targets: >= 1,000 msgs/s and <= 8 KB stored per message.
+``--send-side`` also times what the send worker does per message:
+decompress + finalize + DKIM sign (2048-bit key made with ``openssl genrsa``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ import argparse
 import cProfile
 import pstats
 import resource
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+from sendsystem.dkim import DkimSigner
 from sendsystem.merge import Merger, NewsletterInfo, TemplateSource, decompress
+from sendsystem.mime import finalize
 
 ARTICLES = "\n".join(
     f"""  {{"title": "Article {i}: {topic}", "url": "https://news.example.com/2024/{i}/{slug}",
@@ -151,6 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipients", type=int, default=20_000)
     parser.add_argument("--profile", action="store_true", help="cProfile the loop")
+    parser.add_argument("--send-side", action="store_true", help="time decompress+finalize+DKIM")
     args = parser.parse_args()
 
     src = TemplateSource(subject=SUBJECT, html=HTML, text=TEXT)
@@ -169,13 +177,17 @@ def main() -> None:
     profiler = cProfile.Profile() if args.profile else None
     stored_total = 0
     raw_total = 0
+    blobs: list[bytes] = []
     t0 = time.perf_counter()
     if profiler:
         profiler.enable()
     for email, fields, unsub in people:
         raw = merger.render(email, fields, unsub)
-        stored_total += len(merger.compress(raw))
+        blob = merger.compress(raw)
+        stored_total += len(blob)
         raw_total += len(raw)
+        if args.send_side and len(blobs) < 2000:
+            blobs.append(blob)
     if profiler:
         profiler.disable()
     elapsed = time.perf_counter() - t0
@@ -192,6 +204,36 @@ def main() -> None:
     print(f"peak RSS               {peak_kb / 1024:.1f} MB")
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+    if args.send_side:
+        send_side(blobs, merger.zdict)
+
+
+def send_side(blobs: list[bytes], zdict: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        key = Path(tmp) / "dkim.pem"
+        subprocess.run(
+            ["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True
+        )
+        signer = DkimSigner.from_file("example.dk", "s2024", key)
+    headers = [
+        ("Message-ID", "<1.4711.abcdef@mail.example.dk>"),
+        ("Date", "Mon, 01 Jan 2024 10:00:00 +0000"),
+        ("List-Unsubscribe", "<mailto:u@example.dk?subject=t>, <https://lists.example.com/u/t>"),
+        ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+        ("List-Id", '"Medlemsnyt" <4711.lists.example.dk>'),
+        ("Precedence", "bulk"),
+    ]
+    t0 = time.perf_counter()
+    for blob in blobs:
+        finalize(decompress(blob, zdict), b"", headers)
+    t1 = time.perf_counter()
+    for blob in blobs:
+        signer.sign(finalize(decompress(blob, zdict), b"", headers))
+    t2 = time.perf_counter()
+    n = len(blobs)
+    print(f"decompress+finalize    {n / (t1 - t0):,.0f} msgs/s")
+    rsa = "OpenSSL" if signer.uses_openssl else "pure Python"
+    print(f"  + DKIM sign ({rsa})  {n / (t2 - t1):,.0f} msgs/s")
 
 
 if __name__ == "__main__":
