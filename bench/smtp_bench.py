@@ -1,6 +1,7 @@
 """Throughput of the DeliveryPool in ONE process against Postfix's smtp-sink (or aiosmtpd).
 
     .venv/bin/python bench/smtp_bench.py                      # 20,000 x 22 KB to smtp-sink
+    .venv/bin/python bench/smtp_bench.py --cpu 0                # this process on one core
     .venv/bin/python bench/smtp_bench.py -n 5000 --connections 8 --profile
     .venv/bin/python bench/smtp_bench.py --sink aiosmtpd -n 2000
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import resource
 import socket
@@ -127,12 +129,16 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=0,
                     help="concurrent deliver() callers (default: 2 x connections)")
     ap.add_argument("--sink", choices=("smtp-sink", "aiosmtpd"), default="smtp-sink")
+    ap.add_argument("--cpu", type=int, default=None,
+                    help="pin this process to one CPU (after starting the sink, which stays free)")
     ap.add_argument("--profile", action="store_true", help="cProfile the run, print top 25")
     args = ap.parse_args()
     tasks = args.tasks or 2 * args.connections
 
     sink = smtp_sink(free_port()) if args.sink == "smtp-sink" else aiosmtpd_sink()
     with sink as relay:
+        if args.cpu is not None:
+            os.sched_setaffinity(0, {args.cpu})
         coro = run([relay], args.messages, args.size, args.connections, args.per_connection,
                    tasks)
         if args.profile:
