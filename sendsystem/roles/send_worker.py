@@ -97,6 +97,8 @@ class SendWorker(Runner):
         self.meter = RateMeter()
         self.parts: dict[int, NewsletterParts | None] = {}
         self.pending = Pending()
+        # Rows handed to the pool whose outcome is not yet in the database.
+        self.unflushed: dict[int, dict[str, Any]] = {}
         self.journal = Journal(self.config.paths.journal_dir, f"send-{self.options.name}")
         self.signer = None
         if self.config.dkim.enabled:
@@ -165,7 +167,7 @@ class SendWorker(Runner):
             self.rate_limit = AsyncRateLimiter(self.options.max_rate)
             self.domain_limit = DomainRateLimiter(s.domain_rates)
         queue: asyncio.Queue[Envelope | None] = asyncio.Queue(maxsize=self.concurrency * 2)
-        rows_by_id: dict[int, dict[str, Any]] = {}
+        rows_by_id = self.unflushed
         senders = [asyncio.create_task(self._sender(queue, rows_by_id))
                    for _ in range(self.concurrency)]
         done = 0
@@ -223,7 +225,9 @@ class SendWorker(Runner):
                 await self.rate_limit.acquire()
                 await self.domain_limit.acquire(domain_of(env.recipient))
                 result = await self.pool.deliver(env)
-                self._record(result, rows.pop(env.key))
+                # The row stays in `rows` until its outcome is in the database,
+                # so the next fetch of the batch does not send it again.
+                self._record(result, rows[env.key])
             except Exception:
                 log.exception("unexpected error delivering message %s", getattr(env, "key", "?"))
                 if env is not None:
@@ -269,6 +273,9 @@ class SendWorker(Runner):
             self.db.executemany("send_mark_deferred", p.deferred)
             self.db.executemany("send_mark_skipped", p.skipped)
         self.journal.truncate()
+        for group in (p.sent, p.failed, p.deferred):
+            for row in group:
+                self.unflushed.pop(row["id"], None)
         for b in p.bounces:
             record_bounce(self.db, self.config.bounce, kind="hard", **b)
 

@@ -1,0 +1,146 @@
+"""The role lifecycle with real processes: lock, registration, heartbeat,
+disable, signals, schema checks."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pymysql
+import pytest
+
+from sendsystem.config import load_config
+from sendsystem.db import Database
+from sendsystem.errors import SchemaError
+
+from .conftest import Env, server_settings, write_config
+from .helpers import sql, wait_exit, wait_for, worker_row
+
+
+def test_second_copy_exits_zero_at_once(env: Env) -> None:
+    first = env.spawn("sort-worker", "--name", "w1", log_name="first")
+    try:
+        wait_for(lambda: (worker_row(env, "w1", "sort") or {}).get("state") == "running", 15,
+                 "first worker running")
+        started = time.monotonic()
+        code, _, err = env.cli("sort-worker", "--name", "w1")
+        assert code == 0
+        assert "already runs" in err
+        assert time.monotonic() - started < 10
+        # A different --name is a different instance with its own lock.
+        other = env.spawn("sort-worker", "--name", "w2", log_name="second")
+        wait_for(lambda: (worker_row(env, "w2", "sort") or {}).get("state") == "running", 15,
+                 "second instance running")
+        other.send_signal(signal.SIGTERM)
+        assert wait_exit(other, 10) == 0
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert wait_exit(first, 10) == 0
+
+
+def test_registration_heartbeat_and_reuse_of_row(env: Env) -> None:
+    proc = env.spawn("send-worker", "--name", "s1")
+    try:
+        row = wait_for(lambda: worker_row(env, "s1", "send"), 15, "registration")
+        first_beat = wait_for(lambda: (worker_row(env, "s1", "send") or {}).get("heartbeat_at"),
+                              5, "heartbeat")
+        wait_for(lambda: worker_row(env, "s1", "send")["heartbeat_at"] > first_beat, 5,
+                 "a later heartbeat")
+        assert row["pid"] == proc.pid and row["enabled"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert wait_exit(proc, 10) == 0
+    assert worker_row(env, "s1", "send")["state"] == "stopped"
+    code, _, _ = env.cli("send-worker", "--name", "s1", "--max-runtime", "0.5")
+    assert code == 0
+    assert len(sql(env, "SELECT id FROM workers WHERE name = 's1'")) == 1
+
+
+def test_disable_stops_within_a_heartbeat_and_restart_stays_off(env: Env) -> None:
+    proc = env.spawn("sort-worker", "--name", "w1")
+    row = wait_for(lambda: worker_row(env, "w1", "sort"), 15, "registration")
+    wait_for(lambda: worker_row(env, "w1", "sort")["state"] == "running", 10, "running")
+    code, out, _ = env.cli("workers", "disable", str(row["id"]))
+    assert code == 0 and "disabled" in out
+    disabled_at = time.monotonic()
+    assert wait_exit(proc, 10) == 0
+    # heartbeat_interval is 0.5 s in tests; allow for process exit.
+    assert time.monotonic() - disabled_at < 0.5 + 2.0
+    assert worker_row(env, "w1", "sort")["state"] == "stopped"
+    started = time.monotonic()
+    code, _, err = env.cli("sort-worker", "--name", "w1")
+    assert code == 0 and "disabled" in err
+    assert time.monotonic() - started < 10
+    assert worker_row(env, "w1", "sort")["enabled"] == 0
+    code, _, _ = env.cli("workers", "enable", "w1")
+    assert code == 0
+    code, _, _ = env.cli("sort-worker", "--name", "w1", "--max-runtime", "0.5")
+    assert code == 0
+
+
+def test_sigterm_stops_gracefully(env: Env) -> None:
+    proc = env.spawn("sort-balancer", "--name", "b1")
+    wait_for(lambda: (worker_row(env, "b1", "sort-balancer") or {}).get("state") == "running",
+             15, "balancer running")
+    proc.send_signal(signal.SIGTERM)
+    assert wait_exit(proc, 10) == 0
+    assert worker_row(env, "b1", "sort-balancer")["state"] == "stopped"
+
+
+def test_unknown_worker_is_a_user_error(env: Env) -> None:
+    code, _, err = env.cli("workers", "disable", "nobody")
+    assert code == 1 and "no worker" in err
+
+
+@pytest.fixture
+def scratch_db(tmp_path):  # type: ignore[no-untyped-def]
+    """A database of its own, for tests that change the schema."""
+    name = f"ss_scratch_{int(time.time() * 1000) % 10**9}"
+    path = write_config(tmp_path / "config.ini", name)
+    yield path, name
+    conn = pymysql.connect(**server_settings())  # type: ignore[arg-type]
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+def test_schema_upgrade_from_previous_version(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    path, _ = scratch_db
+    config = load_config(path)
+    db = Database(config.database)
+    assert db.init_schema(up_to=1) == (0, 1)
+    with pytest.raises(SchemaError, match=r"version 1.*db init"):
+        db.check_schema_version()
+    db.execute("list_insert", {"name": "old", "from_name": "Old", "from_address": "o@example.com"})
+    assert db.init_schema() == (1, 2)
+    assert db.init_schema() == (2, 2)
+    assert db.check_schema_version() == 2
+    assert db.fetchone("list_by_name", {"name": "old"}) is not None
+    db.prepare(["send_mark_deferred", "stats_deferrals"])
+
+
+def test_prepare_fails_at_start_on_a_wrong_schema(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    path, name = scratch_db
+    config = load_config(path)
+    Database(config.database).init_schema()
+    conn = pymysql.connect(**server_settings(), database=name)  # type: ignore[arg-type]
+    with conn.cursor() as cur:
+        cur.execute("ALTER TABLE messages DROP COLUMN detail")
+    conn.close()
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "sendsystem", "--config", str(path),
+                           "sort-worker", "--once", "--name", "x"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "sort_" in proc.stderr and "does not match" in proc.stderr
+    assert "db init" in proc.stderr
+
+
+def test_missing_database_says_run_db_init(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = write_config(tmp_path / "config.ini", "ss_does_not_exist_x")
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "sendsystem", "--config", str(path), "status"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "db init" in proc.stderr
