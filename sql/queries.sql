@@ -452,3 +452,16 @@ FROM subscribers s JOIN messages m ON m.subscriber_id = s.id
 WHERE s.email = %(email)s AND m.state IN ('sent', 'bounced')
   AND m.finished_at >= TIMESTAMPADD(DAY, -%(days)s, NOW(6))
 ORDER BY m.finished_at DESC LIMIT 1;
+
+-- ===== bounce intake
+
+-- name: bounce_message_lock
+-- Serialises two intakes of the same bounce (an MTA retry racing a scan).
+SELECT id FROM messages WHERE id = %(id)s FOR UPDATE;
+
+-- name: bounce_seen_for_message
+-- One bounce of a kind per message: a re-delivered bounce or a second delay
+-- warning for the same message changes nothing.
+SELECT EXISTS (
+    SELECT 1 FROM bounces WHERE message_id = %(message_id)s AND kind = %(kind)s
+) AS seen;
