@@ -1,0 +1,385 @@
+"""The bounce intake: what arrives at the bounce and unsubscribe addresses, into the database.
+
+:func:`process` classifies one raw message (:mod:`sendsystem.bounces`) and
+records it; ``bounce receive`` (an MTA pipe) and ``bounce scan`` (a Maildir)
+both call it. :class:`UnsubscribeService` gives the web app its database.
+
+Decisions:
+
+* **Attribution**, most trustworthy first: the VERP envelope address (its
+  HMAC verified), then the returned original's ``Message-ID``, then the
+  failed recipient addresses matched against messages sent to them in the
+  last :data:`RECIPIENT_MATCH_DAYS` days. A message addressed to a
+  VERP-shaped address at our envelope domain whose HMAC does *not* verify is
+  forged (or made with a retired secret): it is never attributed by the
+  weaker paths either, so a forged bounce cannot remove a reader.
+* **Unattributed** bounces and complaints are kept as kind ``unknown`` (the
+  classification and reason go into ``diagnostic``), so they never count
+  towards a threshold; ``scan`` moves them, and anything that is not a bounce
+  (a reader's personal reply), to the ``unknown`` folder for a human.
+  Unattributed auto-replies are dropped: there is nothing to learn from them.
+* **Idempotent**: one bounce of each kind per message (see
+  :func:`sendsystem.recipients.record_bounce_once`), so re-processing the
+  same mail after exit 75 or an interrupted scan never double-counts.
+* **Maildir**: processed mail goes to the Maildir++ folder ``.processed``
+  (seen, in ``cur``), mail that needs a human to ``.unknown`` (unseen, in
+  ``new``), both with their own cur/new/tmp, so any IMAP server shows them
+  as folders. Nothing is ever deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
+from email.utils import getaddresses
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from wsgiref.types import WSGIApplication
+
+from filelock import FileLock, Timeout
+
+from . import recipients
+from .bounces import BounceKind, BounceReport, classify
+from .config import Config, DatabaseConfig, load_config
+from .db import Database
+from .errors import TemporaryError, UserError
+from .signing import UnsubscribeTarget, verify_unsubscribe_token
+from .unsubscribe_app import UnsubscribeResult, make_app, path_prefix_from_url
+
+log = logging.getLogger(__name__)
+
+# Bigger input is refused (exit 1). Postfix returns at most bounce_size_limit
+# (50 kB) of the original; other MTAs return it whole, and newsletters with
+# attachments may be a few MB.
+MAX_INPUT = 64 * 1024 * 1024
+# A bounce attributed only by recipient address must be for a message sent
+# this recently: MTAs give up after 5 days by default.
+RECIPIENT_MATCH_DAYS = 14
+
+_VERP_SHAPE = re.compile(r"^b[0-9a-z]+-[a-z2-7]{16}$")
+
+
+class Action(StrEnum):
+    RECORDED = "recorded"  # stored against a message; thresholds applied
+    DUPLICATE = "duplicate"  # this message already had a bounce of this kind
+    UNSUBSCRIBED = "unsubscribed"  # a mailto request with a valid token
+    UNATTRIBUTED = "unattributed"  # kept as kind 'unknown': needs a human
+    IGNORED = "ignored"  # not a bounce, or an auto-reply we cannot attribute
+
+
+@dataclass(frozen=True)
+class IntakeOutcome:
+    """What :func:`process` did with one message (for logs, the CLI and tests)."""
+
+    action: Action
+    kind: BounceKind
+    diagnostic: str
+    status: str | None = None
+    message_id: int | None = None
+    subscriber_id: int | None = None
+    email: str | None = None
+    via: str | None = None  # "verp", "message-id", "recipient", "token"
+    status_changed: bool = False  # the subscriber became bounced/complained/unsubscribed
+    forged: bool = False
+
+    @property
+    def needs_human(self) -> bool:
+        """Goes to the ``unknown`` folder: not understood, or not for us to decide."""
+        return self.action is Action.UNATTRIBUTED or (
+            self.action is Action.IGNORED and self.kind is BounceKind.NOT_BOUNCE)
+
+    def describe(self) -> str:
+        who = f" for message {self.message_id}" if self.message_id else ""
+        addr = f" <{self.email}>" if self.email else ""
+        via = f" (via {self.via})" if self.via else ""
+        changed = "; subscriber status changed" if self.status_changed else ""
+        return f"{self.action} {self.kind}{who}{addr}{via}{changed}: {self.diagnostic}"
+
+
+@dataclass(frozen=True)
+class _Target:
+    message_id: int
+    subscriber_id: int
+    email: str
+    via: str
+
+
+def _looks_like_verp(address: str, domain: str) -> bool:
+    local, _, addr_domain = address.strip().strip("<>").lower().rpartition("@")
+    return addr_domain == domain.lower() and bool(_VERP_SHAPE.match(local.split("+", 1)[0]))
+
+
+def _forged_verp(raw: bytes, envelope_recipient: str | None, domain: str) -> str | None:
+    """A VERP-shaped address of ours this message was delivered to (it did not verify)."""
+    headers = BytesHeaderParser().parsebytes(raw[:256 * 1024])
+    values = [str(v) for name in ("Delivered-To", "X-Original-To", "Envelope-To", "To")
+              for v in headers.get_all(name, [])]
+    candidates = [envelope_recipient] if envelope_recipient else []
+    candidates += [addr for _name, addr in getaddresses(values)]
+    return next((c for c in candidates if _looks_like_verp(c, domain)), None)
+
+
+def _target(row: dict[str, Any] | None, via: str) -> _Target | None:
+    if row is None:
+        return None
+    return _Target(int(row["id"]), int(row["subscriber_id"]), str(row["email"]), via)
+
+
+def _attribute(db: Database, report: BounceReport) -> _Target | None:
+    if report.verp_message_id is not None:
+        found = _target(db.fetchone("message_for_bounce", {"id": report.verp_message_id}),
+                        "verp")
+        if found:
+            return found
+    for mid in report.original_message_ids:
+        found = _target(db.fetchone("message_by_message_id", {"message_id": mid}), "message-id")
+        if found:
+            return found
+    for email in report.recipients:
+        found = _target(db.fetchone("recent_message_by_email",
+                                    {"email": email, "days": RECIPIENT_MATCH_DAYS}), "recipient")
+        if found:
+            return found
+    return None
+
+
+def process(db: Database, config: Config, raw: bytes,
+            envelope_recipient: str | None = None) -> IntakeOutcome:
+    """Classify one message and record what it means. Raises only on database
+    trouble (:class:`~sendsystem.errors.DatabaseUnavailable`: try again later)."""
+    report = classify(raw, secret=config.secret(), envelope_domain=config.sending.envelope_domain,
+                      unsubscribe_address=config.unsubscribe.mailto or None,
+                      envelope_recipient=envelope_recipient)
+    kind = report.kind
+    if kind is BounceKind.NOT_BOUNCE:
+        return IntakeOutcome(Action.IGNORED, kind, report.diagnostic)
+    if kind is BounceKind.UNSUBSCRIBE:
+        return _mailto_unsubscribe(db, config, report)
+
+    forged = None
+    if report.verp_message_id is None:
+        forged = _forged_verp(raw, envelope_recipient, config.sending.envelope_domain)
+    target = None if forged else _attribute(db, report)
+    if target is None:
+        if kind is BounceKind.AUTOREPLY:
+            return IntakeOutcome(Action.IGNORED, kind, report.diagnostic)
+        why = f"forged VERP address {forged}" if forged else "no message found"
+        diagnostic = f"[{kind}] {why}: {report.diagnostic}"
+        email = report.recipients[0] if report.recipients else report.sender
+        recipients.store_event(db, kind="unknown", email=email, status=report.status,
+                               diagnostic=diagnostic)
+        log.warning("unattributed %s: %s", kind, diagnostic)
+        return IntakeOutcome(Action.UNATTRIBUTED, kind, diagnostic, report.status,
+                             email=email, forged=forged is not None)
+
+    common = {"email": target.email, "message_id": target.message_id,
+              "subscriber_id": target.subscriber_id}
+    if kind is BounceKind.COMPLAINT:
+        done = recipients.record_complaint(db, diagnostic=report.diagnostic, **common)
+    elif kind is BounceKind.AUTOREPLY:
+        with db.transaction():
+            # Reusing the dedupe keeps one auto-reply row per message.
+            done = recipients.Recorded(stored=False, status_changed=False)
+            if not db.fetchval("bounce_seen_for_message",
+                               {"message_id": target.message_id, "kind": "autoreply"}):
+                recipients.store_event(db, kind="autoreply", diagnostic=report.diagnostic,
+                                       **common)
+                done = recipients.Recorded(stored=True, status_changed=False)
+    else:
+        done = recipients.record_bounce_once(db, config.bounce, kind=str(kind),
+                                             status=report.status,
+                                             diagnostic=report.diagnostic, **common)
+    outcome = IntakeOutcome(Action.RECORDED if done.stored else Action.DUPLICATE, kind,
+                            report.diagnostic, report.status, target.message_id,
+                            target.subscriber_id, target.email, target.via, done.status_changed)
+    log.info("%s", outcome.describe())
+    return outcome
+
+
+def _mailto_unsubscribe(db: Database, config: Config, report: BounceReport) -> IntakeOutcome:
+    target = (verify_unsubscribe_token(config.secret(), report.unsubscribe_token)
+              if report.unsubscribe_token else None)
+    row = recipients.unsubscribe(db, target.subscriber_id, target.list_id) if target else None
+    if target is None or row is None:
+        # A request without a valid token is still a person asking to leave:
+        # keep it where a human will see it rather than guess from From:.
+        diagnostic = report.diagnostic + ("" if target is None else " (unknown subscriber)")
+        recipients.store_event(db, kind="unsubscribe", email=report.sender,
+                               diagnostic=diagnostic)
+        log.warning("unsubscribe request needs a human: %s", diagnostic)
+        return IntakeOutcome(Action.UNATTRIBUTED, report.kind, diagnostic, email=report.sender)
+    recipients.store_event(db, kind="unsubscribe", email=row["email"],
+                           subscriber_id=target.subscriber_id, diagnostic=report.diagnostic)
+    outcome = IntakeOutcome(Action.UNSUBSCRIBED, report.kind, report.diagnostic,
+                            subscriber_id=target.subscriber_id, email=row["email"], via="token",
+                            status_changed=row["status"] == "active")
+    log.info("%s", outcome.describe())
+    return outcome
+
+
+# --- Maildir ---------------------------------------------------------------------------
+
+PROCESSED = ".processed"
+UNKNOWN = ".unknown"
+
+
+def maildir_folder(root: Path, name: str) -> Path:
+    """``root/name`` with cur/new/tmp (created if missing); ``name`` "" is the root itself."""
+    folder = root / name if name else root
+    for sub in ("cur", "new", "tmp"):
+        (folder / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def deliver_to_maildir(folder: Path, raw: bytes) -> Path:
+    """Write one message into ``folder/new`` the Maildir way (tmp, fsync, rename)."""
+    maildir_folder(folder, "")
+    name = f"{time.time_ns()}.P{os.getpid()}T{threading.get_ident()}.{socket.gethostname()}"
+    tmp = folder / "tmp" / name
+    with open(tmp, "wb") as fh:
+        fh.write(raw)
+        fh.flush()
+        os.fsync(fh.fileno())
+    final = folder / "new" / name
+    os.rename(tmp, final)
+    return final
+
+
+def _pending(root: Path) -> Iterator[Path]:
+    for sub in ("new", "cur"):
+        directory = root / sub
+        if directory.is_dir():
+            for name in sorted(os.listdir(directory)):
+                if not name.startswith("."):
+                    yield directory / name
+
+
+def _move(path: Path, folder: Path, seen: bool) -> None:
+    base = path.name.split(":2,", 1)[0]
+    dest = folder / "cur" / f"{base}:2,S" if seen else folder / "new" / base
+    os.rename(path, dest)
+
+
+@dataclass
+class ScanResult:
+    processed: int = 0
+    unknown: int = 0
+    failed: list[str] = field(default_factory=list)  # left in place after an unexpected error
+    stopped: str | None = None  # why the scan stopped early (database down)
+    busy: bool = False  # another scan of this Maildir holds the lock: nothing done
+    outcomes: list[IntakeOutcome] = field(default_factory=list)
+
+
+def scan_maildir(db: Database, config: Config, root: Path) -> ScanResult:
+    """Process every message in ``root``/new and /cur and move it (see the module docstring).
+
+    Stops at the first database outage, leaving the rest for the next run.
+    Only one scan of a Maildir runs at a time (a lock in ``[paths] lock_dir``).
+    """
+    if not (root / "new").is_dir():
+        raise UserError(f"{root} is not a Maildir (it has no new/ directory).")
+    config.paths.lock_dir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    lock = FileLock(str(config.paths.lock_dir / f"bounce-scan-{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return ScanResult(busy=True)
+    try:
+        return _scan(db, config, root)
+    finally:
+        lock.release()
+
+
+def _scan(db: Database, config: Config, root: Path) -> ScanResult:
+    processed, unknown = maildir_folder(root, PROCESSED), maildir_folder(root, UNKNOWN)
+    result = ScanResult()
+    for path in _pending(root):
+        try:
+            raw = path.read_bytes() if path.stat().st_size <= MAX_INPUT else b""
+        except FileNotFoundError:  # a mail client moved it meanwhile
+            continue
+        try:
+            outcome = process(db, config, raw) if raw.strip() else None
+        except TemporaryError as exc:
+            result.stopped = str(exc)
+            break
+        except Exception:
+            # A bug must not lose the mail nor stop the other messages.
+            log.exception("could not process %s; left in place", path)
+            result.failed.append(str(path))
+            continue
+        needs_human = outcome is None or outcome.needs_human
+        if outcome is None:
+            log.warning("%s is empty or larger than %d bytes: moved to unknown", path, MAX_INPUT)
+        else:
+            result.outcomes.append(outcome)
+        try:
+            _move(path, unknown if needs_human else processed, seen=not needs_human)
+        except FileNotFoundError:
+            continue
+        if needs_human:
+            result.unknown += 1
+        else:
+            result.processed += 1
+    return result
+
+
+# --- the unsubscribe web app's database side --------------------------------------------
+
+
+class UnsubscribeService:
+    """``unsubscribe`` and ``lookup`` callbacks for :func:`sendsystem.unsubscribe_app.make_app`.
+
+    One connection, used under a lock: the development server is threaded
+    and a PyMySQL connection is not. A database outage raises
+    :class:`~sendsystem.errors.DatabaseUnavailable` (a TemporaryError) after
+    ``retry_for`` seconds, which the app turns into 503 + Retry-After.
+    """
+
+    def __init__(self, database: DatabaseConfig, *, retry_for: float = 3.0) -> None:
+        self._db = Database(database, retry_for=retry_for)
+        self._lock = threading.Lock()
+
+    def unsubscribe(self, target: UnsubscribeTarget) -> UnsubscribeResult:
+        with self._lock:
+            row = recipients.unsubscribe(self._db, target.subscriber_id, target.list_id)
+        if row is None:
+            return UnsubscribeResult(ok=False, list_name=None, email=None)
+        return UnsubscribeResult(ok=True, list_name=row["list_name"], email=row["email"])
+
+    def lookup(self, target: UnsubscribeTarget) -> UnsubscribeResult:
+        with self._lock:
+            row = self._db.fetchone("subscriber_with_list", {"id": target.subscriber_id,
+                                                             "list_id": target.list_id})
+        if row is None:
+            return UnsubscribeResult(ok=False, list_name=None, email=None)
+        return UnsubscribeResult(ok=row["status"] == "active", list_name=row["list_name"],
+                                 email=row["email"])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def unsubscribe_wsgi_app(config: Config, service: UnsubscribeService | None = None
+                         ) -> WSGIApplication:
+    """The one-click unsubscribe WSGI app over this config's database."""
+    service = service or UnsubscribeService(config.database)
+    return make_app(config.secret(), service.unsubscribe, lookup=service.lookup,
+                    path_prefix=path_prefix_from_url(config.unsubscribe.url))
+
+
+def create_app(config_path: str | None = None) -> WSGIApplication:
+    """WSGI factory for a real server, e.g.
+    ``gunicorn -w 4 'sendsystem.intake:create_app("/etc/sendsystem/config.ini")'``."""
+    return unsubscribe_wsgi_app(load_config(config_path))
