@@ -1,0 +1,127 @@
+"""The unsubscribe web app over the real database, through real HTTP on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from sendsystem.intake import UnsubscribeService, unsubscribe_wsgi_app
+from sendsystem.unsubscribe_app import make_wsgi_server
+from tests.conftest import Env
+from tests.test_bounce_cli import closed_port, run_cli
+from tests.test_intake import send_newsletter, state
+
+
+def request(url: str, data: bytes | None = None) -> tuple[int, str, dict[str, str]]:
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if data is not None:
+        req.add_header("Content-Type", "application/x-www-form-urlencoded")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+@pytest.fixture
+def server(env: Env) -> Iterator[str]:
+    service = UnsubscribeService(env.config.database)
+    httpd = make_wsgi_server(unsubscribe_wsgi_app(env.config, service), port=0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}/unsubscribe/"
+    httpd.shutdown()
+    httpd.server_close()
+    service.close()
+
+
+ONE_CLICK = b"List-Unsubscribe=One-Click"
+
+
+def test_one_click_post_unsubscribes(env: Env, server: str) -> None:
+    a, b = send_newsletter(env, ["leaver@example.org", "stayer@example.org"])
+    code, body, _headers = request(server + a.token, ONE_CLICK)
+    assert (code, body) == (200, "unsubscribed\n")
+    assert state(env, a) == ("sent", "unsubscribed")
+    assert state(env, b) == ("sent", "active")
+    # Repeating it (mailbox providers retry) is harmless.
+    assert request(server + a.token, ONE_CLICK)[0] == 200
+    assert state(env, a) == ("sent", "unsubscribed")
+
+
+def test_confirmation_page_and_form(env: Env, server: str) -> None:
+    [a] = send_newsletter(env, ["leaver@example.org"])
+    code, page, _headers = request(server + a.token)
+    assert code == 200 and "leaver@example.org" in page and "news" in page
+    assert state(env, a) == ("sent", "active")  # a GET never unsubscribes
+    code, page, _headers = request(server + a.token, b"confirm=yes")
+    assert code == 200 and "You are unsubscribed" in page
+    code, page, _headers = request(server + a.token)
+    assert code == 200 and "Already unsubscribed" in page
+
+
+def test_forged_token_changes_nothing(env: Env, server: str) -> None:
+    [a] = send_newsletter(env, ["leaver@example.org"])
+    forged = a.token[:-3] + ("xyz" if not a.token.endswith("xyz") else "abc")
+    assert request(server + forged, ONE_CLICK)[0] == 400
+    assert state(env, a) == ("sent", "active")
+
+
+def test_database_down_answers_503(env: Env) -> None:
+    down = dataclasses.replace(env.config.database, port=closed_port())
+    service = UnsubscribeService(down, retry_for=0.3)
+    httpd = make_wsgi_server(unsubscribe_wsgi_app(env.config, service), port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        [a] = send_newsletter(env, ["leaver@example.org"])
+        url = f"http://127.0.0.1:{httpd.server_port}/unsubscribe/{a.token}"
+        code, _body, headers = request(url, ONE_CLICK)
+        assert code == 503 and headers.get("Retry-After")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_unsubscribe_server_command(env: Env) -> None:
+    [a] = send_newsletter(env, ["leaver@example.org"])
+    port = closed_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sendsystem", "--config", str(env.path),
+                             "unsubscribe-server", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if request(base + "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "unsubscribe-server did not start"
+            time.sleep(0.1)
+        assert request(f"{base}/unsubscribe/{a.token}", ONE_CLICK)[0] == 200
+        assert state(env, a) == ("sent", "unsubscribed")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_mailto_unsubscribe_through_bounce_receive(env: Env) -> None:
+    """The List-Unsubscribe mailto as a mail client sends it, piped in by the MTA."""
+    [a] = send_newsletter(env, ["leaver@example.org"])
+    mailto = env.config.unsubscribe.mailto
+    raw = (f"From: Leaver <leaver@example.org>\r\nTo: {mailto}\r\n"
+           f"Subject: unsubscribe {a.token}\r\nMessage-ID: <x1@example.org>\r\n\r\n\r\n").encode()
+    code, out, err = run_cli(env, "bounce", "receive", "--recipient", mailto, stdin=raw)
+    assert code == 0, err
+    assert out.startswith("unsubscribed")
+    assert state(env, a) == ("sent", "unsubscribed")
