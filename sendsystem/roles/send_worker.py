@@ -164,7 +164,7 @@ class SendWorker(Runner):
             self.pool = DeliveryPool(s.relays, connections=s.connections,
                                      messages_per_connection=s.messages_per_connection,
                                      timeout=s.timeout, helo=s.helo or None)
-            self.rate_limit = AsyncRateLimiter(self.options.max_rate)
+            self.rate_limit = AsyncRateLimiter(self.options.max_rate, burst=1)
             self.domain_limit = DomainRateLimiter(s.domain_rates)
         queue: asyncio.Queue[Envelope | None] = asyncio.Queue(maxsize=self.concurrency * 2)
         rows_by_id = self.unflushed

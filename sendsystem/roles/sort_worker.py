@@ -66,7 +66,12 @@ class SortWorker(Runner):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.meter = RateMeter()
-        self.limiter = RateLimiter(self.options.max_rate)
+        # burst=1: a capped worker must look like a slower server from its
+        # very first (probe) batch, or the balancer would over-trust it.
+        self.limiter = RateLimiter(self.options.max_rate, burst=1)
+        # Report progress (rate, results) about once a second even when capped.
+        rate = self.options.max_rate
+        self.chunk = CHUNK if rate is None else max(10, min(CHUNK, int(rate)))
         self.mergers: dict[int, Merger | None] = {}
         self.secret = self.config.secret()
         self.url_template = self.config.unsubscribe.url
@@ -90,7 +95,7 @@ class SortWorker(Runner):
         for batch in self.db.fetchall("my_batches", {"worker": self.worker_id}):
             while not self.stopping:
                 rows = self.db.fetchall("sort_batch_messages",
-                                        {"batch": batch["id"], "limit": CHUNK})
+                                        {"batch": batch["id"], "limit": self.chunk})
                 if not rows:
                     self.db.execute("batch_mark_done", {"batch": batch["id"]})
                     break

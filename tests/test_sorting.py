@@ -1,0 +1,156 @@
+"""The SortingSystem with real processes and a real database: merge results,
+skipped and failed states, load-aware shares, SIGKILL recovery, scheduling,
+pause and cancel."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import signal
+import time
+
+from sendsystem import admin
+from sendsystem.merge import TemplateSource, compression_dictionary, decompress
+
+from .conftest import Env
+from .helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
+
+
+def run_sort_once(env: Env, *workers: str) -> None:
+    procs = [env.spawn("sort-balancer", "--once", "--name", "b")]
+    procs += [env.spawn("sort-worker", "--once", "--name", w, log_name=w) for w in workers]
+    for p in procs:
+        assert wait_exit(p, 60) == 0
+
+
+def stored_message(env: Env, message_id: int) -> email.message.EmailMessage:
+    row = sql(env, "SELECT m.body, n.subject, n.html, n.text FROM messages m "
+                   "JOIN newsletters n ON n.id = m.newsletter_id WHERE m.id = %s",
+              (message_id,))[0]
+    zdict = compression_dictionary(TemplateSource(row["subject"], row["html"], row["text"]))
+    raw = decompress(row["body"], zdict)
+    return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
+
+
+def test_merge_fields_loops_and_skips(env: Env) -> None:
+    nid = make_newsletter(env, 6)
+    # user1 unsubscribed, user2 blocked by address, user3 by domain (moved to another one).
+    sql(env, "UPDATE subscribers SET status = 'unsubscribed' WHERE email = 'user1@example.com'")
+    admin.block_add(env.db, "user2@example.com")
+    sql(env, "UPDATE subscribers SET email = 'user3@blocked.example', domain = "
+             "'blocked.example' WHERE email = 'user3@example.com'")
+    admin.block_add(env.db, "@blocked.example")
+    run_sort_once(env, "w1")
+    assert states(env, nid) == {"merged": 3, "skipped": 3}
+    rows = sql(env, "SELECT m.id, m.state, m.detail, s.email FROM messages m JOIN subscribers s "
+                    "ON s.id = m.subscriber_id WHERE m.newsletter_id = %s ORDER BY m.id", (nid,))
+    skipped = {r["email"]: r["detail"] for r in rows if r["state"] == "skipped"}
+    assert skipped == {"user1@example.com": "subscriber unsubscribed",
+                       "user2@example.com": "address or domain blocked",
+                       "user3@blocked.example": "address or domain blocked"}
+    msg = stored_message(env, rows[0]["id"])
+    assert msg["To"] == "user0@example.com"
+    assert msg["Subject"] == "Nyt fra Århus"
+    assert msg.get_content_type() == "multipart/alternative"
+    text = msg.get_body(("plain",)).get_content()
+    html = msg.get_body(("html",)).get_content()
+    assert "Hej Bruger 0" in text and "Artikel 2" in text
+    assert "Kære Bruger 0 fra Århus" in html and "Artikel 2: Nyt fra Århus" in html
+    assert "https://lists.test.example/unsubscribe/" in html
+
+
+def test_html_is_escaped_and_header_injection_impossible(env: Env) -> None:
+    admin.create_list(env.db, "news", "N <n@example.com>")
+    csv = env.tmp / "x.csv"
+    csv.write_text("email,first_name,city\nevil@example.com,<script>x</script>,Bcc: y@z.dk\n",
+                   encoding="utf-8")
+    admin.import_csv(env.db, "news", csv)
+    nid = make_newsletter(env, 0, subject="Hi {{ first_name }} {{ city }}")
+    run_sort_once(env, "w1")
+    mid = sql(env, "SELECT id FROM messages WHERE newsletter_id = %s", (nid,))[0]["id"]
+    msg = stored_message(env, mid)
+    html = msg.get_body(("html",)).get_content()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert "<script>" in msg.get_body(("plain",)).get_content()
+    assert msg["Bcc"] is None and "\n" not in str(msg["Subject"])
+
+
+def test_render_error_fails_one_message_not_the_batch(env: Env) -> None:
+    nid = make_newsletter(env, 5, html="{{ 1 // (first_name == 'Bruger 3') | int }}", text=None)
+    run_sort_once(env, "w1")
+    s = states(env, nid)
+    assert s == {"merged": 1, "failed": 4}
+    detail = sql(env, "SELECT detail FROM messages WHERE state = 'failed' LIMIT 1")[0]["detail"]
+    assert "division" in detail or "zero" in detail
+
+
+def test_load_aware_shares_with_two_speeds(env: Env) -> None:
+    """--max-rate 40 and 160: the fast one does 70-90 %, within 1.3x ideal + start-up."""
+    nid = make_newsletter(env, 4000, html="<p>{{ first_name }}</p>", text=None)
+    started = time.monotonic()
+    balancer = env.spawn("sort-balancer", "--name", "b")
+    slow = env.spawn("sort-worker", "--name", "slow", "--max-rate", "40", log_name="slow")
+    fast = env.spawn("sort-worker", "--name", "fast", "--max-rate", "160", log_name="fast")
+    try:
+        wait_for(lambda: states(env, nid).get("merged", 0) == 4000, 60, "all merged", 0.5)
+        elapsed = time.monotonic() - started
+    finally:
+        stop_all(balancer, slow, fast)
+    shares = {r["name"]: int(r["n"]) for r in sql(
+        env, "SELECT w.name, COUNT(*) AS n FROM messages m JOIN workers w "
+             "ON w.id = m.sort_worker_id GROUP BY w.name")}
+    fast_share = shares["fast"] / 4000
+    ideal = 4000 / 200
+    print(f"\nshares {shares} fast={fast_share:.1%} elapsed={elapsed:.1f}s ideal={ideal:.1f}s")
+    assert 0.70 <= fast_share <= 0.90
+    assert elapsed <= 1.3 * ideal + 5.0  # start-up: interpreters, registration, probes
+
+
+def test_sigkill_mid_batch_is_reclaimed_and_merged_once(env: Env) -> None:
+    nid = make_newsletter(env, 600, html="<p>{{ first_name }}</p>", text=None)
+    balancer = env.spawn("sort-balancer", "--name", "b")
+    victim = env.spawn("sort-worker", "--name", "victim", "--max-rate", "50", log_name="victim")
+    try:
+        wait_for(lambda: states(env, nid).get("merged", 0) >= 50, 30, "victim merging")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        held = sql(env, "SELECT COUNT(*) AS n FROM messages WHERE batch_id IS NOT NULL")[0]["n"]
+        assert held > 0, "the killed worker should still hold a batch"
+        rescuer = env.spawn("sort-worker", "--name", "rescuer", log_name="rescuer")
+        try:
+            wait_for(lambda: states(env, nid) == {"merged": 600}, 40, "all merged", 0.3)
+        finally:
+            stop_all(rescuer)
+    finally:
+        stop_all(balancer, victim)
+    reclaimed = sql(env, "SELECT COUNT(*) AS n FROM batches WHERE state = 'reclaimed'")[0]["n"]
+    assert reclaimed >= 1
+    per_message = sql(env, "SELECT COUNT(*) AS n FROM messages WHERE newsletter_id = %s "
+                           "AND sort_worker_id IS NOT NULL AND body IS NOT NULL", (nid,))
+    assert per_message[0]["n"] == 600
+
+
+def test_scheduled_newsletter_waits_for_its_time(env: Env) -> None:
+    nid = make_newsletter(env, 20, at="2999-01-01 09:00")
+    run_sort_once(env, "w1")
+    assert admin.get_newsletter(env.db, nid)["state"] == "scheduled"
+    assert states(env, nid) == {}
+    # Someone unsubscribes before the send time: never mailed.
+    sql(env, "UPDATE subscribers SET status = 'unsubscribed' WHERE email = 'user5@example.com'")
+    sql(env, "UPDATE newsletters SET send_at = NOW(6) WHERE id = %s", (nid,))
+    run_sort_once(env, "w1")
+    assert admin.get_newsletter(env.db, nid)["total"] == 19
+    assert states(env, nid) == {"merged": 19}
+
+
+def test_pause_resume_and_cancel(env: Env) -> None:
+    nid = make_newsletter(env, 30)
+    admin.pause(env.db, nid)
+    run_sort_once(env, "w1")
+    assert states(env, nid) == {"queued": 30}
+    admin.resume(env.db, nid)
+    run_sort_once(env, "w1")
+    assert states(env, nid) == {"merged": 30}
+    assert admin.cancel(env.db, nid) == 30
+    assert states(env, nid) == {"cancelled": 30}
+    assert sql(env, "SELECT COUNT(*) AS n FROM messages WHERE body IS NOT NULL")[0]["n"] == 0
