@@ -73,6 +73,10 @@ class SendingConfig:
     failure_pause_ratio: float = 0.5
     failure_pause_min: int = 200
     helo: str = ""
+    # A relay that refuses connections or answers 421 is set aside for
+    # relay_backoff_min seconds, doubling up to relay_backoff_max.
+    relay_backoff_min: float = 5.0
+    relay_backoff_max: float = 300.0
 
 
 @dataclass(frozen=True)

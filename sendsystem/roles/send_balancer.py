@@ -16,7 +16,7 @@ from .balancer import BALANCER_STATEMENTS, BalancerRunner
 
 log = logging.getLogger(__name__)
 
-FAILURE_CHECK_SECONDS = 10.0
+FAILURE_CHECK_SECONDS = 5.0
 
 
 class SendBalancer(BalancerRunner):

@@ -163,7 +163,9 @@ class SendWorker(Runner):
         if self.pool is None:
             self.pool = DeliveryPool(s.relays, connections=s.connections,
                                      messages_per_connection=s.messages_per_connection,
-                                     timeout=s.timeout, helo=s.helo or None)
+                                     timeout=s.timeout, helo=s.helo or None,
+                                     relay_backoff_min=s.relay_backoff_min,
+                                     relay_backoff_max=s.relay_backoff_max)
             self.rate_limit = AsyncRateLimiter(self.options.max_rate, burst=1)
             self.domain_limit = DomainRateLimiter(s.domain_rates)
         queue: asyncio.Queue[Envelope | None] = asyncio.Queue(maxsize=self.concurrency * 2)
@@ -252,7 +254,7 @@ class SendWorker(Runner):
             self.journal.append([(mid, "failed", base["reply"])])
             self.pending.failed.append({**base, "attempted": 1})
             if result.blames_recipient:
-                self.pending.bounces.append({"email": row["email"], "message_id": None,
+                self.pending.bounces.append({"email": row["email"], "message_id": mid,
                                              "subscriber_id": int(row["subscriber_id"]),
                                              "status": _status(result.reply),
                                              "diagnostic": result.reply})
