@@ -293,12 +293,13 @@ WHERE m.batch_id = %(batch)s AND m.state = 'queued'
 ORDER BY m.id LIMIT %(limit)s;
 
 -- name: sort_mark
--- Only while the row is still ours: a batch reclaimed from us (we were
--- thought dead) is not written twice.
-UPDATE messages
-SET state = %(state)s, body = %(body)s, detail = %(detail)s, sort_worker_id = %(worker)s,
-    merged_at = NOW(6), finished_at = IF(%(state)s = 'merged', NULL, NOW(6)), batch_id = NULL
-WHERE id = %(id)s AND batch_id = %(batch)s AND state = 'queued';
+-- values: id, state, body, detail
+-- One statement per chunk. Only rows still ours are written: a batch
+-- reclaimed from us (we were thought dead) is not written twice.
+UPDATE messages m JOIN (%(values)s) AS v ON v.id = m.id
+SET m.state = v.state, m.body = v.body, m.detail = v.detail, m.sort_worker_id = %(worker)s,
+    m.merged_at = NOW(6), m.finished_at = IF(v.state = 'merged', NULL, NOW(6)), m.batch_id = NULL
+WHERE m.batch_id = %(batch)s AND m.state = 'queued';
 
 -- ============================================================== send worker
 
@@ -312,33 +313,37 @@ WHERE m.batch_id = %(batch)s AND m.state IN ('merged', 'deferred')
 ORDER BY m.id LIMIT %(limit)s;
 
 -- name: send_mark_sent
+-- values: id, code, reply, message_id
 -- A 250 is the truth: it wins over any state but sent/bounced (even a cancel
 -- that came while the message was on the wire).
-UPDATE messages
-SET state = 'sent', body = NULL, batch_id = NULL, send_worker_id = %(worker)s,
-    finished_at = NOW(6), attempts = attempts + 1, reply_code = %(code)s, reply = %(reply)s,
-    message_id = %(message_id)s
-WHERE id = %(id)s AND state NOT IN ('sent', 'bounced');
+UPDATE messages m JOIN (%(values)s) AS v ON v.id = m.id
+SET m.state = 'sent', m.body = NULL, m.batch_id = NULL, m.send_worker_id = %(worker)s,
+    m.finished_at = NOW(6), m.attempts = m.attempts + 1, m.reply_code = v.code,
+    m.reply = v.reply, m.message_id = COALESCE(v.message_id, m.message_id)
+WHERE m.state NOT IN ('sent', 'bounced');
 
 -- name: send_mark_failed
-UPDATE messages
-SET state = 'failed', body = NULL, batch_id = NULL, send_worker_id = %(worker)s,
-    finished_at = NOW(6), attempts = attempts + %(attempted)s, reply_code = %(code)s,
-    reply = %(reply)s, message_id = %(message_id)s
-WHERE id = %(id)s AND state IN ('merged', 'deferred');
+-- values: id, code, reply, message_id
+UPDATE messages m JOIN (%(values)s) AS v ON v.id = m.id
+SET m.state = 'failed', m.body = NULL, m.batch_id = NULL, m.send_worker_id = %(worker)s,
+    m.finished_at = NOW(6), m.attempts = m.attempts + 1, m.reply_code = v.code,
+    m.reply = v.reply, m.message_id = COALESCE(v.message_id, m.message_id)
+WHERE m.state IN ('merged', 'deferred');
 
 -- name: send_mark_deferred
-UPDATE messages
-SET state = 'deferred', batch_id = NULL, send_worker_id = %(worker)s, attempts = attempts + 1,
-    deferrals = deferrals + 1, reply_code = %(code)s, reply = %(reply)s,
-    next_attempt_at = TIMESTAMPADD(MICROSECOND, %(delay_us)s, NOW(6))
-WHERE id = %(id)s AND state IN ('merged', 'deferred');
+-- values: id, code, reply, delay_us
+UPDATE messages m JOIN (%(values)s) AS v ON v.id = m.id
+SET m.state = 'deferred', m.batch_id = NULL, m.send_worker_id = %(worker)s,
+    m.attempts = m.attempts + 1, m.deferrals = m.deferrals + 1, m.reply_code = v.code,
+    m.reply = v.reply, m.next_attempt_at = TIMESTAMPADD(MICROSECOND, v.delay_us, NOW(6))
+WHERE m.state IN ('merged', 'deferred');
 
 -- name: send_mark_skipped
-UPDATE messages
-SET state = 'skipped', body = NULL, batch_id = NULL, send_worker_id = %(worker)s,
-    finished_at = NOW(6), detail = %(detail)s
-WHERE id = %(id)s AND state IN ('merged', 'deferred');
+-- values: id, detail
+UPDATE messages m JOIN (%(values)s) AS v ON v.id = m.id
+SET m.state = 'skipped', m.body = NULL, m.batch_id = NULL, m.send_worker_id = %(worker)s,
+    m.finished_at = NOW(6), m.detail = v.detail
+WHERE m.state IN ('merged', 'deferred');
 
 -- ================================================================ blocklist
 

@@ -28,7 +28,7 @@ from pymysql.constants import CLIENT
 
 from ..config import DatabaseConfig
 from ..errors import DatabaseUnavailable, SchemaError
-from .queries import load_queries, migrations, to_server_syntax
+from .queries import load_queries, load_value_columns, migrations, to_server_syntax
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Database:
         self.should_abort = should_abort
         self._conn: pymysql.connections.Connection | None = None
         self._queries = load_queries()
+        self._value_columns = load_value_columns()
         self._in_transaction = False
         self._outage_since: float | None = None
         self.reconnects = 0
@@ -72,7 +73,7 @@ class Database:
         cfg = self.config
         return pymysql.connect(
             host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password,
-            database=database, charset="utf8mb4", autocommit=True,
+            database=database, charset="utf8mb4", autocommit=True, binary_prefix=True,
             cursorclass=pymysql.cursors.DictCursor, connect_timeout=5,
             client_flag=CLIENT.MULTI_STATEMENTS if database is None else 0,
             init_command="SET SESSION time_zone = '+00:00'",
@@ -169,6 +170,33 @@ class Database:
         statement = self.sql(name)
         return int(self._run(lambda cur: cur.executemany(statement, rows) or 0))
 
+    def execute_values(self, name: str, rows: Sequence[Sequence[Any]],
+                       params: Mapping[str, Any] | None = None) -> int:
+        """One statement for a whole chunk of rows: ``%(values)s`` becomes a row set.
+
+        A chunk of per-row UPDATEs costs a round trip each, even through
+        executemany (PyMySQL only folds INSERT ... VALUES); joining a
+        ``SELECT .. UNION ALL SELECT ..`` row set keeps each statement's WHERE
+        guard and measured 2.7x (5 KB bodies) to 6x (small rows) faster
+        (bench/db_exec_bench.py, variant f). The columns are the statement's
+        ``-- values:`` line in queries.sql.
+        """
+        if not rows:
+            return 0
+        statement = self.sql(name)
+        columns = self._value_columns[name]
+
+        def op(cur: pymysql.cursors.DictCursor) -> int:
+            escape = cur.connection.escape
+            literals = [[str(escape(v)) for v in row] for row in rows]
+            first = ", ".join(f"{lit} AS `{col}`"
+                              for lit, col in zip(literals[0], columns, strict=True))
+            selects = [f"SELECT {first}", *(f"SELECT {', '.join(r)}" for r in literals[1:])]
+            # The row set is already escaped; '%' must survive PyMySQL's own formatting.
+            table = " UNION ALL ".join(selects).replace("%", "%%")
+            return int(cur.execute(statement.replace("%(values)s", table), params))
+        return int(self._run(op))
+
     def fetchall(self, name: str, params: Params = None) -> list[dict[str, Any]]:
         statement = self.sql(name)
 
@@ -210,7 +238,7 @@ class Database:
         """Have the server PREPARE each statement: a schema mismatch fails here, by name."""
         self.check_schema_version()
         for name in names:
-            text = to_server_syntax(self.sql(name))
+            text = to_server_syntax(self.sql(name), self._value_columns.get(name, ()))
 
             def op(cur: pymysql.cursors.DictCursor, text: str = text) -> None:
                 cur.execute("PREPARE sendsystem_check FROM %s", (text,))

@@ -61,10 +61,11 @@ class NewsletterParts:
 class Pending:
     """Outcomes not yet in the database."""
 
-    sent: list[dict[str, Any]] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
-    deferred: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
+    # Row tuples in the order of the statements' `-- values:` columns.
+    sent: list[tuple[Any, ...]] = field(default_factory=list)
+    failed: list[tuple[Any, ...]] = field(default_factory=list)
+    deferred: list[tuple[Any, ...]] = field(default_factory=list)
+    skipped: list[tuple[Any, ...]] = field(default_factory=list)
     bounces: list[dict[str, Any]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -117,17 +118,16 @@ class SendWorker(Runner):
     def setup(self) -> None:
         replayed = self.journal.replay()
         if replayed:
-            rows = [{"id": mid, "worker": self.worker_id, "code": _code(reply), "reply": reply,
-                     "message_id": None, "attempted": 1}
-                    for mid, outcome, reply in replayed if outcome == "sent"]
-            failed = [{"id": mid, "worker": self.worker_id, "code": _code(reply),
-                       "reply": reply, "message_id": None, "attempted": 1}
-                      for mid, outcome, reply in replayed if outcome == "failed"]
+            final = {mid: (outcome, reply) for mid, outcome, reply in replayed}
+            worker = {"worker": self.worker_id}
             with self.db.transaction():
-                self.db.executemany("send_mark_sent", rows)
-                self.db.executemany("send_mark_failed", failed)
+                for outcome in ("sent", "failed"):
+                    self.db.execute_values(
+                        f"send_mark_{outcome}",
+                        [(mid, _code(reply), reply[:500], None)
+                         for mid, (o, reply) in final.items() if o == outcome], worker)
             log.warning("replayed %d journal entries of a previous run into the database "
-                        "(not sent again)", len(replayed))
+                        "(not sent again)", len(final))
         self.journal.truncate()
 
     def shutdown(self) -> None:
@@ -241,18 +241,16 @@ class SendWorker(Runner):
         mid = result.key
         msgid = message_id_header(mid, int(row["newsletter_id"]),
                                   self.config.sending.envelope_domain)
-        base = {"id": mid, "worker": self.worker_id, "code": result.code,
-                "reply": result.reply[:500], "message_id": msgid}
+        reply = result.reply[:500]
         s = self.config.sending
         if result.outcome is Outcome.SENT:
-            self.journal.append([(mid, "sent", result.reply)])
-            self.pending.sent.append(base)
+            self.journal.append([(mid, "sent", reply)])
+            self.pending.sent.append((mid, result.code, reply, msgid))
         elif result.outcome is Outcome.FAILED or int(row["age"] or 0) > s.max_age:
             if result.outcome is Outcome.DEFERRED:
-                base["reply"] = f"gave up after {int(row['attempts']) + 1} attempts: " \
-                                f"{result.reply}"[:500]
-            self.journal.append([(mid, "failed", base["reply"])])
-            self.pending.failed.append({**base, "attempted": 1})
+                reply = f"gave up after {int(row['attempts']) + 1} attempts: {reply}"[:500]
+            self.journal.append([(mid, "failed", reply)])
+            self.pending.failed.append((mid, result.code, reply, msgid))
             if result.blames_recipient:
                 self.pending.bounces.append({"email": row["email"], "message_id": mid,
                                              "subscriber_id": int(row["subscriber_id"]),
@@ -260,7 +258,7 @@ class SendWorker(Runner):
                                              "diagnostic": result.reply})
         else:
             delay = retry_delay(int(row["attempts"]), s.retry_min, s.retry_max)
-            self.pending.deferred.append({**base, "delay_us": int(delay * 1_000_000)})
+            self.pending.deferred.append((mid, result.code, reply, int(delay * 1_000_000)))
         self.processed += 1
 
     def _flush(self) -> None:
@@ -269,15 +267,16 @@ class SendWorker(Runner):
         if not len(p) and not p.bounces:
             return
         self.pending = Pending()
+        worker = {"worker": self.worker_id}
         with self.db.transaction():
-            self.db.executemany("send_mark_sent", p.sent)
-            self.db.executemany("send_mark_failed", p.failed)
-            self.db.executemany("send_mark_deferred", p.deferred)
-            self.db.executemany("send_mark_skipped", p.skipped)
+            self.db.execute_values("send_mark_sent", p.sent, worker)
+            self.db.execute_values("send_mark_failed", p.failed, worker)
+            self.db.execute_values("send_mark_deferred", p.deferred, worker)
+            self.db.execute_values("send_mark_skipped", p.skipped, worker)
         self.journal.truncate()
         for group in (p.sent, p.failed, p.deferred):
             for row in group:
-                self.unflushed.pop(row["id"], None)
+                self.unflushed.pop(row[0], None)
         for b in p.bounces:
             record_bounce(self.db, self.config.bounce, kind="hard", **b)
 
@@ -317,8 +316,7 @@ class SendWorker(Runner):
         if parts is None:
             reason = "newsletter vanished"
         if reason or parts is None or row["body"] is None:
-            self.pending.skipped.append({"id": mid, "worker": self.worker_id,
-                                         "detail": reason or "no merged body"})
+            self.pending.skipped.append((mid, reason or "no merged body"))
             return None
         s = self.config.sending
         token = unsubscribe_token(self.secret, int(row["subscriber_id"]), parts.list_id)

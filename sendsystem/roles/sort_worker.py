@@ -112,10 +112,9 @@ class SortWorker(Runner):
             self.limiter.acquire()
             results.append(self.merge_one(merger, row))
             self.heartbeat()
-        params = [{"id": r.message_id, "batch": batch, "state": r.state, "body": r.body,
-                   "detail": r.detail, "worker": self.worker_id} for r in results]
-        with self.db.transaction():
-            self.db.executemany("sort_mark", params)
+        self.db.execute_values("sort_mark",
+                               [(r.message_id, r.state, r.body, r.detail) for r in results],
+                               {"batch": batch, "worker": self.worker_id})
         self.meter.busy(len(rows), time.monotonic() - started)
         self.processed += len(rows)
         return len(rows)
