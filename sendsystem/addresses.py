@@ -16,6 +16,7 @@ from email.utils import parseaddr
 
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
 _LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_CONTROL_RE = re.compile(r"[\x00-\x20\x7f]")
 
 
 def validate_email(raw: str) -> str:
@@ -23,7 +24,7 @@ def validate_email(raw: str) -> str:
     address = raw.strip()
     if not address:
         raise ValueError("empty address")
-    if any(ord(c) < 33 or ord(c) == 127 for c in address):
+    if _CONTROL_RE.search(address):
         raise ValueError(f"{raw!r} contains whitespace or control characters")
     if address.count("@") != 1:
         raise ValueError(f"{address!r} must contain exactly one @")

@@ -252,10 +252,13 @@ ORDER BY id LIMIT %(n)s;
 
 -- name: pending_for_role
 -- For --once: is there anything left that could still reach this role?
+-- A scheduled newsletter that is due counts: the balancer is about to release it.
 SELECT EXISTS (
     SELECT 1 FROM messages m JOIN newsletters n ON n.id = m.newsletter_id
     WHERE n.state = 'running' AND m.state IN %(states)s
       AND (m.state <> 'deferred' OR m.next_attempt_at <= NOW(6))
+) OR EXISTS (
+    SELECT 1 FROM newsletters WHERE state = 'scheduled' AND (send_at IS NULL OR send_at <= NOW(6))
 ) AS pending;
 
 -- name: batches_outstanding
