@@ -1,27 +1,56 @@
-"""What ops and admins look at: status and statistics."""
+"""What ops and admins look at: status and statistics; and the demo."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import click
 
 from .. import stats as stats_mod
+from ..config import parse_relays
 from . import Context, cli, pass_ctx, path_arg
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Refresh in place until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+              metavar="SECONDS", help="With --watch: seconds between refreshes.")
 @pass_ctx
-def status(ctx: Context, as_json: bool) -> None:
+def status(ctx: Context, as_json: bool, watch: bool, interval: float) -> None:
     """Workers, rates, backlog and the newsletters in progress."""
-    facts = stats_mod.status(ctx.db(), ctx.config.balancer.heartbeat_timeout)
-    if as_json:
-        click.echo(json.dumps(facts, indent=2))
-    else:
-        from ..tables import format_status
-        click.echo(format_status(facts))
+    from ..tables import format_status
+
+    database = ctx.db()
+    timeout = ctx.config.balancer.heartbeat_timeout
+    if not watch:
+        facts = stats_mod.status(database, timeout)
+        if as_json:
+            click.echo(json.dumps(facts, indent=2))
+        else:
+            click.echo(format_status(facts))
+        return
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            facts = stats_mod.status(database, timeout)
+            if as_json:
+                text = json.dumps(facts)
+            else:
+                width = shutil.get_terminal_size((100, 24)).columns
+                text = format_status(facts, width=width, color=tty)
+            if tty:
+                # Home + clear: repaint in place rather than scroll.
+                click.echo("\033[H\033[2J" + text, nl=True)
+            else:
+                click.echo(text + "\n")
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how --watch ends: exit 0
 
 
 @cli.command()
@@ -43,3 +72,29 @@ def stats(ctx: Context, newsletter_id: int, as_json: bool, html_file: Path | Non
         click.echo(format_stats(facts))
         if html_file is not None:
             click.echo(f"HTML report written to {html_file}")
+
+
+@cli.command()
+@click.option("--recipients", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="How many fake subscribers to mail.")
+@click.option("--relay", metavar="HOST:PORT",
+              help="Deliver to this SMTP relay instead of the built-in counting sink.")
+@click.option("--keep", is_flag=True, help="Keep the demo database afterwards.")
+@click.option("--work-dir", type=path_arg(file_okay=False),
+              help="Where config.ini, logs and report.html go (default: a new temp dir).")
+@pass_ctx
+def demo(ctx: Context, recipients: int, relay: str | None, keep: bool,
+         work_dir: Path | None) -> None:
+    """The whole pipeline on this machine: a list, a newsletter, a cluster, a sink."""
+    from ..demo import DemoOptions, run_demo
+
+    relays = parse_relays(relay, "--relay") if relay else None
+    if relays is not None and len(relays) != 1:
+        raise click.BadParameter("give one HOST:PORT", param_hint="--relay")
+    options = DemoOptions(recipients=recipients, relay=relays[0] if relays else None,
+                          keep=keep, work_dir=work_dir)
+    try:
+        result = run_demo(ctx.config, options)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(130) from None
+    raise click.exceptions.Exit(0 if result.ok else 1)
