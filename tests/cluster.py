@@ -1,0 +1,439 @@
+"""A simulated SendSystem cluster on this machine, for fault-injection tests.
+
+* :class:`MariaDB`: a private ``mariadbd`` on a free 127.0.0.1 port with its
+  own data directory, socket and pid file, so a test may stop it (SIGTERM, as
+  an admin restarting the server would) and start it again on the same port
+  and data, without touching the machine's server on 3306.
+* :class:`Cluster`: one throw-away database on that server, a config file
+  pointing at it, and the role processes as real subprocesses with distinct
+  ``--name``s (each name stands for a server: its own lock file and journal).
+* :class:`SmtpSink`: the tests' aiosmtpd server plus a switch that refuses
+  every recipient with 421 for as long as a test wants (a relay in trouble).
+* :func:`account`: the final accounting of a newsletter: lost messages (no
+  final state, or marked sent but never received) and duplicates (deliveries
+  beyond one per recipient).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pymysql.cursors
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from sendsystem.config import Config, load_config
+from sendsystem.db import Database
+
+from .conftest import Env, write_config
+from .helpers import wait_for
+from .smtp_server import RecordingHandler, Rule, SmtpServer
+
+log = logging.getLogger(__name__)
+
+MARIADBD = "/usr/sbin/mariadbd"
+INSTALL_DB = "mariadb-install-db"
+FINAL_STATES = ("sent", "skipped", "failed", "bounced", "cancelled")
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(\S+)", re.IGNORECASE | re.MULTILINE)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------ MariaDB
+
+
+class MariaDB:
+    """A private mariadbd: ``start()``, ``stop()`` (SIGTERM and wait), ``start()`` again.
+
+    Small on purpose (64 MB buffer pool, no performance schema): the tests
+    need a server that restarts in about a second, not a fast one.
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.datadir = root / "data"
+        self.socket = root / "mariadb.sock"
+        self.pid_file = root / "mariadb.pid"
+        self.error_log = root / "mariadb.err"
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def settings(self) -> dict[str, object]:
+        """The [database] keys (minus name) for write_config(..., db=...)."""
+        return {"host": "127.0.0.1", "port": self.port, "user": "root", "password": ""}
+
+    def install(self) -> None:
+        if (self.datadir / "mysql").is_dir():
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        installer = shutil.which(INSTALL_DB) or shutil.which("mysql_install_db")
+        if installer is None or not Path(MARIADBD).exists():
+            raise RuntimeError(f"{MARIADBD} / {INSTALL_DB} not found: install mariadb-server")
+        out = subprocess.run(
+            [installer, "--no-defaults", f"--datadir={self.datadir}", "--user=root",
+             "--auth-root-authentication-method=normal", "--skip-test-db",
+             "--skip-name-resolve"],
+            capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"{installer} failed: {out.stdout}\n{out.stderr}")
+
+    def start(self, timeout: float = 60) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.install()
+        args = [MARIADBD, "--no-defaults", "--user=root", f"--datadir={self.datadir}",
+                f"--socket={self.socket}", f"--pid-file={self.pid_file}",
+                f"--port={self.port}", "--bind-address=127.0.0.1", "--skip-name-resolve",
+                f"--log-error={self.error_log}", "--performance-schema=OFF",
+                "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=16M",
+                "--key-buffer-size=8M", "--max-connections=200",
+                # Durable commits like production: a restart must not lose
+                # what the workers were told was committed.
+                "--innodb-flush-log-at-trx-commit=1"]
+        with open(self.root / "mariadbd.out", "ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(self._answers, timeout, f"private mariadbd on port {self.port}", 0.1)
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.error_log.read_text(errors="replace")[-2000:] \
+                if self.error_log.exists() else ""
+            raise RuntimeError(f"mariadbd exited with {self.proc.returncode}:\n{tail}")
+        try:
+            pymysql.connect(**self.settings, connect_timeout=1).close()  # type: ignore[arg-type]
+        except pymysql.err.MySQLError:
+            return False
+        return True
+
+    def stop(self, timeout: float = 60) -> None:
+        """A clean shutdown (SIGTERM), waiting until the process is gone."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def connect(self, database: str | None = None) -> pymysql.connections.Connection:
+        return pymysql.connect(**self.settings, database=database,  # type: ignore[arg-type]
+                               autocommit=True, cursorclass=pymysql.cursors.DictCursor,
+                               init_command="SET SESSION time_zone = '+00:00'")
+
+
+# -------------------------------------------------------------------- SMTP
+
+
+@dataclass
+class SwitchableHandler(RecordingHandler):
+    """RecordingHandler that can refuse every recipient (e.g. 421) while ``refusal`` is set."""
+
+    refusal: str | None = None
+    refused: int = 0
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        with self.lock:
+            reply = self.refusal
+            if reply is not None:
+                self.refused += 1
+        if reply is not None:
+            return await self._apply(server, Rule(reply))
+        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+
+
+class SmtpSink(SmtpServer):
+    """A relay that counts deliveries by recipient and by Message-ID, and can refuse all."""
+
+    def __init__(self, port: int = 0, **smtp_kwargs: Any) -> None:
+        super().__init__(port, **smtp_kwargs)
+        # Swapped before start(): the controller builds its SMTP sessions
+        # from this attribute, so every session uses the switchable handler.
+        self.handler = SwitchableHandler()
+        self._controller.handler = self.handler
+
+    def refuse_all(self, reply: str | None = "421 4.3.2 Service not available, try later"
+                   ) -> None:
+        """Refuse every recipient with ``reply`` from now on; None accepts again."""
+        assert isinstance(self.handler, SwitchableHandler)
+        with self.handler.lock:
+            self.handler.refusal = reply
+
+    @contextmanager
+    def refusing(self, reply: str = "421 4.3.2 Service not available, try later"
+                 ) -> Iterator[None]:
+        self.refuse_all(reply)
+        try:
+            yield
+        finally:
+            self.refuse_all(None)
+
+    @property
+    def refused(self) -> int:
+        assert isinstance(self.handler, SwitchableHandler)
+        with self.handler.lock:
+            return self.handler.refused
+
+    def count_by_message_id(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for m in self.messages:
+            head = m.data.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+            found = _MESSAGE_ID.search(head)
+            counts[found.group(1).decode("ascii", "replace") if found else "(none)"] += 1
+        return counts
+
+
+# ------------------------------------------------------------------ cluster
+
+
+@dataclass
+class Proc:
+    """One role process standing for one server's cron job."""
+
+    command: str
+    name: str
+    args: tuple[str, ...]
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies with no chance to clean up."""
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.command} {self.name} (pid {self.pid}) did not exit "
+                                 f"within {timeout}s; log:\n{self.log()[-3000:]}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+ROLE_OF = {"sort-worker": "sort", "send-worker": "send",
+           "sort-balancer": "sort-balancer", "send-balancer": "send-balancer"}
+
+
+@dataclass
+class Cluster:
+    """One test's cluster: a fresh database on the private server, config, processes."""
+
+    server: MariaDB
+    tmp: Path
+    db_name: str = field(default_factory=lambda: f"cluster_{secrets.token_hex(4)}")
+    overrides: dict[str, dict[str, object]] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.path = self.tmp / "config.ini"
+        self._write()
+        Database(self.config.database).init_schema()
+        self.db = Database(self.config.database)
+
+    # -- configuration -----------------------------------------------------------
+
+    def _write(self) -> None:
+        write_config(self.path, self.db_name, overrides=self.overrides,
+                     db=self.server.settings)
+        self.config: Config = load_config(self.path)
+
+    def configure(self, **overrides: dict[str, object]) -> None:
+        """Merge these per-section overrides into the config file (for later processes)."""
+        for section, values in overrides.items():
+            self.overrides.setdefault(section, {}).update(values)
+        self._write()
+
+    def use_relays(self, *sinks: SmtpSink, **sending: object) -> None:
+        relays = ", ".join(f"{s.host}:{s.port}" for s in sinks)
+        self.configure(sending={"relays": relays, "relay_backoff_min": 0.5,
+                                "relay_backoff_max": 2, **sending})
+
+    @property
+    def env(self) -> Env:
+        """A tests.conftest.Env over this cluster, for tests.helpers.make_newsletter."""
+        return Env(path=self.path, config=self.config, db=self.db, tmp=self.tmp)
+
+    # -- processes -----------------------------------------------------------------
+
+    def spawn(self, command: str, name: str, *args: str) -> Proc:
+        """Start ``sendsystem COMMAND --name NAME ARGS`` (as cron would) in the background."""
+        log_path = self.tmp / f"{command}-{name}.log"
+        with log_path.open("ab") as out:
+            out.write(f"---- start {' '.join(args)} at {time.time():.3f}\n".encode())
+            out.flush()
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "sendsystem", "--config", str(self.path), command,
+                 "--name", name, *args], stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = Proc(command, name, tuple(args), popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str, timeout: float = 60) -> tuple[int, str, str]:
+        out = subprocess.run([sys.executable, "-m", "sendsystem", "--config", str(self.path),
+                              *args], capture_output=True, text=True, timeout=timeout)
+        return out.returncode, out.stdout, out.stderr
+
+    def stop_all(self) -> None:
+        live = [p for p in self.procs if p.alive()]
+        for p in live:
+            p.popen.terminate()
+        for p in live:
+            try:
+                p.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+
+    def logs(self) -> str:
+        """Every process log, for failure messages and diagnosis."""
+        seen: set[Path] = set()
+        parts = []
+        for p in self.procs:
+            if p.log_path not in seen:
+                seen.add(p.log_path)
+                parts.append(f"==== {p.log_path.name}\n{p.log()}")
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        self.stop_all()
+        self.db.close()
+
+    # -- looking at the database ------------------------------------------------
+
+    def sql(self, statement: str, params: Any = None) -> list[dict[str, Any]]:
+        conn = self.server.connect(self.db_name)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, params)
+                return list(cur.fetchall())
+        finally:
+            conn.close()
+
+    def states(self, newsletter_id: int) -> dict[str, int]:
+        rows = self.sql("SELECT state, COUNT(*) AS n FROM messages WHERE newsletter_id = %s "
+                        "GROUP BY state", (newsletter_id,))
+        return {r["state"]: int(r["n"]) for r in rows}
+
+    def finished(self, newsletter_id: int) -> bool:
+        """Every message of the newsletter is in a final state."""
+        s = self.states(newsletter_id)
+        return bool(s) and all(k in FINAL_STATES for k in s)
+
+    def worker(self, command_or_role: str, name: str) -> dict[str, Any] | None:
+        role = ROLE_OF.get(command_or_role, command_or_role)
+        rows = self.sql("SELECT *, TIMESTAMPDIFF(MICROSECOND, heartbeat_at, NOW(6)) / 1e6 "
+                        "AS age FROM workers WHERE name = %s AND role = %s", (name, role))
+        return rows[0] if rows else None
+
+    def backlog(self, command_or_role: str, name: str) -> int:
+        """Messages in the worker's assigned batches right now (not its last heartbeat)."""
+        role = ROLE_OF.get(command_or_role, command_or_role)
+        rows = self.sql("SELECT COUNT(m.id) AS n FROM workers w "
+                        "JOIN batches b ON b.worker_id = w.id AND b.state = 'assigned' "
+                        "JOIN messages m ON m.batch_id = b.id "
+                        "WHERE w.name = %s AND w.role = %s", (name, role))
+        return int(rows[0]["n"]) if rows else 0
+
+    def shares(self, newsletter_id: int, column: str) -> dict[str, int]:
+        """Messages per worker name (``column``: sort_worker_id or send_worker_id)."""
+        assert column in ("sort_worker_id", "send_worker_id")
+        rows = self.sql(f"SELECT w.name, COUNT(*) AS n FROM messages m JOIN workers w "
+                        f"ON w.id = m.{column} WHERE m.newsletter_id = %s GROUP BY w.name",
+                        (newsletter_id,))
+        return {r["name"]: int(r["n"]) for r in rows}
+
+    def merge_all(self, newsletter_id: int, timeout: float = 60) -> None:
+        """Run the SortingSystem once (unlimited) so a send test starts from merged rows."""
+        procs = [self.spawn("sort-balancer", "merge-b", "--once"),
+                 self.spawn("sort-worker", "merge-w", "--once")]
+        for p in procs:
+            assert p.wait(timeout) == 0, p.log()
+        assert set(self.states(newsletter_id)) == {"merged"}, self.states(newsletter_id)
+
+
+# --------------------------------------------------------------- accounting
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """What became of one newsletter, from the database and from the relays."""
+
+    recipients: int
+    states: dict[str, int]
+    not_final: int  # message rows in no final state
+    never_delivered: int  # marked sent, but no relay ever received it
+    duplicates: int  # deliveries beyond one per recipient
+    duplicate_message_ids: int  # the same, counted by Message-ID header
+    strangers: int  # deliveries to addresses that are not recipients of the newsletter
+    delivered: int
+
+    @property
+    def lost(self) -> int:
+        return self.not_final + self.never_delivered
+
+    def summary(self) -> str:
+        return (f"recipients={self.recipients} delivered={self.delivered} lost={self.lost} "
+                f"(not final {self.not_final}, sent but never received "
+                f"{self.never_delivered}) duplicates={self.duplicates} "
+                f"(by Message-ID {self.duplicate_message_ids}) states={self.states}")
+
+
+def account(cluster: Cluster, newsletter_id: int, *sinks: SmtpSink) -> Accounting:
+    rows = cluster.sql("SELECT s.email, m.state FROM messages m JOIN subscribers s "
+                       "ON s.id = m.subscriber_id WHERE m.newsletter_id = %s",
+                       (newsletter_id,))
+    by_rcpt: Counter[str] = Counter()
+    by_id: Counter[str] = Counter()
+    for sink in sinks:
+        by_rcpt.update(sink.count_by_recipient())
+        by_id.update(sink.count_by_message_id())
+    emails = {r["email"] for r in rows}
+    result = Accounting(
+        recipients=len(rows),
+        states=dict(Counter(r["state"] for r in rows)),
+        not_final=sum(r["state"] not in FINAL_STATES for r in rows),
+        never_delivered=sum(r["state"] == "sent" and by_rcpt[r["email"]] == 0 for r in rows),
+        duplicates=sum(n - 1 for e, n in by_rcpt.items() if e in emails and n > 1),
+        duplicate_message_ids=sum(n - 1 for n in by_id.values() if n > 1),
+        strangers=sum(n for e, n in by_rcpt.items() if e not in emails),
+        delivered=sum(by_rcpt.values()),
+    )
+    print(f"accounting: {result.summary()}")
+    return result
