@@ -266,13 +266,15 @@ class SendWorker(Runner):
         p = self.pending
         if not len(p) and not p.bounces:
             return
-        self.pending = Pending()
         worker = {"worker": self.worker_id}
+        # If the database goes away mid-transaction the outcomes stay pending
+        # (and the final ones in the journal) for the next flush.
         with self.db.transaction():
             self.db.execute_values("send_mark_sent", p.sent, worker)
             self.db.execute_values("send_mark_failed", p.failed, worker)
             self.db.execute_values("send_mark_deferred", p.deferred, worker)
             self.db.execute_values("send_mark_skipped", p.skipped, worker)
+        self.pending = Pending()
         self.journal.truncate()
         for group in (p.sent, p.failed, p.deferred):
             for row in group:
