@@ -168,7 +168,8 @@ def parse_at(text: str, now: datetime | None = None) -> datetime:
 
 
 def enqueue(db: Database, list_name: str, template_name: str, *, at: str | None = None,
-            attachments: tuple[Path, ...] = ()) -> tuple[int, int]:
+            attachments: tuple[Path, ...] = (),
+            progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """Create a newsletter; (newsletter id, message rows created now).
 
     Unscheduled newsletters are released at once (message rows created in
@@ -200,18 +201,34 @@ def enqueue(db: Database, list_name: str, template_name: str, *, at: str | None 
             db.execute("attachment_insert", {"newsletter_id": nid, **f})
     created = 0
     if send_at is None or send_at <= datetime.now(UTC).replace(tzinfo=None):
-        created = release(db, nid, int(lst["id"]))
+        created = release(db, nid, int(lst["id"]), progress)
     return nid, created
 
 
-def release(db: Database, newsletter_id: int, list_id: int) -> int:
-    """Create the message rows of a scheduled newsletter and start it; idempotent."""
+RELEASE_CHUNK = 100_000
+
+
+def release(db: Database, newsletter_id: int, list_id: int,
+            progress: Callable[[int], None] | None = None) -> int:
+    """Create the message rows of a scheduled newsletter and start it; idempotent.
+
+    One transaction; the rows are created by set-based statements over
+    ranges of subscriber ids, so a progress bar can follow a large list.
+    """
     with db.transaction():
         state = db.fetchval("newsletter_lock_for_release", {"id": newsletter_id})
         if state != "scheduled":
             return 0
-        created = db.execute("newsletter_release_messages", {"id": newsletter_id,
-                                                             "list_id": list_id})
+        bounds = db.fetchone("list_subscriber_id_range", {"list_id": list_id}) or {}
+        created = 0
+        lo, hi = bounds.get("lo"), bounds.get("hi")
+        if lo is not None and hi is not None:
+            for start in range(int(lo), int(hi) + 1, RELEASE_CHUNK):
+                end = min(start + RELEASE_CHUNK - 1, int(hi))
+                created += db.execute("newsletter_release_messages", {
+                    "id": newsletter_id, "list_id": list_id, "lo": start, "hi": end})
+                if progress:
+                    progress(end - start + 1)
         db.execute("newsletter_mark_released", {"id": newsletter_id, "total": created})
     log.info("newsletter %s released with %d messages", newsletter_id, created)
     return created

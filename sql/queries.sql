@@ -84,11 +84,12 @@ WHERE state = 'scheduled' AND (send_at IS NULL OR send_at <= NOW(6))
 ORDER BY id;
 
 -- name: newsletter_release_messages
--- Set-based: one statement creates every message row of a newsletter.
--- The audience is the list's active subscribers at release time.
+-- Set-based: one statement creates the message rows of a range of
+-- subscriber ids (the whole list in a few statements, never a Python loop
+-- over rows). The audience is the list's active subscribers at release time.
 INSERT IGNORE INTO messages (newsletter_id, subscriber_id)
 SELECT %(id)s, s.id FROM subscribers s
-WHERE s.list_id = %(list_id)s AND s.status = 'active'
+WHERE s.list_id = %(list_id)s AND s.status = 'active' AND s.id BETWEEN %(lo)s AND %(hi)s
 ORDER BY s.id;
 
 -- name: newsletter_mark_released
@@ -473,3 +474,6 @@ SELECT id FROM messages WHERE id = %(id)s FOR UPDATE;
 SELECT EXISTS (
     SELECT 1 FROM bounces WHERE message_id = %(message_id)s AND kind = %(kind)s
 ) AS seen;
+
+-- name: list_subscriber_id_range
+SELECT MIN(id) AS lo, MAX(id) AS hi FROM subscribers WHERE list_id = %(list_id)s;

@@ -119,3 +119,16 @@ def test_block_patterns(news: Env) -> None:
     assert patterns == ["@example.org", "Spam@example.com"]
     with pytest.raises(UserError):
         admin.block_add(news.db, "@not a domain")
+
+
+def test_release_in_id_ranges_with_progress(news: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    csv = write(news.tmp / "s.csv", "email\n" + "".join(f"u{i}@example.com\n" for i in range(50)))
+    admin.import_csv(news.db, "news", csv)
+    news.db.execute("subscriber_set_status", {"id": 3, "status": "unsubscribed"})
+    html = write(news.tmp / "t.html", "<p>Hi</p>")
+    admin.add_template(news.db, "t", "Hi", html, None)
+    monkeypatch.setattr(admin, "RELEASE_CHUNK", 7)
+    seen: list[int] = []
+    nid, created = admin.enqueue(news.db, "news", "t", progress=seen.append)
+    assert created == 49 and sum(seen) == 50 and len(seen) == 8
+    assert admin.get_newsletter(news.db, nid)["total"] == 49

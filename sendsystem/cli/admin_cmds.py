@@ -118,8 +118,18 @@ def template_add(ctx: Context, name: str, subject: str, html_file: Path,
 def enqueue(ctx: Context, list_name: str, template_name: str, at: str | None,
             attachments: tuple[Path, ...]) -> None:
     """Create a newsletter for a list."""
-    nid, created = admin.enqueue(ctx.db(retry_for=30.0), list_name, template_name, at=at,
-                                 attachments=attachments)
+    database = ctx.db(retry_for=30.0)
+    if interactive() and not at:
+        lst = admin.get_list(database, list_name)
+        span = database.fetchone("list_subscriber_id_range", {"list_id": lst["id"]}) or {}
+        length = int(span["hi"]) - int(span["lo"]) + 1 if span.get("lo") is not None else 0
+        with click.progressbar(length=max(length, 1), label="Creating messages",
+                               file=sys.stderr) as bar:
+            nid, created = admin.enqueue(database, list_name, template_name, at=at,
+                                         attachments=attachments, progress=bar.update)
+    else:
+        nid, created = admin.enqueue(database, list_name, template_name, at=at,
+                                     attachments=attachments)
     if created or not at:
         click.echo(f"Newsletter {nid} queued: {created} messages.")
     else:

@@ -16,6 +16,7 @@ class SortBalancer(BalancerRunner):
     pending_states = ("queued",)
     statements = (*BALANCER_STATEMENTS, "newsletters_due", "newsletter_lock_for_release",
                   "newsletter_release_messages", "newsletter_mark_released",
+                  "list_subscriber_id_range",
                   "sort_ready_count", "sort_assign")
 
     def before_assign(self) -> None:

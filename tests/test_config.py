@@ -1,0 +1,63 @@
+"""config.ini parsing: defaults, environment overrides, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sendsystem.config import Relay, load_config
+from sendsystem.errors import ConfigError
+from sendsystem.fairshare import split_evenly
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.ini.example"
+
+
+def test_example_parses_with_every_section() -> None:
+    config = load_config(EXAMPLE, env={})
+    assert config.sending.relays == (Relay("127.0.0.1", 25),)
+    assert config.sending.domain_rates == {"gmail.com": 50.0, "yahoo.com": 20.0}
+    assert config.bounce.soft_limit == 3 and not config.dkim.enabled
+
+
+def test_environment_overrides_database_and_secret() -> None:
+    env = {"SENDSYSTEM_DB_HOST": "db.internal", "SENDSYSTEM_DB_PORT": "3307",
+           "SENDSYSTEM_DB_PASSWORD": "s3cret", "SENDSYSTEM_SECRET": "from-env"}
+    config = load_config(EXAMPLE, env=env)
+    assert (config.database.host, config.database.port) == ("db.internal", 3307)
+    assert config.database.password == "s3cret"
+    assert config.secret() == b"from-env"
+
+
+def test_errors_say_what_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.ini", env={})
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[balancer]\nbatch_min = many\n")
+    with pytest.raises(ConfigError, match="batch_min"):
+        load_config(bad, env={})
+    bad.write_text("[sending]\nrelays = nohost\n")
+    with pytest.raises(ConfigError, match="host:port"):
+        load_config(bad, env={})
+    with pytest.raises(ConfigError, match="SENDSYSTEM_DB_PORT"):
+        load_config(EXAMPLE, env={"SENDSYSTEM_DB_PORT": "x"})
+    with pytest.raises(ConfigError, match="secret"):
+        load_config(EXAMPLE, env={}).secret()
+
+
+def test_implicit_config_may_be_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_config(env={}).source == "(defaults)"
+
+
+@pytest.mark.parametrize(("amount", "ready", "expected"), [
+    (10, {1: 100, 2: 100}, {1: 5, 2: 5}),
+    (10, {1: 2, 2: 100}, {1: 2, 2: 8}),
+    (11, {1: 100, 2: 100, 3: 100}, {1: 4, 2: 4, 3: 3}),
+    (10, {1: 3, 2: 3}, {1: 3, 2: 3}),
+    (5, {1: 0, 2: 9}, {2: 5}),
+    (0, {1: 5}, {}),
+])
+def test_newsletters_share_a_worker_evenly(amount: int, ready: dict[int, int],
+                                           expected: dict[int, int]) -> None:
+    assert split_evenly(amount, ready) == expected
