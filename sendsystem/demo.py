@@ -39,14 +39,13 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -604,20 +603,31 @@ def default_roles(sort_workers: int = 2, send_workers: int = 2) -> list[RoleSpec
             + [RoleSpec("send-worker", f"send-{i + 1}") for i in range(send_workers)])
 
 
+@dataclass(frozen=True)
+class Restart:
+    role: RoleSpec
+    code: int
+    reason: str  # the last line of its log
+
+
 class Cluster:
     """Role processes on this machine, each a real ``python -m sendsystem`` subprocess."""
 
     def __init__(self, config_path: Path, roles: Sequence[RoleSpec], log_dir: Path,
-                 *, log_level: str = "INFO", wrapper: Sequence[str] = (),
+                 *, log_level: str = "INFO",
+                 interpreter: Callable[[RoleSpec], Sequence[str]] | None = None,
                  extra_env: Mapping[str, str] | None = None) -> None:
+        """``interpreter(role)``: the command that stands for ``python`` for that role
+        (benchmarks: ``taskset -c 0 python``, ``python -m cProfile -o FILE``)."""
         self.config_path = config_path
         self.roles = list(roles)
         self.log_dir = log_dir
         self.log_level = log_level
-        self.wrapper = list(wrapper)
+        self.interpreter = interpreter or (lambda role: [sys.executable])
         self.env = {**os.environ, **(extra_env or {})}
         self.procs: dict[RoleSpec, subprocess.Popen[bytes]] = {}
         self.peak_rss_kb: dict[RoleSpec, int] = {}
+        self.restarts: list[Restart] = []
 
     def log_path(self, role: RoleSpec) -> Path:
         return self.log_dir / f"{role.command}-{role.name}.log"
@@ -625,21 +635,44 @@ class Cluster:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for role in self.roles:
-            args = [*self.wrapper, sys.executable, "-m", "sendsystem", "--config",
-                    str(self.config_path), "--log-level", self.log_level, role.command,
-                    "--name", role.name]
-            if role.max_rate is not None:
-                args += ["--max-rate", str(role.max_rate)]
-            with self.log_path(role).open("ab") as log_file:
-                # Own process group: a terminal Ctrl-C reaches only us, and we
-                # send each child exactly one SIGTERM (graceful hand-back).
-                self.procs[role] = subprocess.Popen(
-                    args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=self.env, process_group=0)
+            self._spawn(role)
+
+    def _spawn(self, role: RoleSpec) -> None:
+        args = [*self.interpreter(role), "-m", "sendsystem", "--config",
+                str(self.config_path), "--log-level", self.log_level, role.command,
+                "--name", role.name]
+        if role.max_rate is not None:
+            args += ["--max-rate", str(role.max_rate)]
+        with self.log_path(role).open("ab") as log_file:
+            # Own process group: a terminal Ctrl-C reaches only us, and we
+            # send each child exactly one SIGTERM (graceful hand-back).
+            self.procs[role] = subprocess.Popen(
+                args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env, process_group=0)
 
     def died(self) -> list[tuple[RoleSpec, int]]:
         """Roles whose process has exited (they should run until we stop them)."""
         return [(r, p.returncode) for r, p in self.procs.items() if p.poll() is not None]
+
+    def revive(self, max_restarts: int = 5) -> list[tuple[RoleSpec, int]]:
+        """Do what cron does in production: start again each role process that exited.
+
+        Returns the roles that died and could NOT be restarted (more than
+        ``max_restarts`` times already). Every restart is kept in ``restarts``
+        with the last line of the log (the reason) so it can be reported.
+        """
+        given_up = []
+        for role, code in self.died():
+            if sum(1 for r in self.restarts if r.role == role) >= max_restarts:
+                given_up.append((role, code))
+                continue
+            self.sample_memory()
+            reason = self.tail(role, 1)
+            log.warning("%s %s exited with status %s (%s); starting it again, as cron would",
+                        role.command, role.name, code, reason)
+            self.restarts.append(Restart(role, code, reason))
+            self._spawn(role)
+        return given_up
 
     def sample_memory(self) -> None:
         """Record each live child's peak RSS (VmHWM) so far; call periodically."""
@@ -820,12 +853,14 @@ def run_demo(config: Config, options: DemoOptions, out: TextIO = sys.stdout) -> 
         finished = _follow(database, cluster, nid, created, timeout, out)
         seconds = time.monotonic() - started
         codes = cluster.stop()
+        restarts = cluster.restarts
         cluster = None
         facts = stats.newsletter_stats(database, nid)
         report = work / "report.html"
         from .report import render_html
         report.write_text(render_html(facts), encoding="utf-8")
-        result = _summary(say, facts, emails, sink, seconds, finished, report, codes)
+        result = _summary(say, facts, emails, sink, seconds, finished, report, codes,
+                          restarts)
         if options.keep:
             say(f"Kept database {db_config.name!r}; look around with "
                 f"`sendsystem --config {config_path} status`.")
@@ -883,12 +918,12 @@ def _follow(database: Database, cluster: Cluster, nid: int, total: int, timeout:
             if sum(c[s] for s in stats.FINAL) >= total:
                 progress.update(c, force=True)
                 return True
-            dead = cluster.died()
+            dead = cluster.revive()
             if dead:
                 role, code = dead[0]
                 progress.finish()
-                out.write(f"{role.command} {role.name} exited unexpectedly (status {code}):\n"
-                          f"{cluster.tail(role)}\n")
+                out.write(f"{role.command} {role.name} keeps exiting (status {code}); "
+                          f"giving up:\n{cluster.tail(role)}\n")
                 return False
             if time.monotonic() > deadline:
                 progress.finish()
@@ -901,7 +936,7 @@ def _follow(database: Database, cluster: Cluster, nid: int, total: int, timeout:
 
 def _summary(say: Any, facts: Mapping[str, Any], emails: list[str], sink: CountingSink | None,
              seconds: float, finished: bool, report: Path,
-             codes: Mapping[RoleSpec, int | None]) -> DemoResult:
+             codes: Mapping[RoleSpec, int | None], restarts: Sequence[Restart]) -> DemoResult:
     n = len(emails)
     c = facts["counts"]
     if sink is not None:
@@ -938,14 +973,11 @@ def _summary(say: Any, facts: Mapping[str, Any], emails: list[str], sink: Counti
     bad = {f"{r.command} {r.name}": code for r, code in codes.items() if code != 0}
     if bad:
         say(f"  exit status    not clean: {bad}")
+    for r in restarts:
+        say(f"  restarted      {r.role.command} {r.role.name} after exit status {r.code}: "
+            f"{r.reason[:160]}")
     say(f"  HTML report    {report}")
     say("Result: " + ("OK - every recipient got exactly one message." if ok else
                       "FAILED - not every recipient got exactly one message."))
     return DemoResult(ok=ok, delivered=delivered, duplicates=duplicates, missing=missing,
                       seconds=seconds, report=report)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

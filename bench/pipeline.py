@@ -1,0 +1,419 @@
+"""The whole pipeline on this machine: both balancers, K sort and M send workers, a sink.
+
+    .venv/bin/python bench/pipeline.py                          # 20,000 x 22 KB, 2+2, smtp-sink
+    .venv/bin/python bench/pipeline.py --sink aiosmtpd          # aiosmtpd (counting only)
+    .venv/bin/python bench/pipeline.py --sink counting          # the demo's sink (counts)
+    .venv/bin/python bench/pipeline.py --sort 1 --send 1 -n 50000
+    .venv/bin/python bench/pipeline.py --send-only --cpu 0      # ONE send worker, one core
+    .venv/bin/python bench/pipeline.py --profile send-worker    # cProfile that role
+
+Every role is a real `python -m sendsystem` subprocess with its own --name, on a
+throw-away database (bench/common.py). The newsletter is the demo's (sendsystem/demo.py):
+10-article HTML + text, 5 merge fields, a small PDF: ~22 KB on the wire.
+
+Prints: end-to-end messages/s (from the newsletter's release to its last sent
+message), per-stage rates (sort: release -> last merged; send: first -> last
+sent), peak RSS per role (VmHWM of each child, sampled every 0.25 s and just
+before SIGTERM), and the database cost per message: `messages` data+index
+bytes per row (information_schema after ANALYZE) and the stored merged body
+per message while merged.
+
+--send-only: merge everything first (sort roles only), measure the table with
+every body stored, then run the send balancer and ONE send worker (pinned with
+taskset to --cpu) against the sink: the single-send-worker rate and RSS
+(issue 4: >= 900 msgs/s on one core with 22 KB messages, RSS <= 100 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import pstats
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import bench_database, raw_connect, server_line, table_bytes
+from smtp_bench import free_port, smtp_sink
+
+from sendsystem import admin, stats
+from sendsystem.config import Config, Relay, load_config
+from sendsystem.db import Database
+from sendsystem.demo import (
+    LIST_NAME,
+    TEMPLATE_NAME,
+    Cluster,
+    CountingSink,
+    RoleSpec,
+    cluster_settings,
+    sample_newsletter,
+    wait_registered,
+    write_config,
+    write_subscribers_csv,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ sinks
+
+@contextlib.contextmanager
+def aiosmtpd_counting_sink() -> Iterator[Relay]:
+    """Real aiosmtpd in a thread; the handler counts recipients and keeps no body."""
+    from aiosmtpd.controller import Controller
+
+    class Handler:
+        def __init__(self) -> None:
+            self.counts: Counter[str] = Counter()
+            self.lock = threading.Lock()
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            with self.lock:
+                self.counts.update(a.lower() for a in envelope.rcpt_tos)
+            return "250 2.0.0 Ok"
+
+    port = free_port()
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port,
+                            data_size_limit=64 * 1024 * 1024)
+    controller.start()
+    try:
+        yield Relay("127.0.0.1", port)
+    finally:
+        controller.stop()
+
+
+@contextlib.contextmanager
+def open_sink(kind: str) -> Iterator[tuple[Relay, CountingSink | None]]:
+    if kind == "smtp-sink":
+        with smtp_sink(free_port()) as relay:
+            yield relay, None
+    elif kind == "aiosmtpd":
+        with aiosmtpd_counting_sink() as relay:
+            yield relay, None
+    else:
+        with CountingSink() as sink:
+            yield sink.relay, sink
+
+
+# ------------------------------------------------------------------ set-up and measuring
+
+@dataclass(frozen=True)
+class Tuning:
+    horizon: float = 4.0
+    tick: float = 0.5
+    batch_min: int = 50
+    batch_max: int = 2000
+    probe: int = 200
+    connections: int = 8
+    per_connection: int = 1000
+
+    def overrides(self) -> dict[str, dict[str, object]]:
+        return {"balancer": {"horizon_seconds": self.horizon, "tick_seconds": self.tick,
+                             "batch_min": self.batch_min, "batch_max": self.batch_max,
+                             "probe_batch": self.probe},
+                "sending": {"connections": self.connections,
+                            "messages_per_connection": self.per_connection}}
+
+
+def tuning_args(ap: argparse.ArgumentParser) -> None:
+    d = Tuning()
+    ap.add_argument("--horizon", type=float, default=d.horizon, help="[balancer] horizon_seconds")
+    ap.add_argument("--tick", type=float, default=d.tick, help="[balancer] tick_seconds")
+    ap.add_argument("--batch-min", type=int, default=d.batch_min)
+    ap.add_argument("--batch-max", type=int, default=d.batch_max)
+    ap.add_argument("--probe", type=int, default=d.probe, help="[balancer] probe_batch")
+    ap.add_argument("--connections", type=int, default=d.connections,
+                    help="[sending] connections per relay")
+    ap.add_argument("--per-connection", type=int, default=d.per_connection,
+                    help="[sending] messages_per_connection")
+
+
+def tuning_from(args: argparse.Namespace) -> Tuning:
+    return Tuning(horizon=args.horizon, tick=args.tick, batch_min=args.batch_min,
+                  batch_max=args.batch_max, probe=args.probe, connections=args.connections,
+                  per_connection=args.per_connection)
+
+
+def prepare(config: Config, db: Database, work: Path, relay: Relay, tuning: Tuning,
+            n: int) -> Path:
+    """List + template + attachment in the bench database; the cluster's config.ini."""
+    csv_path = work / "subscribers.csv"
+    write_subscribers_csv(csv_path, n)
+    admin.create_list(db, LIST_NAME, "Nordlys Nyt <nyhedsbrev@news.example.com>")
+    admin.import_csv(db, LIST_NAME, csv_path)
+    sample = sample_newsletter()
+    (work / "n.html").write_text(sample.html, encoding="utf-8")
+    (work / "n.txt").write_text(sample.text, encoding="utf-8")
+    (work / sample.attachment_name).write_bytes(sample.attachment)
+    admin.add_template(db, TEMPLATE_NAME, sample.subject, work / "n.html", work / "n.txt")
+    return write_config(work / "config.ini",
+                        cluster_settings(config.database, work, [relay], **tuning.overrides()))
+
+
+def enqueue(db: Database, work: Path) -> tuple[int, int]:
+    return admin.enqueue(db, LIST_NAME, TEMPLATE_NAME, attachments=(work / "katalog.pdf",))
+
+
+def interpreter_for(profile: str | None, cpu_for: dict[str, int], work: Path
+                    ) -> Any:
+    def interpreter(role: RoleSpec) -> list[str]:
+        prefix: list[str] = []
+        if role.command in cpu_for:
+            prefix = ["taskset", "-c", str(cpu_for[role.command])]
+        if profile == role.command:
+            return [*prefix, sys.executable, "-m", "cProfile", "-o",
+                    str(work / f"{role.command}-{role.name}.prof")]
+        return [*prefix, sys.executable]
+    return interpreter
+
+
+def follow(db: Database, cluster: Cluster, nid: int, total: int, until: tuple[str, ...],
+           timeout: float, on_poll: Any = None) -> float:
+    """Poll until ``total`` messages are in the ``until`` states; the seconds it took."""
+    started = time.monotonic()
+    last_print = 0.0
+    while True:
+        c = stats.counts(db, nid)
+        cluster.sample_memory()
+        if on_poll is not None:
+            on_poll(c)
+        done = sum(c[s] for s in until)
+        now = time.monotonic()
+        if now - last_print >= 5:
+            last_print = now
+            print(f"  {now - started:5.1f}s  " + " ".join(f"{k}={v}" for k, v in c.items() if v),
+                  flush=True)
+        if done >= total:
+            return now - started
+        dead = cluster.revive()
+        if dead:
+            role, code = dead[0]
+            raise SystemExit(f"{role.command} {role.name} keeps exiting ({code}):\n"
+                             f"{cluster.tail(role)}")
+        if now - started > timeout:
+            raise SystemExit(f"timed out after {timeout:.0f}s: {dict(c)}")
+        time.sleep(0.25)
+
+
+def stage_times(name: str, nid: int) -> dict[str, float]:
+    """From the rows themselves: release, sort span, send span (seconds)."""
+    conn = raw_connect(name)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT TIMESTAMPDIFF(MICROSECOND, n.released_at, MAX(m.merged_at)) / 1e6,"
+                "       TIMESTAMPDIFF(MICROSECOND, MIN(m.merged_at), MAX(m.merged_at)) / 1e6,"
+                "       TIMESTAMPDIFF(MICROSECOND, MIN(m.finished_at), MAX(m.finished_at)) / 1e6,"
+                "       TIMESTAMPDIFF(MICROSECOND, n.released_at, MAX(m.finished_at)) / 1e6,"
+                "       TIMESTAMPDIFF(MICROSECOND, n.released_at, MIN(m.finished_at)) / 1e6 "
+                "FROM messages m JOIN newsletters n ON n.id = m.newsletter_id "
+                "WHERE m.newsletter_id = %s GROUP BY n.released_at", (nid,))
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    keys = ("release_to_last_merged", "sort_span", "send_span", "end_to_end",
+            "release_to_first_sent")
+    return {k: float(v or 0) for k, v in zip(keys, row, strict=True)}
+
+
+def body_bytes(name: str, nid: int) -> tuple[int, int]:
+    """(messages holding a body, their stored body bytes)."""
+    conn = raw_connect(name)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM messages "
+                        "WHERE newsletter_id = %s AND body IS NOT NULL", (nid,))
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    return int(row[0]), int(row[1])
+
+
+def table_line(name: str, label: str) -> str:
+    conn = raw_connect()
+    try:
+        data, index, rows = table_bytes(conn, name, "messages")
+    finally:
+        conn.close()
+    per = (data + index) / rows if rows else 0.0
+    return (f"messages table {label}: {data / 1e6:.1f} MB data + {index / 1e6:.1f} MB index "
+            f"for ~{rows:,} rows = {per:,.0f} bytes/message")
+
+
+def restart_lines(cluster: Cluster) -> list[str]:
+    return [f"  RESTARTED {r.role.command} {r.role.name} (exit {r.code}): {r.reason[:200]}"
+            for r in cluster.restarts]
+
+
+def rss_lines(cluster: Cluster) -> list[str]:
+    lines = restart_lines(cluster)
+    by_role: dict[str, list[int]] = {}
+    for role, kb in cluster.peak_rss_kb.items():
+        by_role.setdefault(role.command, []).append(kb)
+    return lines + [f"  {cmd:<14} peak RSS " + ", ".join(f"{kb / 1024:.0f}" for kb in kbs)
+                    + " MB" for cmd, kbs in sorted(by_role.items())]
+
+
+def print_profiles(work: Path, role: str, limit: int = 30) -> None:
+    for path in sorted(work.glob(f"{role}-*.prof")):
+        print(f"\n== cProfile {path.name} (tottime) ==")
+        pstats.Stats(str(path)).sort_stats("tottime").print_stats(limit)
+        print(f"== cProfile {path.name} (cumulative) ==")
+        pstats.Stats(str(path)).sort_stats("cumulative").print_stats(limit)
+
+
+def worker_shares(db: Database, nid: int) -> list[str]:
+    facts = stats.newsletter_stats(db, nid)
+    lines = []
+    for role in ("sort", "send"):
+        ws = [w for w in facts["workers"] if w["role"] == role]
+        total = sum(w["messages"] for w in ws) or 1
+        lines.append(f"  {role} shares: " + ", ".join(
+            f"{w['name']} {w['messages']} ({w['messages'] / total:.0%})" for w in ws))
+    return lines
+
+
+# ------------------------------------------------------------------ the two modes
+
+def run_pipeline(args: argparse.Namespace, config: Config, db: Database, work: Path) -> None:
+    tuning = tuning_from(args)
+    with open_sink(args.sink) as (relay, sink):
+        config_path = prepare(config, db, work, relay, tuning, args.recipients)
+        roles = ([RoleSpec("sort-balancer", "b1"), RoleSpec("send-balancer", "b1")]
+                 + [RoleSpec("sort-worker", f"sort-{i + 1}") for i in range(args.sort)]
+                 + [RoleSpec("send-worker", f"send-{i + 1}") for i in range(args.send)])
+        cluster = Cluster(config_path, roles, work / "logs", log_level="WARNING",
+                          interpreter=interpreter_for(args.profile, {}, work))
+        cluster.start()
+        peak_body = [0, 0]
+
+        def sample_bodies(c: dict[str, int]) -> None:
+            if c["merged"] > peak_body[0]:
+                peak_body[:] = list(body_bytes(config.database.name, nid))
+
+        try:
+            wait_registered(Database(load_config(config_path, env={}).database), cluster)
+            nid, total = enqueue(db, work)
+            wall = follow(db, cluster, nid, total, ("sent", "failed", "skipped", "bounced"),
+                          args.timeout, sample_bodies)
+        finally:
+            codes = cluster.stop()
+        t = stage_times(config.database.name, nid)
+        c = stats.counts(db, nid)
+        n = c["sent"]
+        print(f"\nrecipients={args.recipients} sort={args.sort} send={args.send} "
+              f"sink={args.sink} {tuning}")
+        print(f"states: {dict((k, v) for k, v in c.items() if v)}   exit codes: "
+              f"{sorted(set(codes.values()), key=str)}")
+        if sink is not None:
+            got = sink.counts()
+            dup = sum(v - 1 for v in got.values() if v > 1)
+            print(f"sink: {sink.messages} messages, {len(got)} recipients, {dup} duplicates, "
+                  f"{sink.tally.bytes / max(sink.messages, 1) / 1024:.1f} KB average")
+        print(f"END TO END: {n / t['end_to_end']:,.0f} msgs/s  ({n} sent in "
+              f"{t['end_to_end']:.2f} s from release to last sent; wall {wall:.1f} s)")
+        print(f"  sort stage: {n / t['release_to_last_merged']:,.0f} msgs/s (release -> last "
+              f"merged {t['release_to_last_merged']:.2f} s)")
+        print(f"  send stage: {n / t['send_span']:,.0f} msgs/s (first -> last sent "
+              f"{t['send_span']:.2f} s; first sent {t['release_to_first_sent']:.2f} s after "
+              "release)")
+        for line in worker_shares(db, nid) + rss_lines(cluster):
+            print(line)
+        if peak_body[0]:
+            print(f"stored merged body while merged: {peak_body[1] / peak_body[0]:,.0f} "
+                  f"bytes/message (sampled at {peak_body[0]:,} merged)")
+        print(table_line(config.database.name, "after the run (bodies purged)"))
+    if args.profile:
+        print_profiles(work, args.profile)
+
+
+def run_send_only(args: argparse.Namespace, config: Config, db: Database, work: Path) -> None:
+    tuning = tuning_from(args)
+    with open_sink(args.sink) as (relay, sink):
+        config_path = prepare(config, db, work, relay, tuning, args.recipients)
+        nid, total = enqueue(db, work)
+        sorters = Cluster(config_path, [RoleSpec("sort-balancer", "b1")]
+                          + [RoleSpec("sort-worker", f"sort-{i + 1}") for i in range(2)],
+                          work / "logs", log_level="WARNING")
+        sorters.start()
+        try:
+            merge_wall = follow(db, sorters, nid, total, ("merged", "skipped", "failed"),
+                                args.timeout)
+        finally:
+            sorters.stop()
+        merged, body = body_bytes(config.database.name, nid)
+        print(f"merged {merged:,} messages beforehand in {merge_wall:.1f} s "
+              f"(2 sort workers)")
+        print(f"stored merged body: {body / merged:,.0f} bytes/message")
+        print(table_line(config.database.name, "with every body stored"))
+        cpu = {"send-worker": args.cpu} if args.cpu is not None else {}
+        senders = Cluster(config_path, [RoleSpec("send-balancer", "b1"),
+                                        RoleSpec("send-worker", "send-1")], work / "logs",
+                          log_level="WARNING", interpreter=interpreter_for(args.profile, cpu,
+                                                                           work))
+        senders.start()
+        try:
+            wall = follow(db, senders, nid, total, ("sent", "failed", "skipped", "bounced"),
+                          args.timeout)
+        finally:
+            senders.stop()
+        t = stage_times(config.database.name, nid)
+        n = stats.counts(db, nid)["sent"]
+        pinned = f"pinned to CPU {args.cpu}" if args.cpu is not None else "not pinned"
+        print(f"\nSEND ONLY: one send worker ({pinned}), sink={args.sink}, {tuning}")
+        print(f"  {n / t['send_span']:,.0f} msgs/s  ({n} sent, first -> last "
+              f"{t['send_span']:.2f} s; wall incl. start-up {wall:.1f} s)")
+        for line in rss_lines(senders):
+            print(line)
+        if sink is not None:
+            print(f"  sink: {sink.messages} messages, "
+                  f"{sink.tally.bytes / max(sink.messages, 1) / 1024:.1f} KB average")
+        print(table_line(config.database.name, "after sending (bodies purged)"))
+    if args.profile:
+        print_profiles(work, args.profile)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", "--recipients", type=int, default=20_000)
+    ap.add_argument("--sort", type=int, default=2, help="sort workers (K)")
+    ap.add_argument("--send", type=int, default=2, help="send workers (M)")
+    ap.add_argument("--sink", choices=("smtp-sink", "aiosmtpd", "counting"),
+                    default="smtp-sink")
+    ap.add_argument("--send-only", action="store_true",
+                    help="merge first, then ONE send worker alone against the sink")
+    ap.add_argument("--cpu", type=int, default=None,
+                    help="--send-only: pin the send worker to this CPU (taskset)")
+    ap.add_argument("--profile", choices=("sort-worker", "send-worker", "sort-balancer",
+                                          "send-balancer"),
+                    help="run that role under cProfile and print where its time goes")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--keep", action="store_true", help="keep the database and work dir")
+    tuning_args(ap)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="sendsystem-bench-"))
+    with bench_database(keep=args.keep) as (config, db):
+        conn = raw_connect()
+        print(server_line(conn))
+        conn.close()
+        if args.send_only:
+            run_send_only(args, config, db, work)
+        else:
+            run_pipeline(args, config, db, work)
+    if args.keep:
+        print(f"kept work directory {work}")
+    else:
+        import shutil
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
