@@ -192,7 +192,7 @@ def follow(db: Database, cluster: Cluster, nid: int, total: int, until: tuple[st
                   flush=True)
         if done >= total:
             return now - started
-        dead = cluster.revive()
+        dead = cluster.revive(max_restarts=1000)
         if dead:
             role, code = dead[0]
             raise SystemExit(f"{role.command} {role.name} keeps exiting ({code}):\n"
@@ -239,12 +239,15 @@ def body_bytes(name: str, nid: int) -> tuple[int, int]:
 def table_line(name: str, label: str) -> str:
     conn = raw_connect()
     try:
-        data, index, rows = table_bytes(conn, name, "messages")
+        data, index, _estimate = table_bytes(conn, name, "messages")
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT COUNT(*) FROM `{name}`.messages")
+            rows = int(cur.fetchone()[0])
     finally:
         conn.close()
     per = (data + index) / rows if rows else 0.0
     return (f"messages table {label}: {data / 1e6:.1f} MB data + {index / 1e6:.1f} MB index "
-            f"for ~{rows:,} rows = {per:,.0f} bytes/message")
+            f"for {rows:,} rows = {per:,.0f} bytes/message")
 
 
 def restart_lines(cluster: Cluster) -> list[str]:

@@ -918,7 +918,7 @@ def _follow(database: Database, cluster: Cluster, nid: int, total: int, timeout:
             if sum(c[s] for s in stats.FINAL) >= total:
                 progress.update(c, force=True)
                 return True
-            dead = cluster.revive()
+            dead = cluster.revive(max_restarts=50)
             if dead:
                 role, code = dead[0]
                 progress.finish()
