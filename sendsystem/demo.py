@@ -668,7 +668,7 @@ class Cluster:
                 continue
             self.sample_memory()
             reason = self.tail(role, 1)
-            log.warning("%s %s exited with status %s (%s); starting it again, as cron would",
+            log.info("%s %s exited with status %s (%s); starting it again, as cron would",
                         role.command, role.name, code, reason)
             self.restarts.append(Restart(role, code, reason))
             self._spawn(role)
@@ -819,7 +819,7 @@ def run_demo(config: Config, options: DemoOptions, out: TextIO = sys.stdout) -> 
     say = _printer(out)
     # The demo prints its own story; routine INFO lines from this process
     # (migrations applied, newsletter released) would only interleave with it.
-    for name in ("sendsystem.db", "sendsystem.admin"):
+    for name in ("sendsystem.db", "sendsystem.admin", "sendsystem.demo"):
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
     say(f"SendSystem demo: {options.recipients:,} recipients, database {db_config.name!r} on "
         f"{db_config.host}:{db_config.port}, work directory {work}")
@@ -852,6 +852,8 @@ def run_demo(config: Config, options: DemoOptions, out: TextIO = sys.stdout) -> 
         timeout = options.timeout or max(120.0, options.recipients / 50)
         finished = _follow(database, cluster, nid, created, timeout, out)
         seconds = time.monotonic() - started
+        if finished:
+            _wait_done(database, nid, 5.0)
         codes = cluster.stop()
         restarts = cluster.restarts
         cluster = None
@@ -903,6 +905,14 @@ def _set_up_newsletter(database: Database, work: Path, n: int, say: Any) -> list
         f"{TEMPLATE_NAME!r} and a {len(sample.attachment):,}-byte PDF in "
         f"{time.monotonic() - t0:.1f}s")
     return emails
+
+
+def _wait_done(database: Database, nid: int, seconds: float) -> None:
+    """Give the send balancer a few ticks to mark the newsletter done (for the report)."""
+    deadline = time.monotonic() + seconds
+    while admin.get_newsletter(database, nid)["state"] != "done" and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _follow(database: Database, cluster: Cluster, nid: int, total: int, timeout: float,
