@@ -9,12 +9,12 @@ Precedence), DKIM-signed when ``[dkim] key_file`` is set; the envelope
 sender is a signed VERP address.
 
 Nothing lost, duplicates bounded: every final outcome (a 250, a 5xx) is
-appended to the local journal the moment it arrives, then written to the
-database in small transactions at least once a second, after which the
-journal is emptied. On start-up the journal is replayed into the database
-before any new work, so a worker restarted after SIGKILL does not resend
-what the relay already accepted. Only messages on the wire at the instant
-of the kill (at most ``connections`` x relays) can go out twice.
+appended to the local journal the moment it arrives and committed by the
+group-commit writer (outcomes.py) as soon as its previous write is done.
+On start-up the journal is replayed into the database before any new work,
+so a worker restarted after SIGKILL does not resend what the relay already
+accepted. Only messages on the wire at the instant of the kill (at most
+``connections`` x relays) can go out twice.
 """
 
 from __future__ import annotations
@@ -25,25 +25,22 @@ import logging
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..addresses import domain_of
 from ..delivery import DeliveryPool, Envelope, Outcome, Result
-from ..journal import Journal
 from ..merge import TemplateSource, compression_dictionary, decompress
 from ..mime import Attachment, attachment_tail, finalize, safe_header_value
 from ..ratelimit import AsyncRateLimiter, DomainRateLimiter
 from ..ratemeter import RateMeter
-from ..recipients import RECIPIENT_STATEMENTS, record_bounce
 from ..runner import Runner
 from ..signing import unsubscribe_token, verp_address
+from .outcomes import OUTCOME_STATEMENTS, OutcomeWriter
 
 log = logging.getLogger(__name__)
 
 CHUNK = 500
-FLUSH_SECONDS = 0.5
-FLUSH_COUNT = 200
 
 
 @dataclass
@@ -55,21 +52,6 @@ class NewsletterParts:
     list_name: str
     zdict: bytes
     tail: bytes
-
-
-@dataclass
-class Pending:
-    """Outcomes not yet in the database."""
-
-    # Row tuples in the order of the statements' `-- values:` columns.
-    sent: list[tuple[Any, ...]] = field(default_factory=list)
-    failed: list[tuple[Any, ...]] = field(default_factory=list)
-    deferred: list[tuple[Any, ...]] = field(default_factory=list)
-    skipped: list[tuple[Any, ...]] = field(default_factory=list)
-    bounces: list[dict[str, Any]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.sent) + len(self.failed) + len(self.deferred) + len(self.skipped)
 
 
 def retry_delay(attempts: int, retry_min: float, retry_max: float) -> float:
@@ -86,10 +68,9 @@ def message_id_header(message_id: int, newsletter_id: int, domain: str) -> str:
 class SendWorker(Runner):
     role = "send"
     statements = ("my_batches", "my_backlog", "batch_mark_done", "newsletter_get",
-                  "attachments_for_newsletter", "send_batch_messages", "send_mark_sent",
-                  "send_mark_failed", "send_mark_deferred", "send_mark_skipped",
+                  "attachments_for_newsletter", "send_batch_messages",
                   "my_batches_hand_back_messages", "my_batches_mark_reclaimed",
-                  "pending_for_role", *RECIPIENT_STATEMENTS)
+                  "pending_for_role", *OUTCOME_STATEMENTS)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -97,10 +78,10 @@ class SendWorker(Runner):
         self.secret = self.config.secret()
         self.meter = RateMeter()
         self.parts: dict[int, NewsletterParts | None] = {}
-        self.pending = Pending()
-        # Rows handed to the pool whose outcome is not yet in the database.
+        # Rows handed to the pool whose outcome is not yet in the database:
+        # the next fetch of their batch must not send them again.
         self.unflushed: dict[int, dict[str, Any]] = {}
-        self.journal = Journal(self.config.paths.journal_dir, f"send-{self.options.name}")
+        self.writer: OutcomeWriter | None = None
         self.signer = None
         if self.config.dkim.enabled:
             from ..dkim import DkimSigner
@@ -116,22 +97,14 @@ class SendWorker(Runner):
     # -- lifecycle ----------------------------------------------------------------
 
     def setup(self) -> None:
-        replayed = self.journal.replay()
-        if replayed:
-            final = {mid: (outcome, reply) for mid, outcome, reply in replayed}
-            worker = {"worker": self.worker_id}
-            with self.db.transaction():
-                for outcome in ("sent", "failed"):
-                    self.db.execute_values(
-                        f"send_mark_{outcome}",
-                        [(mid, _code(reply), reply[:500], None)
-                         for mid, (o, reply) in final.items() if o == outcome], worker)
-            log.warning("replayed %d journal entries of a previous run into the database "
-                        "(not sent again)", len(final))
-        self.journal.truncate()
+        self.writer = OutcomeWriter(self.config, self.worker_id, self.options.name,
+                                    self._abort_db_wait)
+        self.writer.replay()
+        self.writer.start()
 
     def shutdown(self) -> None:
-        self._flush()
+        if self.writer is not None:
+            self.writer.drain()
         with self.db.transaction():
             n = self.db.execute("my_batches_hand_back_messages", {"worker": self.worker_id})
             self.db.execute("my_batches_mark_reclaimed", {"worker": self.worker_id})
@@ -140,6 +113,8 @@ class SendWorker(Runner):
         if self.pool is not None:
             self.loop.run_until_complete(self.pool.close())
         self.loop.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def heartbeat_fields(self) -> dict[str, object]:
         backlog = int(self.db.fetchval("my_backlog", {"worker": self.worker_id}) or 0)
@@ -170,39 +145,39 @@ class SendWorker(Runner):
             self.domain_limit = DomainRateLimiter(s.domain_rates)
         queue: asyncio.Queue[Envelope | None] = asyncio.Queue(maxsize=self.concurrency * 2)
         rows_by_id = self.unflushed
+        writer = self.writer
+        assert writer is not None
         senders = [asyncio.create_task(self._sender(queue, rows_by_id))
                    for _ in range(self.concurrency)]
         done = 0
-        last_flush = time.monotonic()
         started = time.monotonic()
         try:
             for batch in batches:
                 while not self.stopping:
+                    for mid in writer.take_written():
+                        rows_by_id.pop(mid, None)
                     rows = self.db.fetchall("send_batch_messages",
                                             {"batch": batch["id"], "limit": CHUNK})
                     rows = [r for r in rows if int(r["id"]) not in rows_by_id]
                     if not rows:
                         # Everything fetched is delivered or in flight; once the
-                        # queue drains the batch is finished.
+                        # queue drains and outcomes are written, the batch is done.
                         await queue.join()
-                        self._flush()
+                        writer.drain()
+                        for mid in writer.take_written():
+                            rows_by_id.pop(mid, None)
                         if not self.db.fetchall("send_batch_messages",
                                                 {"batch": batch["id"], "limit": 1}):
                             self.db.execute("batch_mark_done", {"batch": batch["id"]})
                             break
                         continue
                     for row in rows:
+                        rows_by_id[int(row["id"])] = row
                         env = self._envelope(row)
-                        if env is None:
-                            continue
-                        rows_by_id[env.key] = row
-                        await queue.put(env)
-                        done += 1
-                        if time.monotonic() - last_flush >= FLUSH_SECONDS or \
-                                len(self.pending) >= FLUSH_COUNT:
-                            self._flush()
-                            self.heartbeat()
-                            last_flush = time.monotonic()
+                        if env is not None:
+                            await queue.put(env)
+                            done += 1
+                        self.heartbeat()
                         if self.stopping:
                             break
                 if self.stopping:
@@ -212,7 +187,7 @@ class SendWorker(Runner):
             for _ in senders:
                 await queue.put(None)
             await asyncio.gather(*senders, return_exceptions=True)
-            self._flush()
+            writer.drain()
             self.meter.busy(done, time.monotonic() - started)
         return done
 
@@ -238,49 +213,28 @@ class SendWorker(Runner):
                 queue.task_done()
 
     def _record(self, result: Result, row: Mapping[str, Any]) -> None:
+        assert self.writer is not None
         mid = result.key
         msgid = message_id_header(mid, int(row["newsletter_id"]),
                                   self.config.sending.envelope_domain)
         reply = result.reply[:500]
         s = self.config.sending
         if result.outcome is Outcome.SENT:
-            self.journal.append([(mid, "sent", reply)])
-            self.pending.sent.append((mid, result.code, reply, msgid))
+            self.writer.add("sent", (mid, result.code, reply, msgid), (mid, "sent", reply))
         elif result.outcome is Outcome.FAILED or int(row["age"] or 0) > s.max_age:
             if result.outcome is Outcome.DEFERRED:
                 reply = f"gave up after {int(row['attempts']) + 1} attempts: {reply}"[:500]
-            self.journal.append([(mid, "failed", reply)])
-            self.pending.failed.append((mid, result.code, reply, msgid))
+            bounce = None
             if result.blames_recipient:
-                self.pending.bounces.append({"email": row["email"], "message_id": mid,
-                                             "subscriber_id": int(row["subscriber_id"]),
-                                             "status": _status(result.reply),
-                                             "diagnostic": result.reply})
+                bounce = {"email": row["email"], "message_id": mid,
+                          "subscriber_id": int(row["subscriber_id"]),
+                          "status": _status(result.reply), "diagnostic": result.reply}
+            self.writer.add("failed", (mid, result.code, reply, msgid), (mid, "failed", reply),
+                            bounce)
         else:
             delay = retry_delay(int(row["attempts"]), s.retry_min, s.retry_max)
-            self.pending.deferred.append((mid, result.code, reply, int(delay * 1_000_000)))
+            self.writer.add("deferred", (mid, result.code, reply, int(delay * 1_000_000)))
         self.processed += 1
-
-    def _flush(self) -> None:
-        """Write outcomes to the database, then empty the journal."""
-        p = self.pending
-        if not len(p) and not p.bounces:
-            return
-        worker = {"worker": self.worker_id}
-        # If the database goes away mid-transaction the outcomes stay pending
-        # (and the final ones in the journal) for the next flush.
-        with self.db.transaction():
-            self.db.execute_values("send_mark_sent", p.sent, worker)
-            self.db.execute_values("send_mark_failed", p.failed, worker)
-            self.db.execute_values("send_mark_deferred", p.deferred, worker)
-            self.db.execute_values("send_mark_skipped", p.skipped, worker)
-        self.pending = Pending()
-        self.journal.truncate()
-        for group in (p.sent, p.failed, p.deferred):
-            for row in group:
-                self.unflushed.pop(row[0], None)
-        for b in p.bounces:
-            record_bounce(self.db, self.config.bounce, kind="hard", **b)
 
     # -- building the message ------------------------------------------------------
 
@@ -318,7 +272,8 @@ class SendWorker(Runner):
         if parts is None:
             reason = "newsletter vanished"
         if reason or parts is None or row["body"] is None:
-            self.pending.skipped.append((mid, reason or "no merged body"))
+            assert self.writer is not None
+            self.writer.add("skipped", (mid, reason or "no merged body"))
             return None
         s = self.config.sending
         token = unsubscribe_token(self.secret, int(row["subscriber_id"]), parts.list_id)
@@ -338,11 +293,6 @@ class SendWorker(Runner):
             data = self.signer.sign(data)
         return Envelope(key=mid, sender=verp_address(self.secret, mid, s.envelope_domain),
                         recipient=row["email"], data=data)
-
-
-def _code(reply: str) -> int:
-    head = reply[:3]
-    return int(head) if head.isdigit() else 0
 
 
 def _status(reply: str) -> str | None:

@@ -1,0 +1,180 @@
+"""Group commit of the send worker's delivery outcomes.
+
+The promise is that a message the relay accepted is not sent again, except
+those on the wire at the instant of a crash. So the gap between a 250 and
+the database knowing it must be as short as possible, even when the worker
+never comes back and its batch is reclaimed by another server, which cannot
+read this server's journal. A writer thread with its own connection writes
+whatever outcomes have accumulated as soon as its previous write is done
+(one statement per outcome kind, one transaction): the gap is one write's
+latency (about a millisecond), and the event loop never waits for MySQL.
+
+Each final outcome is also appended to a local journal before it is queued
+for writing. Two journal files take turns: new entries go to one while the
+entries of the other are being written, and a file is emptied only once all
+of its entries are committed. At start-up both are replayed into the
+database before any new work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Config
+from ..db import Database
+from ..errors import DatabaseUnavailable
+from ..journal import Journal
+from ..recipients import RECIPIENT_STATEMENTS, record_bounce
+
+log = logging.getLogger(__name__)
+
+OUTCOME_STATEMENTS = ("send_mark_sent", "send_mark_failed", "send_mark_deferred",
+                      "send_mark_skipped", *RECIPIENT_STATEMENTS)
+
+
+@dataclass
+class Pending:
+    """Outcomes not yet in the database, as row tuples in the order of each
+    statement's `-- values:` columns."""
+
+    sent: list[tuple[Any, ...]] = field(default_factory=list)
+    failed: list[tuple[Any, ...]] = field(default_factory=list)
+    deferred: list[tuple[Any, ...]] = field(default_factory=list)
+    skipped: list[tuple[Any, ...]] = field(default_factory=list)
+    bounces: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.sent or self.failed or self.deferred or self.skipped or self.bounces)
+
+    def ids(self) -> list[int]:
+        return [int(r[0]) for group in (self.sent, self.failed, self.deferred, self.skipped)
+                for r in group]
+
+
+def _code(reply: str) -> int:
+    head = reply[:3]
+    return int(head) if head.isdigit() else 0
+
+
+class OutcomeWriter:
+    """Writes outcomes in a background thread; see the module docstring."""
+
+    def __init__(self, config: Config, worker_id: int, name: str,
+                 should_abort: Callable[[], bool]) -> None:
+        self.config = config
+        self.worker_id = worker_id
+        self.db = Database(config.database, retry_for=None, should_abort=should_abort)
+        directory = config.paths.journal_dir
+        self.journals = (Journal(directory, f"send-{name}"), Journal(directory, f"send-{name}.b"))
+        self._current = 0
+        self._cond = threading.Condition()
+        self._pending = Pending()
+        self._writing = False
+        self._stopping = False
+        self._written: list[int] = []
+        self._thread = threading.Thread(target=self._run, name="outcome-writer", daemon=True)
+        self.writes = 0
+
+    # -- start and stop ---------------------------------------------------------------
+
+    def replay(self) -> int:
+        """Put what earlier runs journaled into the database; call before start()."""
+        entries: dict[int, tuple[str, str]] = {}
+        for journal in self.journals:
+            for mid, outcome, reply in journal.replay():
+                entries[mid] = (outcome, reply)
+        if entries:
+            batch = Pending()
+            for mid, (outcome, reply) in entries.items():
+                row = (mid, _code(reply), reply[:500], None)
+                (batch.sent if outcome == "sent" else batch.failed).append(row)
+            self._write(batch)
+            log.warning("replayed %d journal entries of an earlier run into the database "
+                        "(they are not sent again)", len(entries))
+        for journal in self.journals:
+            journal.truncate()
+        return len(entries)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+        for journal in self.journals:
+            journal.close()
+        self.db.close()
+
+    # -- called from the event loop ---------------------------------------------------
+
+    def add(self, kind: str, row: tuple[Any, ...], journal_entry: tuple[int, str, str] | None
+            = None, bounce: dict[str, Any] | None = None) -> None:
+        with self._cond:
+            if journal_entry is not None:
+                self.journals[self._current].append([journal_entry])
+            getattr(self._pending, kind).append(row)
+            if bounce is not None:
+                self._pending.bounces.append(bounce)
+            self._cond.notify()
+
+    def take_written(self) -> list[int]:
+        """Message ids whose outcome is now in the database."""
+        with self._cond:
+            done, self._written = self._written, []
+        return done
+
+    def drain(self) -> None:
+        """Block until everything added so far is committed."""
+        with self._cond:
+            while self._pending or self._writing:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the outcome writer stopped")
+                self._cond.wait(timeout=0.5)
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, Pending()
+                journal = self.journals[self._current]
+                self._current ^= 1
+                self._writing = True
+            while True:
+                try:
+                    self._write(batch)
+                    break
+                except DatabaseUnavailable as exc:
+                    log.warning("writing outcomes failed (%s); retrying", exc)
+                    time.sleep(0.5)
+                except Exception:
+                    log.exception("writing outcomes failed; retrying in 5 s")
+                    time.sleep(5)
+            journal.truncate()
+            with self._cond:
+                self._written.extend(batch.ids())
+                self._writing = False
+                self._cond.notify_all()
+
+    def _write(self, batch: Pending) -> None:
+        worker = {"worker": self.worker_id}
+        with self.db.transaction():
+            self.db.execute_values("send_mark_sent", batch.sent, worker)
+            self.db.execute_values("send_mark_failed", batch.failed, worker)
+            self.db.execute_values("send_mark_deferred", batch.deferred, worker)
+            self.db.execute_values("send_mark_skipped", batch.skipped, worker)
+        self.writes += 1
+        for bounce in batch.bounces:
+            record_bounce(self.db, self.config.bounce, kind="hard", **bounce)
