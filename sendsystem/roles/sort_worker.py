@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..addresses import FromAddress
 from ..merge import MergeError, Merger, NewsletterInfo, TemplateSource
 from ..ratelimit import RateLimiter
 from ..ratemeter import RateMeter
@@ -46,8 +47,6 @@ def skip_reason(status: str, blocked: int) -> str | None:
 
 def newsletter_merger(row: Mapping[str, Any]) -> Merger:
     """The Merger for a newsletter row (from `newsletter_get`)."""
-    from ..addresses import FromAddress
-
     src = TemplateSource(subject=row["subject"], html=row["html"], text=row["text"])
     info = NewsletterInfo(
         newsletter_id=int(row["id"]), list_name=row["list_name"],
