@@ -55,7 +55,7 @@ import pymysql
 from . import admin, stats
 from .config import Config, DatabaseConfig, Relay, load_config
 from .db import Database
-from .errors import DatabaseUnavailable, UserError
+from .errors import DatabaseUnavailable, SendSystemError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -787,6 +787,12 @@ class Progress:
 
 
 # ------------------------------------------------------------------ the demo itself
+
+class DemoInterrupted(SendSystemError):
+    """Ctrl-C: the cluster was stopped cleanly; exit like a shell does after SIGINT."""
+
+    exit_code = 130
+
 
 @dataclass(frozen=True)
 class DemoOptions:

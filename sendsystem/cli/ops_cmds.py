@@ -12,6 +12,7 @@ import click
 
 from .. import stats as stats_mod
 from ..config import parse_relays
+from ..errors import SendSystemError
 from . import Context, cli, pass_ctx, path_arg
 
 
@@ -86,7 +87,7 @@ def stats(ctx: Context, newsletter_id: int, as_json: bool, html_file: Path | Non
 def demo(ctx: Context, recipients: int, relay: str | None, keep: bool,
          work_dir: Path | None) -> None:
     """The whole pipeline on this machine: a list, a newsletter, a cluster, a sink."""
-    from ..demo import DemoOptions, run_demo
+    from ..demo import DemoInterrupted, DemoOptions, run_demo
 
     relays = parse_relays(relay, "--relay") if relay else None
     if relays is not None and len(relays) != 1:
@@ -96,5 +97,9 @@ def demo(ctx: Context, recipients: int, relay: str | None, keep: bool,
     try:
         result = run_demo(ctx.config, options)
     except KeyboardInterrupt:
-        raise click.exceptions.Exit(130) from None
-    raise click.exceptions.Exit(0 if result.ok else 1)
+        raise DemoInterrupted("demo interrupted; the cluster was stopped.") from None
+    if not result.ok:
+        # An error (not click's Exit, which run() does not turn into a status).
+        raise SendSystemError(f"demo failed: {result.delivered} delivered, "
+                              f"{result.duplicates} duplicates, {result.missing} missing; "
+                              f"see the logs beside {result.report}.")
