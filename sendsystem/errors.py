@@ -58,3 +58,7 @@ class TemporaryError(SendSystemError):
 
 class DatabaseUnavailable(TemporaryError):
     """MariaDB cannot be reached."""
+
+
+class DatabaseConflict(TemporaryError):
+    """A deadlock or lock-wait timeout rolled the unit of work back: run it again."""

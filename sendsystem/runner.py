@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 
 from .config import Config
 from .db import Database
-from .errors import DatabaseUnavailable, SendSystemError
+from .errors import DatabaseUnavailable, SendSystemError, TemporaryError
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +180,9 @@ class Runner:
                 if self.stopping:
                     break
                 done = self.work()
-            except DatabaseUnavailable as exc:
-                # Connection lost mid-transaction: the unit of work was rolled
-                # back by the server; reconnecting happens on the next call.
+            except TemporaryError as exc:
+                # Connection lost mid-transaction, or a deadlock: the unit of
+                # work was rolled back by the server; run it again.
                 log.warning("%s %s: %s; retrying", self.role, self.options.name, exc)
                 self.sleep(1.0)
                 continue

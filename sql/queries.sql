@@ -221,9 +221,13 @@ SELECT COUNT(*) AS n FROM (
 -- name: sort_assign
 -- One set-based statement per batch. The balancer holds the cluster lock, and
 -- `batch_id IS NULL` in the same statement means no message goes to two workers.
-UPDATE messages SET batch_id = %(batch)s
+-- FORCE INDEX: left to itself the optimizer chose an index_merge plus sort
+-- that locked every unassigned row and deadlocked with the workers (1213);
+-- the pick index alone locks only the rows taken, oldest (lowest id) first,
+-- since the index ends in the primary key.
+UPDATE messages FORCE INDEX (ix_messages_pick) SET batch_id = %(batch)s
 WHERE newsletter_id = %(newsletter)s AND state = 'queued' AND batch_id IS NULL
-ORDER BY id LIMIT %(n)s;
+LIMIT %(n)s;
 
 -- name: send_ready_count
 SELECT COUNT(*) AS n FROM (
@@ -241,15 +245,15 @@ SELECT COUNT(*) AS n FROM (
 ) AS ready;
 
 -- name: send_assign
-UPDATE messages SET batch_id = %(batch)s
+UPDATE messages FORCE INDEX (ix_messages_pick) SET batch_id = %(batch)s
 WHERE newsletter_id = %(newsletter)s AND state = 'merged' AND batch_id IS NULL
-ORDER BY id LIMIT %(n)s;
+LIMIT %(n)s;
 
 -- name: send_assign_retries
-UPDATE messages SET batch_id = %(batch)s
+UPDATE messages FORCE INDEX (ix_messages_pick) SET batch_id = %(batch)s
 WHERE newsletter_id = %(newsletter)s AND state = 'deferred' AND batch_id IS NULL
   AND next_attempt_at <= NOW(6)
-ORDER BY id LIMIT %(n)s;
+LIMIT %(n)s;
 
 -- name: pending_for_role
 -- For --once: is there anything left that could still reach this role?

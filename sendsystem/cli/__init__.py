@@ -64,7 +64,9 @@ def run(argv: list[str] | None = None) -> int:
     """Run the command line; the exit status (DESIGN.md: 0, 1, 2 or 75)."""
     from . import admin_cmds, bounce_cmds, ops_cmds, role_cmds  # noqa: F401 - registers commands
     try:
-        cli.main(args=argv, prog_name="sendsystem", standalone_mode=False)
+        # Without standalone mode click returns (not raises) a command's Exit code.
+        result = cli.main(args=argv, prog_name="sendsystem", standalone_mode=False)
+        return result if isinstance(result, int) else 0
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.Abort:
@@ -76,7 +78,6 @@ def run(argv: list[str] | None = None) -> int:
     except SendSystemError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    return 0
 
 
 def main() -> None:

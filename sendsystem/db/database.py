@@ -27,7 +27,7 @@ import pymysql.cursors
 from pymysql.constants import CLIENT
 
 from ..config import DatabaseConfig
-from ..errors import DatabaseUnavailable, SchemaError
+from ..errors import DatabaseConflict, DatabaseUnavailable, SchemaError
 from .queries import load_queries, load_value_columns, migrations, to_server_syntax
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ Params = Mapping[str, Any] | Sequence[Any] | None
 
 # Client error codes that mean "the connection is gone", not "your SQL is wrong".
 _CONNECTION_ERRNOS = {0, 1053, 1927, 2002, 2003, 2006, 2013, 2014, 2055, 4031}
+# InnoDB gave up on a lock (deadlock, lock wait timeout): retry, do not die.
+_CONFLICT_ERRNOS = {1205, 1213}
+CONFLICT_RETRIES = 5
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -109,6 +112,7 @@ class Database:
 
     def _run(self, op: Callable[[pymysql.cursors.DictCursor], Any]) -> Any:
         delay = 0.2
+        conflicts = 0
         while True:
             try:
                 conn = self._ensure()
@@ -119,27 +123,48 @@ class Database:
                                 time.monotonic() - self._outage_since)
                     self._outage_since = None
                 return result
+            except pymysql.err.OperationalError as exc:
+                if not exc.args or exc.args[0] not in _CONFLICT_ERRNOS:
+                    if _is_connection_error(exc):
+                        self._lost(exc)
+                        delay = self._wait(exc, delay)
+                        continue
+                    raise
+                conflicts += 1
+                if self._in_transaction or conflicts > CONFLICT_RETRIES:
+                    raise DatabaseConflict(f"{exc.args[1]} (the unit of work is retried)") \
+                        from exc
+                log.info("lock conflict (%s); retrying the statement", exc.args[1])
+                time.sleep(0.05 * conflicts)
             except Exception as exc:
                 if not _is_connection_error(exc):
                     raise
-                self.close()
-                self.reconnects += 1
-                now = time.monotonic()
-                if self._outage_since is None:
-                    self._outage_since = now
-                    log.warning("database %s:%s unreachable (%s); retrying",
-                                self.config.host, self.config.port, exc)
-                if self._in_transaction:
-                    raise DatabaseUnavailable(f"database connection lost mid-transaction: {exc}") \
-                        from exc
-                waited = now - self._outage_since
-                if (self.retry_for is not None and waited >= self.retry_for) or self.should_abort():
-                    raise DatabaseUnavailable(
-                        f"MariaDB at {self.config.host}:{self.config.port} is unreachable "
-                        f"({exc}); try again later."
-                    ) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                self._lost(exc)
+                delay = self._wait(exc, delay)
+
+    def _lost(self, exc: BaseException) -> None:
+        """Forget a dead connection; log once per outage."""
+        self.close()
+        self.reconnects += 1
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning("database %s:%s unreachable (%s); retrying",
+                        self.config.host, self.config.port, exc)
+
+    def _wait(self, exc: BaseException, delay: float) -> float:
+        """Back off before reconnecting, or give up; returns the next delay."""
+        if self._in_transaction:
+            raise DatabaseUnavailable(f"database connection lost mid-transaction: {exc}") \
+                from exc
+        assert self._outage_since is not None
+        waited = time.monotonic() - self._outage_since
+        if (self.retry_for is not None and waited >= self.retry_for) or self.should_abort():
+            raise DatabaseUnavailable(
+                f"MariaDB at {self.config.host}:{self.config.port} is unreachable "
+                f"({exc}); try again later."
+            ) from exc
+        time.sleep(delay)
+        return min(delay * 2, 5.0)
 
     # -- named statements ---------------------------------------------------
 

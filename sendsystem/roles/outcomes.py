@@ -27,7 +27,7 @@ from typing import Any
 
 from ..config import Config
 from ..db import Database
-from ..errors import DatabaseUnavailable
+from ..errors import TemporaryError
 from ..journal import Journal
 from ..recipients import RECIPIENT_STATEMENTS, record_bounce
 
@@ -156,7 +156,7 @@ class OutcomeWriter:
                 try:
                     self._write(batch)
                     break
-                except DatabaseUnavailable as exc:
+                except TemporaryError as exc:
                     log.warning("writing outcomes failed (%s); retrying", exc)
                     time.sleep(0.5)
                 except Exception:
