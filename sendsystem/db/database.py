@@ -27,7 +27,7 @@ import pymysql.cursors
 from pymysql.constants import CLIENT
 
 from ..config import DatabaseConfig
-from ..errors import DatabaseConflict, DatabaseUnavailable, SchemaError
+from ..errors import DatabaseConflict, DatabaseUnavailable, SchemaError, UserError
 from .queries import load_queries, load_value_columns, migrations, to_server_syntax
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,62 @@ class Database:
         finally:
             admin.close()
         return start, current
+
+    def create_database(self, comment: str) -> None:
+        """Create the database afresh, marked with ``comment``; refuse to touch any other.
+
+        The mark is the schema COMMENT: a database that exists with the same
+        comment is one we created (dropped and created again); one with any
+        other comment is somebody's data and raises :class:`UserError`.
+        """
+        cfg = self.config
+        name = _ident(cfg.name)
+        try:
+            admin = self._connect(None)
+        except pymysql.err.OperationalError as exc:
+            raise DatabaseUnavailable(
+                f"MariaDB is not reachable at {cfg.host}:{cfg.port} as {cfg.user!r}: "
+                f"{exc.args[-1]}. Start it (`make demo` does) or set [database] / "
+                "SENDSYSTEM_DB_* to point at it."
+            ) from None
+        try:
+            with admin.cursor() as cur:
+                cur.execute("SELECT schema_comment FROM information_schema.schemata "
+                            "WHERE schema_name = %s", (name,))
+                row = cur.fetchone()
+                if row is not None:
+                    if row["schema_comment"] != comment:
+                        raise UserError(
+                            f"Database {name!r} already exists and was not created by "
+                            "`sendsystem demo`; it is left alone. Choose another name with "
+                            "SENDSYSTEM_DB_NAME (or [database] name in the config).")
+                    cur.execute(f"DROP DATABASE `{name}`")
+                cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 "
+                            "COLLATE utf8mb4_unicode_ci COMMENT %s", (comment,))
+        finally:
+            admin.close()
+
+    def drop_database(self, comment: str) -> None:
+        """Drop the database, but only if its schema COMMENT is ``comment``."""
+        cfg = self.config
+        name = _ident(cfg.name)
+        try:
+            admin = self._connect(None)
+        except pymysql.err.OperationalError as exc:
+            raise DatabaseUnavailable(
+                f"MariaDB is not reachable at {cfg.host}:{cfg.port} as {cfg.user!r}: "
+                f"{exc.args[-1]}. Start it (`make demo` does) or set [database] / "
+                "SENDSYSTEM_DB_* to point at it."
+            ) from None
+        try:
+            with admin.cursor() as cur:
+                cur.execute("SELECT schema_comment FROM information_schema.schemata "
+                            "WHERE schema_name = %s", (name,))
+                row = cur.fetchone()
+                if row is not None and row["schema_comment"] == comment:
+                    cur.execute(f"DROP DATABASE `{name}`")
+        finally:
+            admin.close()
 
 
 def _ident(name: str) -> str:
