@@ -8,7 +8,7 @@
     .venv/bin/python bench/pipeline.py --profile send-worker    # cProfile that role
 
 Every role is a real `python -m sendsystem` subprocess with its own --name, on a
-throw-away database (bench/common.py). The newsletter is the demo's (sendsystem/demo.py):
+throw-away database (bench/common.py). The newsletter is the demo's (sendsystem/demo/):
 10-article HTML + text, 5 merge fields, a small PDF: ~22 KB on the wire.
 
 Prints: end-to-end messages/s (from the newsletter's release to its last sent
