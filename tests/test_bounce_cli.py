@@ -106,8 +106,9 @@ def _maildir_with(env: Env, messages: dict[str, bytes]) -> Path:
 
 def test_scan_moves_processed_and_unknown(env: Env) -> None:
     a, b = send_newsletter(env, ["gone@example.org", "slow@example.org"])
+    hard = dsn(a.verp, a.email)  # kept: its Date: header is the time of the call
     root = _maildir_with(env, {
-        "1.hard": dsn(a.verp, a.email),
+        "1.hard": hard,
         "2.soft": dsn(b.verp, b.email, action="delayed", status="4.4.1"),
         "3.stranger": dsn("postmaster@lists.test.example", "stranger@example.org"),
         "4.personal": (DATA / "personal_reply.eml").read_bytes(),
@@ -128,7 +129,7 @@ def test_scan_moves_processed_and_unknown(env: Env) -> None:
     assert state(env, a) == ("bounced", "bounced")
     assert sorted(r["kind"] for r in bounce_rows(env)) == ["hard", "soft", "unknown"]
     # Nothing is deleted: every byte is still there.
-    assert (root / ".processed" / "cur" / "1.hard:2,S").read_bytes() == dsn(a.verp, a.email)
+    assert (root / ".processed" / "cur" / "1.hard:2,S").read_bytes() == hard
     # A second scan finds nothing to do.
     code, out, _err = run_cli(env, "bounce", "scan", str(root))
     assert code == 0 and out.startswith("0 processed, 0 moved")
