@@ -394,6 +394,9 @@ def render_html(stats: Mapping[str, Any]) -> str:
     timeline = pivot_timeline(stats.get("timeline"))
     ident, subject = _e(stats.get("newsletter", "?")), _e(stats.get("subject"))
     state = clean(stats.get("state")) or "unknown"
+    # The stored subject is the template every recipient's subject came from.
+    raw_subject = str(stats.get("subject") or "")
+    templated = " · subject template" if "{{" in raw_subject or "{%" in raw_subject else ""
 
     def pct(n: int) -> str:
         return f"{n / total:.1%} of total" if total else ""
@@ -424,7 +427,7 @@ def render_html(stats: Mapping[str, Any]) -> str:
 <body>
 <main>
 <header>
-  <div class="eyebrow">Newsletter #{ident} · list {_e(stats.get("list")) or "-"}</div>
+  <div class="eyebrow">Newsletter #{ident} · list {_e(stats.get("list")) or "-"}{templated}</div>
   <h1>{subject or '<span class="muted">(no subject)</span>'}</h1>
   <div class="meta"><span class="badge state-{_e(state)}">{_e(state)}</span>
   <span class="muted">{times}</span></div>

@@ -18,7 +18,7 @@ ROLE_NAMES = {"sort": "sort", "send": "send"}
 
 
 def _iso(value: Any) -> str | None:
-    return value.isoformat(sep="T") + "Z" if isinstance(value, datetime) else None
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if isinstance(value, datetime) else None
 
 
 def _num(value: Any) -> float | None:
