@@ -306,36 +306,53 @@ class Database:
     def init_schema(self, *, up_to: int | None = None) -> tuple[int, int]:
         """Create the database if needed and apply missing migrations; (from, to) versions."""
         cfg = self.config
+        with self._admin() as cur:
+            cur.execute(
+                f"CREATE DATABASE IF NOT EXISTS `{_ident(cfg.name)}` "
+                "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+            )
+            cur.execute(f"USE `{_ident(cfg.name)}`")
+            cur.execute("SHOW TABLES LIKE 'schema_version'")
+            current = 0
+            if cur.fetchone():
+                cur.execute("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version")
+                current = int(cur.fetchone()["v"])
+            start = current
+            for version, path in migrations():
+                if version <= current or (up_to is not None and version > up_to):
+                    continue
+                log.info("applying schema migration %s", path.name)
+                cur.execute(path.read_text(encoding="utf-8"))
+                while cur.nextset():
+                    pass
+                current = version
+        return start, current
+
+    @contextmanager
+    def _admin(self) -> Iterator[pymysql.cursors.DictCursor]:
+        """A cursor on a connection to the server itself (no database selected)."""
+        cfg = self.config
         try:
             admin = self._connect(None)
         except pymysql.err.OperationalError as exc:
             raise DatabaseUnavailable(
-                f"Cannot reach MariaDB at {cfg.host}:{cfg.port}: {exc.args[-1]}"
+                f"MariaDB is not reachable at {cfg.host}:{cfg.port} as {cfg.user!r}: "
+                f"{exc.args[-1]}. Start it (`make test` and `make demo` do), or set "
+                "[database] / SENDSYSTEM_DB_* to point at it."
             ) from None
         try:
             with admin.cursor() as cur:
-                cur.execute(
-                    f"CREATE DATABASE IF NOT EXISTS `{_ident(cfg.name)}` "
-                    "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
-                )
-                cur.execute(f"USE `{_ident(cfg.name)}`")
-                cur.execute("SHOW TABLES LIKE 'schema_version'")
-                current = 0
-                if cur.fetchone():
-                    cur.execute("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version")
-                    current = int(cur.fetchone()["v"])
-                start = current
-                for version, path in migrations():
-                    if version <= current or (up_to is not None and version > up_to):
-                        continue
-                    log.info("applying schema migration %s", path.name)
-                    cur.execute(path.read_text(encoding="utf-8"))
-                    while cur.nextset():
-                        pass
-                    current = version
+                yield cur
         finally:
             admin.close()
-        return start, current
+
+    @staticmethod
+    def _schema_comment(cur: pymysql.cursors.DictCursor, name: str) -> str | None:
+        """The database's COMMENT ('' when it has none), or None when it does not exist."""
+        cur.execute("SELECT schema_comment FROM information_schema.schemata "
+                    "WHERE schema_name = %s", (name,))
+        row = cur.fetchone()
+        return None if row is None else str(row["schema_comment"] or "")
 
     def create_database(self, comment: str) -> None:
         """Create the database afresh, marked with ``comment``; refuse to touch any other.
@@ -344,54 +361,25 @@ class Database:
         comment is one we created (dropped and created again); one with any
         other comment is somebody's data and raises :class:`UserError`.
         """
-        cfg = self.config
-        name = _ident(cfg.name)
-        try:
-            admin = self._connect(None)
-        except pymysql.err.OperationalError as exc:
-            raise DatabaseUnavailable(
-                f"MariaDB is not reachable at {cfg.host}:{cfg.port} as {cfg.user!r}: "
-                f"{exc.args[-1]}. Start it (`make demo` does) or set [database] / "
-                "SENDSYSTEM_DB_* to point at it."
-            ) from None
-        try:
-            with admin.cursor() as cur:
-                cur.execute("SELECT schema_comment FROM information_schema.schemata "
-                            "WHERE schema_name = %s", (name,))
-                row = cur.fetchone()
-                if row is not None:
-                    if row["schema_comment"] != comment:
-                        raise UserError(
-                            f"Database {name!r} already exists and was not created by "
-                            "`sendsystem demo`; it is left alone. Choose another name with "
-                            "SENDSYSTEM_DB_NAME (or [database] name in the config).")
-                    cur.execute(f"DROP DATABASE `{name}`")
-                cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 "
-                            "COLLATE utf8mb4_unicode_ci COMMENT %s", (comment,))
-        finally:
-            admin.close()
+        name = _ident(self.config.name)
+        with self._admin() as cur:
+            existing = self._schema_comment(cur, name)
+            if existing is not None:
+                if existing != comment:
+                    raise UserError(
+                        f"Database {name!r} already exists and was not created by "
+                        "`sendsystem demo`; it is left alone. Choose another name with "
+                        "SENDSYSTEM_DB_NAME (or [database] name in the config).")
+                cur.execute(f"DROP DATABASE `{name}`")
+            cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 "
+                        "COLLATE utf8mb4_unicode_ci COMMENT %s", (comment,))
 
     def drop_database(self, comment: str) -> None:
         """Drop the database, but only if its schema COMMENT is ``comment``."""
-        cfg = self.config
-        name = _ident(cfg.name)
-        try:
-            admin = self._connect(None)
-        except pymysql.err.OperationalError as exc:
-            raise DatabaseUnavailable(
-                f"MariaDB is not reachable at {cfg.host}:{cfg.port} as {cfg.user!r}: "
-                f"{exc.args[-1]}. Start it (`make demo` does) or set [database] / "
-                "SENDSYSTEM_DB_* to point at it."
-            ) from None
-        try:
-            with admin.cursor() as cur:
-                cur.execute("SELECT schema_comment FROM information_schema.schemata "
-                            "WHERE schema_name = %s", (name,))
-                row = cur.fetchone()
-                if row is not None and row["schema_comment"] == comment:
-                    cur.execute(f"DROP DATABASE `{name}`")
-        finally:
-            admin.close()
+        name = _ident(self.config.name)
+        with self._admin() as cur:
+            if self._schema_comment(cur, name) == comment:
+                cur.execute(f"DROP DATABASE `{name}`")
 
 
 def _ident(name: str) -> str:
