@@ -379,34 +379,11 @@ class Merger:
         newsletter["subject"] = subject
         html = _render(self._html, "html", context)
         sk = self._skeleton
-        if self._text is not None:
-            text = _render(self._text, "text", context)
-            return b"".join(
-                (
-                    sk.from_line,
-                    b"To: ",
-                    to,
-                    b"\r\n",
-                    mime.header_line("Subject", subject),
-                    sk.head,
-                    mime.encode_qp(text),
-                    sk.mid,
-                    mime.encode_qp(html),
-                    sk.end,
-                )
-            )
-        return b"".join(
-            (
-                sk.from_line,
-                b"To: ",
-                to,
-                b"\r\n",
-                mime.header_line("Subject", subject),
-                sk.head,
-                mime.encode_qp(html),
-                sk.end,
-            )
-        )
+        head = (sk.from_line, b"To: ", to, b"\r\n", mime.header_line("Subject", subject), sk.head)
+        if self._text is None:
+            return b"".join((*head, mime.encode_qp(html), sk.end))
+        text = _render(self._text, "text", context)
+        return b"".join((*head, mime.encode_qp(text), sk.mid, mime.encode_qp(html), sk.end))
 
     def compress(self, message: bytes) -> bytes:
         """``compress(message, self.zdict)``, faster (primed dictionary reused)."""
