@@ -53,10 +53,9 @@ from sendsystem.demo import (
     CountingSink,
     RoleSpec,
     cluster_settings,
-    sample_newsletter,
+    install_sample,
     wait_registered,
     write_config,
-    write_subscribers_csv,
 )
 
 log = logging.getLogger(__name__)
@@ -144,15 +143,7 @@ def tuning_from(args: argparse.Namespace) -> Tuning:
 def prepare(config: Config, db: Database, work: Path, relay: Relay, tuning: Tuning,
             n: int) -> Path:
     """List + template + attachment in the bench database; the cluster's config.ini."""
-    csv_path = work / "subscribers.csv"
-    write_subscribers_csv(csv_path, n)
-    admin.create_list(db, LIST_NAME, "Nordlys Nyt <nyhedsbrev@news.example.com>")
-    admin.import_csv(db, LIST_NAME, csv_path)
-    sample = sample_newsletter()
-    (work / "n.html").write_text(sample.html, encoding="utf-8")
-    (work / "n.txt").write_text(sample.text, encoding="utf-8")
-    (work / sample.attachment_name).write_bytes(sample.attachment)
-    admin.add_template(db, TEMPLATE_NAME, sample.subject, work / "n.html", work / "n.txt")
+    install_sample(db, work, n)
     return write_config(work / "config.ini",
                         cluster_settings(config.database, work, [relay], **tuning.overrides()))
 

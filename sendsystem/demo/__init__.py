@@ -50,7 +50,7 @@ from .newsletter import (
     sample_pdf,
 )
 from .progress import Progress
-from .run import DemoInterrupted, DemoOptions, run_demo
+from .run import DemoInterrupted, DemoOptions, install_sample, run_demo
 from .settings import cluster_settings, write_config
 from .sink import CountingSink, SinkTally
 from .subscribers import MERGE_FIELDS, fake_subscribers, write_subscribers_csv
@@ -80,6 +80,7 @@ __all__ = [
     "demo_database_name",
     "drop_demo_database",
     "fake_subscribers",
+    "install_sample",
     "peak_rss_kb",
     "run_demo",
     "sample_newsletter",

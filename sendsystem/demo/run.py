@@ -127,9 +127,12 @@ def _printer(out: TextIO) -> Callable[[str], None]:
     return say
 
 
-def _set_up_newsletter(database: Database, work: Path, n: int,
-                       say: Callable[[str], None]) -> list[str]:
-    t0 = time.monotonic()
+def install_sample(database: Database, work: Path, n: int) -> list[str]:
+    """The demo's list of ``n`` subscribers and its template, files in ``work``; the emails.
+
+    Shared with bench/pipeline.py and bench/scaleout.py, so the benchmarks
+    measure exactly the newsletter the demo sends.
+    """
     csv_path = work / "subscribers.csv"
     emails = write_subscribers_csv(csv_path, n)
     admin.create_list(database, LIST_NAME, "Nordlys Nyt <nyhedsbrev@news.example.com>")
@@ -140,8 +143,15 @@ def _set_up_newsletter(database: Database, work: Path, n: int,
     (work / sample.attachment_name).write_bytes(sample.attachment)
     admin.add_template(database, TEMPLATE_NAME, sample.subject, work / "newsletter.html",
                        work / "newsletter.txt")
+    return emails
+
+
+def _set_up_newsletter(database: Database, work: Path, n: int,
+                       say: Callable[[str], None]) -> list[str]:
+    t0 = time.monotonic()
+    emails = install_sample(database, work, n)
     say(f"Created list {LIST_NAME!r} with {n:,} subscribers (5 merge fields), template "
-        f"{TEMPLATE_NAME!r} and a {len(sample.attachment):,}-byte PDF in "
+        f"{TEMPLATE_NAME!r} and a {len(sample_newsletter().attachment):,}-byte PDF in "
         f"{time.monotonic() - t0:.1f}s")
     return emails
 
