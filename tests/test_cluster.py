@@ -379,12 +379,17 @@ def test_connection_lost_while_send_worker_commits_outcomes(cluster: Cluster, si
     cluster.merge_all(nid)
     cluster.spawn("send-balancer", "b")
     worker = cluster.spawn("send-worker", "w", "--max-rate", "100")
-    wait_for(lambda: delivered(sink) >= 150, 30, "sending under way", 0.02)
+    wait_for(lambda: delivered(sink) >= 150 and cluster.backlog("send-worker", "w") >= 50,
+             30, "sending under way with a batch in hand", 0.02)
+    # Lock exactly the rows the worker holds (by primary key), so its outcome
+    # write must wait while the balancer can still hand out the rest.
+    held = [r["id"] for r in cluster.sql(
+        "SELECT id FROM messages WHERE newsletter_id = %s AND state = 'merged' "
+        "AND batch_id IS NOT NULL", (nid,))]
     blocker = mariadb.connect(cluster.db_name)
     with blocker.cursor() as cur:
         cur.execute("BEGIN")
-        cur.execute("SELECT id FROM messages WHERE newsletter_id = %s AND state = 'merged' "
-                    "FOR UPDATE", (nid,))
+        cur.execute("SELECT id FROM messages WHERE id IN %s FOR UPDATE", (held,))
 
     def flush_waiting() -> list[dict[str, object]]:
         return cluster.sql("SELECT t.trx_mysql_thread_id AS thread FROM "
