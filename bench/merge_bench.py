@@ -8,7 +8,7 @@ A realistic ~20 KB newsletter (HTML with a 10-article loop defined by
 distinct field values. Prints messages/s, mean stored (compressed) bytes per
 message and peak RSS. Targets: >= 1,000 msgs/s and <= 8 KB stored per message.
 ``--send-side`` also times what the send worker does per message:
-decompress + finalize + DKIM sign (2048-bit key made with ``openssl genrsa``).
+decompress + finalize + DKIM sign (2048-bit key from ``sendsystem.dkim.generate_key``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import argparse
 import cProfile
 import pstats
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from sendsystem.dkim import DkimSigner
+from sendsystem.dkim import DkimSigner, generate_key
 from sendsystem.merge import Merger, NewsletterInfo, TemplateSource, decompress
 from sendsystem.mime import finalize
 
@@ -211,9 +210,7 @@ def main() -> None:
 def send_side(blobs: list[bytes], zdict: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         key = Path(tmp) / "dkim.pem"
-        subprocess.run(
-            ["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True
-        )
+        generate_key(key)
         signer = DkimSigner.from_file("example.dk", "s2024", key)
     headers = [
         ("Message-ID", "<1.4711.abcdef@mail.example.dk>"),
@@ -232,8 +229,7 @@ def send_side(blobs: list[bytes], zdict: bytes) -> None:
     t2 = time.perf_counter()
     n = len(blobs)
     print(f"decompress+finalize    {n / (t1 - t0):,.0f} msgs/s")
-    rsa = "OpenSSL" if signer.uses_openssl else "pure Python"
-    print(f"  + DKIM sign ({rsa})  {n / (t2 - t1):,.0f} msgs/s")
+    print(f"  + DKIM sign          {n / (t2 - t1):,.0f} msgs/s")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,11 @@
 Why not simply ``dkim.sign()`` from dkimpy: it re-parses the PEM key and does
 the RSA operation in pure Python on every call, about 7 ms per message on a
 2048-bit key, which would cap one send worker's core at ~140 messages/s.
-Here the key is parsed once, the canonicalisation is a few C-speed regex
-passes, and the RSA private-key operation goes to the system's OpenSSL
-``libcrypto`` through ctypes (~0.3 ms). When libcrypto cannot be loaded, or
-its signature differs from the pure-Python one in a start-up self-check (RSA
-PKCS#1 v1.5 signatures are deterministic, so they must be identical), the
-pure-Python CRT implementation is used instead, with a warning. dkimpy
-remains the key parser and, in the tests, the independent verifier.
+Here the key is loaded once with the ``cryptography`` package, the
+canonicalisation is a few C-speed regex passes, and the SHA-256 digest of the
+canonical header block is signed as a prehashed digest with PKCS#1 v1.5
+(OpenSSL underneath, ~0.5 ms). dkimpy is only the independent verifier in the
+tests.
 
 Signed headers: From, To, Subject, Date, Message-ID, MIME-Version,
 Content-Type, List-Unsubscribe, List-Unsubscribe-Post, List-Id (those
@@ -20,16 +18,17 @@ occur) so that nobody can add a second one without breaking the signature.
 from __future__ import annotations
 
 import base64
-import ctypes
-import ctypes.util
 import hashlib
 import logging
+import os
 import re
 import time
 from pathlib import Path
-from typing import Any
 
-from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from sendsystem.errors import ConfigError
 
@@ -48,8 +47,6 @@ SIGNED_HEADERS = (
     "List-Id",
 )
 _OVERSIGNED = frozenset({b"from", b"to", b"subject"})
-# DER DigestInfo prefix for SHA-256 (RFC 8017, section 9.2, note 1).
-_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 _MIN_KEY_BITS = 1024
 
 _WSP_RUN = re.compile(rb"[ \t]+")
@@ -71,95 +68,6 @@ def _relaxed_header(name: bytes, value: bytes) -> bytes:
     return name.lower() + b":" + value + b"\r\n"
 
 
-class _PythonRsa:
-    """RSASSA-PKCS1-v1_5 with the Chinese remainder theorem, in pure Python."""
-
-    def __init__(self, key: dict[str, int]) -> None:
-        self._key = key
-        self.size = (key["modulus"].bit_length() + 7) // 8
-
-    def sign_digest(self, digest: bytes) -> bytes:
-        k = self._key
-        t = _SHA256_DIGEST_INFO + digest
-        em = b"\x00\x01" + b"\xff" * (self.size - len(t) - 3) + b"\x00" + t
-        m = int.from_bytes(em, "big")
-        m1 = pow(m, k["exponent1"], k["prime1"])
-        m2 = pow(m, k["exponent2"], k["prime2"])
-        h = (k["coefficient"] * (m1 - m2)) % k["prime1"]
-        s = m2 + h * k["prime2"]
-        # A computational fault in one CRT half would leak the key
-        # (Bellcore attack): check with the cheap public operation.
-        if pow(s, k["publicExponent"], k["modulus"]) != m:
-            raise RuntimeError("RSA signature self-check failed")
-        return s.to_bytes(self.size, "big")
-
-
-class _OpenSslRsa:
-    """The same operation through libcrypto (OpenSSL 3) via ctypes."""
-
-    _RSA_PKCS1_PADDING = 1
-
-    def __init__(self, pem: bytes, size: int) -> None:
-        name = ctypes.util.find_library("crypto")
-        if name is None:
-            raise OSError("libcrypto not found")
-        lib = ctypes.CDLL(name)
-        vp, sz = ctypes.c_void_p, ctypes.c_size_t
-        for fn, res, args in (
-            ("BIO_new_mem_buf", vp, [ctypes.c_char_p, ctypes.c_int]),
-            ("BIO_free", ctypes.c_int, [vp]),
-            ("PEM_read_bio_PrivateKey", vp, [vp, vp, vp, vp]),
-            ("EVP_PKEY_free", None, [vp]),
-            ("EVP_PKEY_CTX_new", vp, [vp, vp]),
-            ("EVP_PKEY_CTX_free", None, [vp]),
-            ("EVP_PKEY_sign_init", ctypes.c_int, [vp]),
-            ("EVP_PKEY_CTX_set_rsa_padding", ctypes.c_int, [vp, ctypes.c_int]),
-            ("EVP_PKEY_CTX_set_signature_md", ctypes.c_int, [vp, vp]),
-            ("EVP_sha256", vp, []),
-            ("EVP_PKEY_sign", ctypes.c_int, [vp, ctypes.c_char_p, ctypes.POINTER(sz), vp, sz]),
-        ):
-            f = getattr(lib, fn)  # AttributeError on OpenSSL 1.x (macros): fall back
-            f.restype, f.argtypes = res, args
-        self._lib = lib
-        self.size = size
-        bio = lib.BIO_new_mem_buf(pem, len(pem))
-        if not bio:
-            raise OSError("BIO_new_mem_buf failed")
-        try:
-            self._pkey = lib.PEM_read_bio_PrivateKey(bio, None, None, None)
-        finally:
-            lib.BIO_free(bio)
-        if not self._pkey:
-            raise OSError("libcrypto could not read the private key")
-        self._sha256 = lib.EVP_sha256()
-
-    def __del__(self) -> None:
-        pkey = getattr(self, "_pkey", None)
-        if pkey:
-            self._lib.EVP_PKEY_free(pkey)
-
-    def sign_digest(self, digest: bytes) -> bytes:
-        lib = self._lib
-        # A context per call: cheap, and safe if workers ever sign from threads.
-        ctx = lib.EVP_PKEY_CTX_new(self._pkey, None)
-        if not ctx:
-            raise RuntimeError("EVP_PKEY_CTX_new failed")
-        try:
-            sig = ctypes.create_string_buffer(self.size)
-            siglen = ctypes.c_size_t(self.size)
-            buf = ctypes.create_string_buffer(digest, len(digest))
-            if (
-                lib.EVP_PKEY_sign_init(ctx) <= 0
-                or lib.EVP_PKEY_CTX_set_rsa_padding(ctx, self._RSA_PKCS1_PADDING) <= 0
-                or lib.EVP_PKEY_CTX_set_signature_md(ctx, self._sha256) <= 0
-                or lib.EVP_PKEY_sign(ctx, sig, ctypes.byref(siglen), buf, len(digest)) <= 0
-            ):
-                raise RuntimeError("OpenSSL RSA signing failed")
-            return sig.raw[: siglen.value]
-        finally:
-            lib.EVP_PKEY_CTX_free(ctx)
-
-
 class DkimSigner:
     """Signs finalised messages for one domain/selector; build once per worker."""
 
@@ -168,31 +76,25 @@ class DkimSigner:
             raise ConfigError(
                 f"[dkim] domain {domain!r} / selector {selector!r} are not valid DNS names"
             )
-        pem = private_key_pem.replace(b"\r\n", b"\n")
         try:
-            key: dict[str, Any] = parse_pem_private_key(pem)
-        except (UnparsableKeyError, ValueError, IndexError, TypeError) as exc:
+            key = serialization.load_pem_private_key(private_key_pem, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ConfigError(
                 f"[dkim] key_file is not a PEM RSA private key ({exc}); "
-                "create one with: openssl genrsa -out dkim.pem 2048"
+                "create one with: sendsystem dkim keygen"
             ) from None
-        bits = key["modulus"].bit_length()
-        if bits < _MIN_KEY_BITS:
-            raise ConfigError(f"[dkim] the RSA key has {bits} bits; use 2048 (at least 1024)")
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ConfigError(
+                "[dkim] key_file holds a non-RSA key; rsa-sha256 needs an RSA key: "
+                "create one with: sendsystem dkim keygen"
+            )
+        if key.key_size < _MIN_KEY_BITS:
+            raise ConfigError(
+                f"[dkim] the RSA key has {key.key_size} bits; use 2048 (at least 1024)"
+            )
         self.domain = domain
         self.selector = selector
-        self._python = _PythonRsa(key)
-        self._rsa: _PythonRsa | _OpenSslRsa = self._python
-        try:
-            fast = _OpenSslRsa(pem, self._python.size)
-            probe = hashlib.sha256(b"sendsystem dkim self-check").digest()
-            if fast.sign_digest(probe) == self._python.sign_digest(probe):
-                self._rsa = fast
-            else:
-                log.warning("libcrypto RSA signature differs from the reference; using Python RSA")
-        except (OSError, AttributeError, RuntimeError) as exc:
-            log.warning("DKIM: OpenSSL unavailable (%s); pure-Python RSA (~7 ms/message)", exc)
-        self._public = (key["modulus"], key["publicExponent"])
+        self._key = key
 
     @classmethod
     def from_file(cls, domain: str, selector: str, key_file: Path) -> DkimSigner:
@@ -204,10 +106,6 @@ class DkimSigner:
                 "fix the path or permissions, or remove key_file to send unsigned"
             ) from None
         return cls(domain, selector, pem)
-
-    @property
-    def uses_openssl(self) -> bool:
-        return isinstance(self._rsa, _OpenSslRsa)
 
     def sign(self, message: bytes, timestamp: int | None = None) -> bytes:
         """``message`` (CRLF line endings) with a DKIM-Signature header prepended."""
@@ -248,15 +146,44 @@ class DkimSigner:
             + b";\r\n b="
         )
         signed_input = b"".join(canon) + _relaxed_header(b"dkim-signature", sig_value)[:-2]
-        signature = self._rsa.sign_digest(hashlib.sha256(signed_input).digest())
+        digest = hashlib.sha256(signed_input).digest()
+        signature = self._key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
         b64 = base64.b64encode(signature)
         folded = b"\r\n ".join(b64[i : i + 72] for i in range(0, len(b64), 72))
         return b"DKIM-Signature:" + sig_value + folded + b"\r\n" + message
 
     def dns_txt_record(self) -> str:
         """The TXT record to publish at ``<selector>._domainkey.<domain>``."""
-        n, e = self._public
-        return "v=DKIM1; k=rsa; p=" + base64.b64encode(_rsa_public_key_der(n, e)).decode()
+        return dns_txt_record(self._key.public_key())
+
+    @property
+    def dns_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+
+def dns_txt_record(public_key: rsa.RSAPublicKey) -> str:
+    """``v=DKIM1; k=rsa; p=<SubjectPublicKeyInfo, base64>``."""
+    der = public_key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+
+
+def generate_key(path: Path, bits: int = 2048) -> rsa.RSAPrivateKey:
+    """Write a new RSA key to ``path`` (PEM, mode 0600); never overwrites a file."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; remove it first or choose another path "
+                          "(a key in use must not be replaced before DNS has the new one)"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+    return key
 
 
 def _fold_list(h: bytes) -> bytes:
@@ -272,24 +199,3 @@ def _fold_list(h: bytes) -> bytes:
             line += piece
     out.append(line)
     return b"".join(out)
-
-
-def _der(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(raw)]) + raw
-    return bytes([tag]) + length + content
-
-
-def _der_int(v: int) -> bytes:
-    return _der(0x02, v.to_bytes(v.bit_length() // 8 + 1, "big"))
-
-
-def _rsa_public_key_der(n: int, e: int) -> bytes:
-    """SubjectPublicKeyInfo (what DKIM's p= carries) for an RSA key."""
-    rsa_oid = _der(0x30, bytes.fromhex("06092a864886f70d0101010500"))
-    public = _der(0x30, _der_int(n) + _der_int(e))
-    return _der(0x30, rsa_oid + _der(0x03, b"\x00" + public))

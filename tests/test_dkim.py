@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import dkim
 import pytest
 
-from sendsystem.dkim import DkimSigner
+from sendsystem.cli import run
+from sendsystem.dkim import DkimSigner, generate_key
 from sendsystem.errors import ConfigError
 from sendsystem.merge import Merger, NewsletterInfo, TemplateSource
 from sendsystem.mime import Attachment, attachment_tail, finalize
@@ -20,12 +19,8 @@ SELECTOR = "news2024"
 
 @pytest.fixture(scope="module")
 def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
     path = tmp_path_factory.mktemp("dkim") / "dkim.pem"
-    subprocess.run(
-        ["openssl", "genrsa", "-out", str(path), "2048"], check=True, capture_output=True
-    )
+    generate_key(path)
     return path
 
 
@@ -103,20 +98,6 @@ def test_tampering_breaks_the_signature(signer: DkimSigner) -> None:
     assert dkim.verify(refolded, dnsfunc=dnsfunc)
 
 
-def test_pure_python_rsa_matches_openssl(signer: DkimSigner, key_file: Path) -> None:
-    python_only = DkimSigner(DOMAIN, SELECTOR, key_file.read_bytes())
-    python_only._rsa = python_only._python  # force the fallback path
-    message = wire_message()
-    assert python_only.sign(message, timestamp=1) == signer.sign(message, timestamp=1)
-    assert dkim.verify(python_only.sign(message), dnsfunc=dnsfunc_for(signer))
-
-
-def test_openssl_is_used_when_available(signer: DkimSigner) -> None:
-    if not signer.uses_openssl:
-        pytest.skip("libcrypto not loadable here; the pure-Python fallback is in use")
-    assert signer.uses_openssl
-
-
 def test_bad_key_file_is_a_clear_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot be read"):
         DkimSigner.from_file(DOMAIN, SELECTOR, tmp_path / "missing.pem")
@@ -124,7 +105,7 @@ def test_bad_key_file_is_a_clear_config_error(tmp_path: Path) -> None:
     bad.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
     with pytest.raises(ConfigError, match="not a PEM RSA private key"):
         DkimSigner.from_file(DOMAIN, SELECTOR, bad)
-    with pytest.raises(ConfigError, match="openssl genrsa"):
+    with pytest.raises(ConfigError, match="dkim keygen"):
         DkimSigner(DOMAIN, SELECTOR, b"garbage")
 
 
@@ -138,3 +119,39 @@ def test_bad_domain_or_selector(key_file: Path) -> None:
 def test_message_without_header_separator_is_refused(signer: DkimSigner) -> None:
     with pytest.raises(ValueError, match="separator"):
         signer.sign(b"From: a@example.com\r\n")
+
+
+def test_keygen_writes_a_private_key_once(tmp_path: Path) -> None:
+    path = tmp_path / "new.pem"
+    generate_key(path, 1024)
+    assert path.stat().st_mode & 0o777 == 0o600
+    DkimSigner.from_file(DOMAIN, SELECTOR, path)  # loads
+    with pytest.raises(ConfigError, match="already exists"):
+        generate_key(path)
+
+
+def test_non_rsa_key_is_refused(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    with pytest.raises(ConfigError, match="non-RSA"):
+        DkimSigner(DOMAIN, SELECTOR, pem)
+
+
+def test_cli_keygen_then_dns_record_verifies(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "dkim.pem"
+    config = tmp_path / "config.ini"
+    config.write_text(f"[dkim]\ndomain = {DOMAIN}\nselector = {SELECTOR}\nkey_file = {key}\n")
+    assert run(["--config", str(config), "dkim", "keygen"]) == 0
+    assert run(["--config", str(config), "dkim", "dns"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out.startswith(f"{SELECTOR}._domainkey.{DOMAIN}. IN TXT ( \"v=DKIM1; k=rsa; p=")
+    # The zone-file strings joined are the record a verifier fetches.
+    record = "".join(part for part in out.split('"')[1::2]).encode()
+    signed = DkimSigner.from_file(DOMAIN, SELECTOR, key).sign(wire_message())
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record)
+    assert run(["--config", str(config), "dkim", "keygen"]) == 1  # never overwrites

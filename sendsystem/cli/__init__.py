@@ -62,7 +62,13 @@ def cli(ctx: click.Context, config_path: str | None, log_level: str) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the command line; the exit status (DESIGN.md: 0, 1, 2 or 75)."""
-    from . import admin_cmds, bounce_cmds, ops_cmds, role_cmds  # noqa: F401 - registers commands
+    from . import (  # noqa: F401 - registers commands
+        admin_cmds,
+        bounce_cmds,
+        dkim_cmds,
+        ops_cmds,
+        role_cmds,
+    )
     try:
         # Without standalone mode click returns (not raises) a command's Exit code.
         result = cli.main(args=argv, prog_name="sendsystem", standalone_mode=False)
