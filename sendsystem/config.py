@@ -30,8 +30,14 @@ class DatabaseConfig:
 
 @dataclass(frozen=True)
 class PathsConfig:
-    lock_dir: Path = Path("/tmp/sendsystem/locks")
-    journal_dir: Path = Path("/tmp/sendsystem/journal")
+    # Never under /tmp: another local user could pre-create or symlink a
+    # world-writable path and so hold our locks or read and feed our journal.
+    # /var/lib/sendsystem is the sendsystem user's own state directory (like
+    # /var/lib/postfix or /var/lib/mailman3; systemd's StateDirectory=), and it
+    # survives a reboot, which the journal must: replaying it is what stops a
+    # message the relay accepted from being sent again.
+    lock_dir: Path = Path("/var/lib/sendsystem/locks")
+    journal_dir: Path = Path("/var/lib/sendsystem/journal")
 
 
 @dataclass(frozen=True)

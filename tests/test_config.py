@@ -50,6 +50,22 @@ def test_implicit_config_may_be_absent(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_config(env={}).source == "(defaults)"
 
 
+def test_default_paths_are_not_world_writable_places(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """/tmp (or /var/tmp, /dev/shm) lets another local user pre-create or symlink our
+    lock and journal directories; the defaults live in the service's own state directory."""
+    monkeypatch.chdir(tmp_path)
+    paths = load_config(env={}).paths
+    assert paths.lock_dir == Path("/var/lib/sendsystem/locks")
+    assert paths.journal_dir == Path("/var/lib/sendsystem/journal")
+    for path in (paths.lock_dir, paths.journal_dir):
+        assert path.is_absolute()
+        assert not path.is_relative_to("/tmp") and not path.is_relative_to("/var/tmp")
+        assert not path.is_relative_to("/dev/shm")
+    # The example documents the defaults.
+    assert load_config(EXAMPLE, env={}).paths == paths
+
+
 @pytest.mark.parametrize(("amount", "ready", "expected"), [
     (10, {1: 100, 2: 100}, {1: 5, 2: 5}),
     (10, {1: 2, 2: 100}, {1: 2, 2: 8}),
