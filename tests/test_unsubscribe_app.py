@@ -44,6 +44,8 @@ class FakeStore:
         return UnsubscribeResult(True, self.list_name, self.email)
 
     def lookup(self, target: UnsubscribeTarget) -> UnsubscribeResult | None:
+        if self.down:
+            raise TemporaryError("database unreachable")
         active = (target.subscriber_id, target.list_id) in self.subscribed
         return UnsubscribeResult(active, self.list_name, self.email)
 
@@ -173,6 +175,9 @@ def test_temporary_failure_is_503(server: Server) -> None:
     status, headers, _b = request(f"{server.base}/unsubscribe/{TOKEN}", ONE_CLICK)
     assert status == 503
     assert headers["Retry-After"] == "300"
+    status, headers, body = request(f"{server.base}/unsubscribe/{TOKEN}")
+    assert status == 503 and headers["Retry-After"] == "300"
+    assert "try again later" in body and "<form" not in body
 
 
 def test_healthz_and_404(server: Server) -> None:

@@ -84,7 +84,16 @@ def test_database_down_answers_503(env: Env) -> None:
         [a] = send_newsletter(env, ["leaver@example.org"])
         url = f"http://127.0.0.1:{httpd.server_port}/unsubscribe/{a.token}"
         code, _body, headers = request(url, ONE_CLICK)
-        assert code == 503 and headers.get("Retry-After")
+        assert code == 503 and headers.get("Retry-After") == "300"
+        # The confirmation page too: "come back later", not a 500.
+        code, page, headers = request(url)
+        assert code == 503 and headers.get("Retry-After") == "300"
+        assert "try again later" in page and "Unsubscribe" not in page
+        head = urllib.request.Request(url, method="HEAD")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(head, timeout=10)
+        assert info.value.code == 503 and info.value.headers.get("Retry-After") == "300"
+        assert state(env, a) == ("sent", "active")
     finally:
         httpd.shutdown()
         httpd.server_close()
