@@ -289,12 +289,23 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 _TOKEN_IN_PATH = re.compile(r"/[0-9a-z]+\.[0-9a-z]+\.[A-Za-z0-9_-]+")
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (ESC -> ``\\x1b``)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 class _LoggingHandler(WSGIRequestHandler):
-    """Access log through logging, with tokens redacted (they are credentials)."""
+    """Access log through logging, with tokens redacted (they are credentials).
+
+    The request line is the client's, raw: without escaping, ESC sequences
+    would reach the terminal that follows the log (recolour, clear, move the
+    cursor) and a CR would let a client forge what looks like a log line.
+    """
 
     def log_message(self, format: str, *args: object) -> None:
         line = _TOKEN_IN_PATH.sub("/<token>", format % args)
-        log.info("%s %s", self.address_string(), line)
+        log.info("%s %s", self.address_string(), printable(line))
 
 
 def make_wsgi_server(app: WSGIApplication, host: str = "127.0.0.1",
