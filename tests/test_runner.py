@@ -108,6 +108,16 @@ def test_longest_allowed_name_runs(env: Env) -> None:
     assert (env.config.paths.lock_dir / f"sort-{name}.lock").exists()
 
 
+@pytest.mark.parametrize("role", ["sort-worker", "send-worker"])
+def test_short_secret_stops_a_worker_before_registration(env: Env, role: str) -> None:
+    env.configure(unsubscribe={"secret": "x" * 31})
+    code, _, err = env.cli(role, "--once", "--name", "w1")
+    assert code == 1, err
+    assert "at least 32 characters" in err and "Traceback" not in err
+    assert "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'" in err
+    assert sql(env, "SELECT id FROM workers") == []
+
+
 def test_unknown_worker_is_a_user_error(env: Env) -> None:
     code, _, err = env.cli("workers", "disable", "nobody")
     assert code == 1 and "no worker" in err
