@@ -64,8 +64,8 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if _NAME.fullmatch(self.name) is None:
-            what = (f"This host's name {self.name!r} cannot be used as the instance name; "
-                    "give one with --name" if self.default_name
+            what = (f"This host's name {self.name!r} cannot be the instance name (give one "
+                    "with --name)" if self.default_name
                     else f"--name {self.name!r} is not allowed")
             raise UsageError(f"{what}: use {NAME_RULE}. It names this instance's lock file "
                              "and journal.")
