@@ -72,6 +72,8 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         header = next(reader)
     except StopIteration:
         raise UserError(f"{path}: the file is empty; it needs a header row with 'email'.") from None
+    except csv.Error as exc:
+        raise UserError(f"{path}: the header row (line 1) {_csv_problem(exc)}.") from None
     names = [h.strip() for h in header]
     lowered = [n.lower() for n in names]
     if "email" not in lowered:
@@ -80,7 +82,17 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     if len(set(lowered)) != len(lowered) or "" in lowered:
         raise UserError(f"{path}: the header row has empty or repeated column names.")
     names = ["email" if n.lower() == "email" else n for n in names]
-    for row in reader:
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            # The reader carries on with the next line; report the line the
+            # row began on (a never-closed quote runs on over many lines).
+            yield start, {"__error__": _csv_problem(exc)}
+            continue
         line = reader.line_num
         if not row or all(not c.strip() for c in row):
             continue
@@ -88,6 +100,16 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
             yield line, {"__error__": f"has {len(row)} fields, the header has {len(names)}"}
             continue
         yield line, dict(zip(names, row, strict=True))
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    """A csv module error as a reason an admin can act on."""
+    if "field limit" in str(exc):
+        # The limit (128 KiB) is kept: no merge field needs more, and it bounds
+        # the memory a hostile file can make one row take.
+        return (f"a field is longer than {csv.field_size_limit()} characters "
+                "(or a quote that is never closed runs on over the following lines)")
+    return f"cannot be read as CSV: {exc}"
 
 
 def _check_row(row: dict[str, str]) -> tuple[str, dict[str, str]]:

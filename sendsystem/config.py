@@ -17,6 +17,11 @@ from pathlib import Path
 from .errors import ConfigError
 
 DEFAULT_CONFIG = "config.ini"
+# Unsubscribe tokens and VERP addresses are HMACs under the secret: a short
+# or guessable one lets anyone unsubscribe anyone or forge bounces. 32
+# characters of token_urlsafe carry 192 bits.
+SECRET_MIN = 32
+SECRET_RECIPE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,14 @@ class DatabaseConfig:
 
 @dataclass(frozen=True)
 class PathsConfig:
-    lock_dir: Path = Path("/tmp/sendsystem/locks")
-    journal_dir: Path = Path("/tmp/sendsystem/journal")
+    # Never under /tmp: another local user could pre-create or symlink a
+    # world-writable path and so hold our locks or read and feed our journal.
+    # /var/lib/sendsystem is the sendsystem user's own state directory (like
+    # /var/lib/postfix or /var/lib/mailman3; systemd's StateDirectory=), and it
+    # survives a reboot, which the journal must: replaying it is what stops a
+    # message the relay accepted from being sent again.
+    lock_dir: Path = Path("/var/lib/sendsystem/locks")
+    journal_dir: Path = Path("/var/lib/sendsystem/journal")
 
 
 @dataclass(frozen=True)
@@ -116,13 +127,22 @@ class Config:
     source: str = "(defaults)"
 
     def secret(self) -> bytes:
-        """The HMAC secret for unsubscribe tokens and VERP addresses."""
-        if not self.unsubscribe.secret:
+        """The HMAC secret for unsubscribe tokens and VERP addresses.
+
+        Every command that signs or verifies calls this before it does
+        anything else, so a missing or short secret stops it at start-up.
+        """
+        secret = self.unsubscribe.secret
+        if len(secret) < SECRET_MIN:
+            what = (f"is {len(secret)} characters, fewer than {SECRET_MIN}" if secret
+                    else "is not set")
             raise ConfigError(
-                f"No signing secret: set [unsubscribe] secret in {self.source} "
-                "or the SENDSYSTEM_SECRET environment variable (any long random string)."
+                f"The signing secret ([unsubscribe] secret in {self.source}, or "
+                f"$SENDSYSTEM_SECRET) {what}. Set it to a random string of at least "
+                f"{SECRET_MIN} characters, the same on every server; make one with: "
+                f"{SECRET_RECIPE}"
             )
-        return self.unsubscribe.secret.encode()
+        return secret.encode()
 
 
 def _get(cp: configparser.ConfigParser, section: str, key: str, default: object, kind: type,

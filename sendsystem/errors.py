@@ -24,6 +24,12 @@ class UserError(SendSystemError):
     """Bad input: an unknown name, a bad CSV row, a missing file."""
 
 
+class UsageError(SendSystemError):
+    """A command-line option has a value it can never take (exit 2, like click's)."""
+
+    exit_code = EXIT_USAGE
+
+
 class ConfigError(UserError):
     """config.ini or the environment is missing or wrong."""
 

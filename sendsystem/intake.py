@@ -287,6 +287,7 @@ def scan_maildir(db: Database, config: Config, root: Path) -> ScanResult:
     """
     if not (root / "new").is_dir():
         raise UserError(f"{root} is not a Maildir (it has no new/ directory).")
+    config.secret()  # a missing or short secret stops the scan before any mail moves
     config.paths.lock_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
     lock = FileLock(str(config.paths.lock_dir / f"bounce-scan-{key}.lock"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -27,7 +28,7 @@ from filelock import FileLock, Timeout
 
 from .config import Config
 from .db import Database
-from .errors import DatabaseUnavailable, SendSystemError, TemporaryError
+from .errors import DatabaseUnavailable, SendSystemError, TemporaryError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,35 @@ class ForcedStop(BaseException):
     """Raised by the second signal: unwind now (BaseException so no handler eats it)."""
 
 
+# A worker name is part of its lock file's and journal's file names, used
+# as-is: mapping odd characters to '_' would let "a b" and "a_b" share one
+# lock, and a name the journal refuses would fail only after registering.
+NAME_MAX = 64
+_NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}")
+NAME_RULE = (f"1 to {NAME_MAX} letters, digits, '-', '_' and '.' (ASCII), "
+             "not starting with '.'")
+
+
 @dataclass(frozen=True)
 class RunOptions:
+    """How one role process runs. ``name`` is checked here, before anything is
+    locked or registered (:class:`UsageError`, exit 2)."""
+
     name: str
     once: bool = False
     max_runtime: float | None = None
     max_rate: float | None = None
     host: str = ""
+    # True when ``name`` is this host's name rather than a given --name.
+    default_name: bool = False
+
+    def __post_init__(self) -> None:
+        if _NAME.fullmatch(self.name) is None:
+            what = (f"This host's name {self.name!r} cannot be the instance name (give one "
+                    "with --name)" if self.default_name
+                    else f"--name {self.name!r} is not allowed")
+            raise UsageError(f"{what}: use {NAME_RULE}. It names this instance's lock file "
+                             "and journal.")
 
     @property
     def hostname(self) -> str:
@@ -115,8 +138,7 @@ class Runner:
             raise ForcedStop(signal.Signals(signum).name)
 
     def lock_path(self) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.options.name)
-        return self.config.paths.lock_dir / f"{self.role}-{safe}.lock"
+        return self.config.paths.lock_dir / f"{self.role}-{self.options.name}.lock"
 
     def run(self) -> int:
         path = self.lock_path()

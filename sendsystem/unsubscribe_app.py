@@ -14,7 +14,9 @@ Routes (the token is the last path segment of ``[unsubscribe] url``):
 The app touches no database: the integrator passes ``unsubscribe`` (do it,
 idempotently) and optionally ``lookup`` (describe it, for the page) callbacks.
 A callback raising :class:`~sendsystem.errors.TemporaryError` gives 503 with
-Retry-After, so a mailbox provider's one-click POST is retried later.
+Retry-After, so a mailbox provider's one-click POST is retried later; the
+confirmation page (GET) answers the same way rather than a 500, so a person
+is told to come back and a monitor sees "unavailable", not "broken".
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFIX = "/unsubscribe/"
 # A one-click body is 26 bytes; our form's is smaller. Anything big is abuse.
 MAX_BODY = 16 * 1024
+# Seconds a client should wait after a 503 (the database is down).
+RETRY_AFTER = "300"
 
 _HEADERS = [
     # The token in the URL is a credential: keep it out of Referer headers and caches.
@@ -209,7 +213,16 @@ class _UnsubscribeApp:
         return self.confirmation_page(target)
 
     def confirmation_page(self, target: UnsubscribeTarget) -> _Response:
-        info = self._call(self.lookup, target) if self.lookup else None
+        try:
+            info = self._call(self.lookup, target) if self.lookup else None
+        except TemporaryError as exc:
+            log.warning("unsubscribe page for subscriber %d of list %d unavailable: %s",
+                        target.subscriber_id, target.list_id, exc)
+            response = _page("503 Service Unavailable", "Please try again later",
+                             "<p>We cannot show this page right now. Nothing has changed; "
+                             "please open the link again in a few minutes.</p>")
+            response.headers.append(("Retry-After", RETRY_AFTER))
+            return response
         email, lst = _describe(info)
         if info is not None and not info.ok:
             return _page("200 OK", "Already unsubscribed",
@@ -236,7 +249,7 @@ class _UnsubscribeApp:
             log.warning("unsubscribe of subscriber %d from list %d deferred: %s",
                         target.subscriber_id, target.list_id, exc)
             return _text("503 Service Unavailable", "temporarily unavailable, try again later\n",
-                         [("Retry-After", "300")])
+                         [("Retry-After", RETRY_AFTER)])
         log.info("unsubscribed subscriber %d from list %d (%s)", target.subscriber_id,
                  target.list_id, "form" if from_form else "one-click")
         if not from_form:
@@ -276,12 +289,23 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 _TOKEN_IN_PATH = re.compile(r"/[0-9a-z]+\.[0-9a-z]+\.[A-Za-z0-9_-]+")
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (ESC -> ``\\x1b``)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 class _LoggingHandler(WSGIRequestHandler):
-    """Access log through logging, with tokens redacted (they are credentials)."""
+    """Access log through logging, with tokens redacted (they are credentials).
+
+    The request line is the client's, raw: without escaping, ESC sequences
+    would reach the terminal that follows the log (recolour, clear, move the
+    cursor) and a CR would let a client forge what looks like a log line.
+    """
 
     def log_message(self, format: str, *args: object) -> None:
         line = _TOKEN_IN_PATH.sub("/<token>", format % args)
-        log.info("%s %s", self.address_string(), line)
+        log.info("%s %s", self.address_string(), printable(line))
 
 
 def make_wsgi_server(app: WSGIApplication, host: str = "127.0.0.1",

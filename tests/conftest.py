@@ -49,7 +49,9 @@ def base_settings(db_name: str, folder: Path, db: dict[str, object] | None = Non
                     "envelope_domain": "bounces.test.example"},
         "unsubscribe": {"url": "https://lists.test.example/unsubscribe/{token}",
                         "mailto": "unsubscribe@bounces.test.example",
-                        "secret": f"test-secret-{db_name}"},
+                        # Deterministic per database (a rewritten config keeps it) and
+                        # always longer than the 32 characters Config.secret() requires.
+                        "secret": f"test-secret-{db_name}-{'0123456789abcdef' * 2}"},
         "bounce": {"hard_limit": 1, "soft_limit": 3, "soft_window_days": 7},
     }
 

@@ -10,6 +10,7 @@ from sendsystem import admin
 from sendsystem.errors import ImportRowsError, TemplateError, UserError
 
 from .conftest import Env
+from .helpers import sql
 
 
 def write(path: Path, text: str) -> Path:
@@ -132,3 +133,33 @@ def test_release_in_id_ranges_with_progress(news: Env, monkeypatch: pytest.Monke
     nid, created = admin.enqueue(news.db, "news", "t", progress=seen.append)
     assert created == 49 and sum(seen) == 50 and len(seen) == 8
     assert admin.get_newsletter(news.db, nid)["total"] == 49
+
+
+def test_import_names_a_field_over_the_csv_limit(news: Env) -> None:
+    """`_csv.Error: field larger than field limit` is a bad line, not a traceback."""
+    big = "x" * 140_000
+    csv = write(news.tmp / "big.csv", "email,first_name\n"
+                "anne@example.com,Anne\n"
+                f"bo@example.com,{big}\n"
+                "carl@example.com,Carl\n"
+                f'dora@example.com,"never closed\n{big}\n'
+                "erik@example.com,Erik\n")
+    code, out, err = news.cli("list", "import", "news", str(csv))
+    assert code == 1, out + err
+    assert "Traceback" not in err
+    assert "line 3: a field is longer than 131072 characters" in err
+    assert "line 5: a field is longer than 131072 characters" in err
+    assert "nothing was imported" in err
+    assert news.db.fetchall("list_all")[0]["total"] == 0
+    # --skip-invalid imports the good rows around them.
+    code, out, err = news.cli("list", "import", "news", str(csv), "--skip-invalid")
+    assert code == 0, out + err
+    assert "line 3: a field is longer than 131072 characters" in err
+    emails = {r["email"] for r in sql(news, "SELECT email FROM subscribers")}
+    assert emails == {"anne@example.com", "carl@example.com", "erik@example.com"}
+
+
+def test_import_header_over_the_csv_limit_is_a_user_error(news: Env) -> None:
+    csv = write(news.tmp / "big.csv", "email," + "y" * 140_000 + "\na@example.com,1\n")
+    with pytest.raises(UserError, match=r"header row.*longer than 131072"):
+        admin.import_csv(news.db, "news", csv)

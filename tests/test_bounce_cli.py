@@ -152,3 +152,23 @@ def test_scan_stops_when_database_is_down(env: Env) -> None:
 def test_scan_rejects_a_directory_that_is_no_maildir(env: Env) -> None:
     code, _out, err = run_cli(env, "bounce", "scan", str(env.tmp))
     assert code == 1 and "not a Maildir" in err
+
+
+RECIPE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def test_short_secret_stops_bounce_intake_before_any_mail_is_touched(env: Env) -> None:
+    [a] = send_newsletter(env, ["gone@example.org"])
+    raw = dsn(a.verp, a.email)
+    env.configure(unsubscribe={"secret": "only-twenty-chars..."})
+    # The MTA pipe: 75, so Postfix keeps the bounce until the admin fixes the config.
+    code, _out, err = run_cli(env, "bounce", "receive", "--recipient", a.verp, stdin=raw)
+    assert code == 75, err
+    assert "at least 32 characters" in err and RECIPE in err
+    root = _maildir_with(env, {"1.hard": raw})
+    code, _out, err = run_cli(env, "bounce", "scan", str(root))
+    assert code == 1, err
+    assert "at least 32 characters" in err and RECIPE in err and "Traceback" not in err
+    assert os.listdir(root / "new") == ["1.hard"]
+    assert not (root / ".processed").exists() and not (root / ".unknown").exists()
+    assert bounce_rows(env) == [] and state(env, a) == ("sent", "active")

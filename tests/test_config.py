@@ -22,11 +22,11 @@ def test_example_parses_with_every_section() -> None:
 
 def test_environment_overrides_database_and_secret() -> None:
     env = {"SENDSYSTEM_DB_HOST": "db.internal", "SENDSYSTEM_DB_PORT": "3307",
-           "SENDSYSTEM_DB_PASSWORD": "s3cret", "SENDSYSTEM_SECRET": "from-env"}
+           "SENDSYSTEM_DB_PASSWORD": "s3cret", "SENDSYSTEM_SECRET": "from-env-" + "s" * 32}
     config = load_config(EXAMPLE, env=env)
     assert (config.database.host, config.database.port) == ("db.internal", 3307)
     assert config.database.password == "s3cret"
-    assert config.secret() == b"from-env"
+    assert config.secret() == b"from-env-" + b"s" * 32
 
 
 def test_errors_say_what_to_fix(tmp_path: Path) -> None:
@@ -45,9 +45,37 @@ def test_errors_say_what_to_fix(tmp_path: Path) -> None:
         load_config(EXAMPLE, env={}).secret()
 
 
+def test_short_secret_is_refused_with_a_recipe() -> None:
+    for secret in ("", "Qz", "Qz" * 15 + "!"):
+        config = load_config(EXAMPLE, env={"SENDSYSTEM_SECRET": secret})
+        with pytest.raises(ConfigError) as info:
+            config.secret()
+        message = str(info.value)
+        assert "at least 32 characters" in message
+        assert "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'" in message
+        assert "Qz" not in message  # never echoes the secret
+    assert load_config(EXAMPLE, env={"SENDSYSTEM_SECRET": "s" * 32}).secret() == b"s" * 32
+
+
 def test_implicit_config_may_be_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert load_config(env={}).source == "(defaults)"
+
+
+def test_default_paths_are_not_world_writable_places(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """/tmp (or /var/tmp, /dev/shm) lets another local user pre-create or symlink our
+    lock and journal directories; the defaults live in the service's own state directory."""
+    monkeypatch.chdir(tmp_path)
+    paths = load_config(env={}).paths
+    assert paths.lock_dir == Path("/var/lib/sendsystem/locks")
+    assert paths.journal_dir == Path("/var/lib/sendsystem/journal")
+    for path in (paths.lock_dir, paths.journal_dir):
+        assert path.is_absolute()
+        assert not path.is_relative_to("/tmp") and not path.is_relative_to("/var/tmp")
+        assert not path.is_relative_to("/dev/shm")
+    # The example documents the defaults.
+    assert load_config(EXAMPLE, env={}).paths == paths
 
 
 @pytest.mark.parametrize(("amount", "ready", "expected"), [

@@ -87,6 +87,37 @@ def test_sigterm_stops_gracefully(env: Env) -> None:
     assert worker_row(env, "b1", "sort-balancer")["state"] == "stopped"
 
 
+@pytest.mark.parametrize("name", ["a b", "../x", ".hidden", "x" * 65, "caf\u00e9", "",
+                                  "s1\n"])
+def test_bad_name_is_refused_before_registration(env: Env, name: str) -> None:
+    """Refused as a usage error before any lock or row exists (it used to be mapped to
+    '_', so "a b" and "a_b" shared one lock file, or refused by the journal later)."""
+    code, _, err = env.cli("send-worker", "--once", "--name", name)
+    assert code == 2, err
+    assert "--name" in err and "letters, digits, '-', '_' and '.'" in err
+    assert "Traceback" not in err
+    assert sql(env, "SELECT id FROM workers") == []
+    assert not (env.config.paths.lock_dir.exists() and any(env.config.paths.lock_dir.iterdir()))
+
+
+def test_longest_allowed_name_runs(env: Env) -> None:
+    name = "n.1-_" + "x" * 59
+    code, _, err = env.cli("sort-worker", "--once", "--name", name)
+    assert code == 0, err
+    assert worker_row(env, name, "sort") is not None
+    assert (env.config.paths.lock_dir / f"sort-{name}.lock").exists()
+
+
+@pytest.mark.parametrize("role", ["sort-worker", "send-worker"])
+def test_short_secret_stops_a_worker_before_registration(env: Env, role: str) -> None:
+    env.configure(unsubscribe={"secret": "x" * 31})
+    code, _, err = env.cli(role, "--once", "--name", "w1")
+    assert code == 1, err
+    assert "at least 32 characters" in err and "Traceback" not in err
+    assert "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'" in err
+    assert sql(env, "SELECT id FROM workers") == []
+
+
 def test_unknown_worker_is_a_user_error(env: Env) -> None:
     code, _, err = env.cli("workers", "disable", "nobody")
     assert code == 1 and "no worker" in err

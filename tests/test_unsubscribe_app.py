@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import logging
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ from sendsystem.unsubscribe_app import (
     make_app,
     make_wsgi_server,
     path_prefix_from_url,
+    printable,
 )
 
 SECRET = b"unsubscribe-app-test-secret"
@@ -44,6 +48,8 @@ class FakeStore:
         return UnsubscribeResult(True, self.list_name, self.email)
 
     def lookup(self, target: UnsubscribeTarget) -> UnsubscribeResult | None:
+        if self.down:
+            raise TemporaryError("database unreachable")
         active = (target.subscriber_id, target.list_id) in self.subscribed
         return UnsubscribeResult(active, self.list_name, self.email)
 
@@ -173,6 +179,9 @@ def test_temporary_failure_is_503(server: Server) -> None:
     status, headers, _b = request(f"{server.base}/unsubscribe/{TOKEN}", ONE_CLICK)
     assert status == 503
     assert headers["Retry-After"] == "300"
+    status, headers, body = request(f"{server.base}/unsubscribe/{TOKEN}")
+    assert status == 503 and headers["Retry-After"] == "300"
+    assert "try again later" in body and "<form" not in body
 
 
 def test_healthz_and_404(server: Server) -> None:
@@ -231,3 +240,37 @@ def test_custom_prefix() -> None:
     assert call(app, "POST", f"/unsubscribe/{TOKEN}", ONE_CLICK)[0].startswith("404")
     with pytest.raises(ValueError):
         make_app(SECRET, store.unsubscribe, path_prefix="nope")
+
+
+def raw_request(base: str, request_line: bytes) -> bytes:
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request_line + b"\r\nHost: x\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_access_log_escapes_control_characters(server: Server,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A client's ESC sequences and CRs must not reach the terminal following the log."""
+    caplog.set_level(logging.INFO, logger="sendsystem.unsubscribe_app")
+    # ESC (clear screen, red), a C1 CSI (0x9b) and a bare CR that would start a forged line.
+    assert raw_request(server.base, b"GET /\x1b[2J\x1b[31mred\x9b1m HTTP/1.0").startswith(
+        b"HTTP/1.0 404")
+    assert raw_request(server.base,
+                       b"GET /x\rINFO 10.0.0.1 forged HTTP/1.0").startswith(b"HTTP/1.0 400")
+    deadline = time.monotonic() + 5
+    while len([r for r in caplog.records if '"GET /' in r.getMessage()]) < 2:
+        assert time.monotonic() < deadline, "access log lines not seen"
+        time.sleep(0.02)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "\x1b" not in text and "\x9b" not in text and "\r" not in text
+    assert "GET /\\x1b[2J\\x1b[31mred\\x9b1m HTTP/1.0" in text
+    assert "GET /x\\rINFO 10.0.0.1 forged" in text
+
+
+def test_printable_escapes_only_non_printables() -> None:
+    assert printable("caf\u00e9 /a b") == "caf\u00e9 /a b"
+    assert printable("\x1b[0m\t\x00\u2028") == "\\x1b[0m\\t\\x00\\u2028"

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sendsystem.intake import UnsubscribeService, unsubscribe_wsgi_app
+from sendsystem.errors import ConfigError
+from sendsystem.intake import UnsubscribeService, create_app, unsubscribe_wsgi_app
 from sendsystem.unsubscribe_app import make_wsgi_server
 from tests.conftest import Env
 from tests.test_bounce_cli import closed_port, run_cli
@@ -84,7 +85,16 @@ def test_database_down_answers_503(env: Env) -> None:
         [a] = send_newsletter(env, ["leaver@example.org"])
         url = f"http://127.0.0.1:{httpd.server_port}/unsubscribe/{a.token}"
         code, _body, headers = request(url, ONE_CLICK)
-        assert code == 503 and headers.get("Retry-After")
+        assert code == 503 and headers.get("Retry-After") == "300"
+        # The confirmation page too: "come back later", not a 500.
+        code, page, headers = request(url)
+        assert code == 503 and headers.get("Retry-After") == "300"
+        assert "try again later" in page and "Unsubscribe" not in page
+        head = urllib.request.Request(url, method="HEAD")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(head, timeout=10)
+        assert info.value.code == 503 and info.value.headers.get("Retry-After") == "300"
+        assert state(env, a) == ("sent", "active")
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -113,6 +123,19 @@ def test_unsubscribe_server_command(env: Env) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_short_secret_stops_the_unsubscribe_app_at_start(env: Env) -> None:
+    env.configure(unsubscribe={"secret": "short"})
+    recipe = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    with pytest.raises(ConfigError, match="at least 32 characters") as info:
+        create_app(str(env.path))
+    assert recipe in str(info.value)
+    proc = subprocess.run([sys.executable, "-m", "sendsystem", "--config", str(env.path),
+                           "unsubscribe-server", "--port", str(closed_port())],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert recipe in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_mailto_unsubscribe_through_bounce_receive(env: Env) -> None:

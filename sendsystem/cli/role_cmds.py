@@ -28,7 +28,8 @@ def _make(command: str, help_text: str) -> None:
     @click.option("--once", is_flag=True, help="Drain what is there, then exit.")
     @click.option("--name", default=None,
                   help="Instance name (default: the host name); several instances of one role "
-                       "may run on one server, each with its own lock.")
+                       "may run on one server, each with its own lock. Letters, digits, "
+                       "'-', '_' and '.', at most 64, not starting with '.'.")
     @click.option("--max-runtime", type=float, metavar="SECONDS",
                   help="Stop gracefully after this long.")
     @click.option("--max-rate", type=float, metavar="N",
@@ -36,8 +37,9 @@ def _make(command: str, help_text: str) -> None:
     @pass_ctx
     def command_fn(ctx: Context, once: bool, name: str | None, max_runtime: float | None,
                    max_rate: float | None) -> None:
-        options = RunOptions(name=name or socket.gethostname(), once=once,
-                             max_runtime=max_runtime, max_rate=max_rate)
+        options = RunOptions(name=name if name is not None else socket.gethostname(),
+                             once=once, max_runtime=max_runtime, max_rate=max_rate,
+                             default_name=name is None)
         code = _role_class(command)(ctx.config, options).run()
         raise click.exceptions.Exit(code)
 
