@@ -181,7 +181,7 @@ class _UnsubscribeApp:
         try:
             response = self.route(method, environ.get("PATH_INFO", "") or "/", environ)
         except Exception:
-            log.exception("unsubscribe app failed on %s request", method)
+            log.exception("unsubscribe app failed on %s request", printable(method))
             response = _text("500 Internal Server Error", "internal error, try again later\n")
         start_response(response.status, response.headers)
         return [] if method == "HEAD" else [response.body]
