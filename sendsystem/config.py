@@ -9,6 +9,7 @@ are no module-level settings. Database settings may be overridden by the
 from __future__ import annotations
 
 import configparser
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -211,6 +212,41 @@ def parse_domain_rates(text: str, source: str = "config") -> dict[str, float]:
     return rates
 
 
+# Every section config.ini may have, and the dataclass whose fields are its keys.
+SECTIONS: Mapping[str, type] = {
+    "database": DatabaseConfig,
+    "paths": PathsConfig,
+    "balancer": BalancerConfig,
+    "sending": SendingConfig,
+    "unsubscribe": UnsubscribeConfig,
+    "dkim": DkimConfig,
+    "bounce": BounceConfig,
+}
+
+
+def _nearest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(choices))}"
+
+
+def check_known_keys(cp: configparser.ConfigParser, source: str) -> None:
+    """An unknown section or key is an error naming it and the nearest valid one.
+
+    A typo (``conections = 8``) would otherwise be ignored silently and the
+    default used, which an operator only finds out from the throughput.
+    """
+    for section in cp.sections():
+        cls = SECTIONS.get(section)
+        if cls is None:
+            raise ConfigError(f"{source}: unknown section [{section}]"
+                              f"{_nearest(section, list(SECTIONS))}")
+        keys = list(cls.__dataclass_fields__)
+        for key in cp.options(section):
+            if key not in keys:
+                raise ConfigError(f"{source}: [{section}] unknown key {key!r}"
+                                  f"{_nearest(key, keys)}")
+
+
 def load_config(path: str | os.PathLike[str] | None = None,
                 env: Mapping[str, str] | None = None) -> Config:
     """Read config.ini (``path``, else $SENDSYSTEM_CONFIG, else ./config.ini).
@@ -228,6 +264,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         except configparser.Error as exc:
             raise ConfigError(f"{chosen}: cannot parse: {exc}") from None
         source = str(chosen)
+        check_known_keys(cp, source)
     elif explicit:
         raise ConfigError(
             f"Config file {chosen} does not exist. Copy config.ini.example there and edit it."

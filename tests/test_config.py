@@ -57,6 +57,20 @@ def test_short_secret_is_refused_with_a_recipe() -> None:
     assert load_config(EXAMPLE, env={"SENDSYSTEM_SECRET": "s" * 32}).secret() == b"s" * 32
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("[sending]\nconections = 8\n",
+     "[sending] unknown key 'conections'; did you mean 'connections'?"),
+    ("[sendng]\nconnections = 8\n", "unknown section [sendng]; did you mean 'sending'?"),
+    ("[balancer]\nzzz = 1\n", "[balancer] unknown key 'zzz'; valid: batch_max"),
+])
+def test_unknown_keys_and_sections_are_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "config.ini"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, env={})
+    assert message in str(err.value)
+
+
 def test_implicit_config_may_be_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert load_config(env={}).source == "(defaults)"
