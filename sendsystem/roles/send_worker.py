@@ -6,7 +6,9 @@ Each message's final bytes are the stored merge + the newsletter's
 attachment parts (built once per newsletter) + the per-send headers
 (Message-ID, Date, List-Unsubscribe, List-Unsubscribe-Post, List-Id,
 Precedence), DKIM-signed when ``[dkim] key_file`` is set; the envelope
-sender is a signed VERP address.
+sender is a signed VERP address and the Message-ID is signed too
+(:func:`sendsystem.signing.message_id_header`), so a bounce or complaint
+quoting either can be tied to this message and nobody else can forge one.
 
 Nothing lost, duplicates bounded: every final outcome (a 250, a 5xx) is
 appended to the local journal the moment it arrives and committed by the
@@ -35,7 +37,7 @@ from ..mime import Attachment, attachment_tail, finalize, safe_header_value
 from ..ratelimit import AsyncRateLimiter, DomainRateLimiter
 from ..ratemeter import RateMeter
 from ..runner import Runner
-from ..signing import unsubscribe_token, verp_address
+from ..signing import message_id_header, unsubscribe_token, verp_address
 from .outcomes import OUTCOME_STATEMENTS, OutcomeWriter
 
 log = logging.getLogger(__name__)
@@ -58,11 +60,6 @@ def retry_delay(attempts: int, retry_min: float, retry_max: float) -> float:
     """Exponential back-off with +-20 % jitter, so retries of one batch spread out."""
     base = min(retry_max, retry_min * (2 ** min(attempts, 30)))
     return base * random.uniform(0.8, 1.2)
-
-
-def message_id_header(message_id: int, newsletter_id: int, domain: str) -> str:
-    """Deterministic, so a retry keeps its Message-ID and a bounce can be matched."""
-    return f"<{message_id}.{newsletter_id}.ss@{domain}>"
 
 
 class SendWorker(Runner):
@@ -215,7 +212,7 @@ class SendWorker(Runner):
     def _record(self, result: Result, row: Mapping[str, Any]) -> None:
         assert self.writer is not None
         mid = result.key
-        msgid = message_id_header(mid, int(row["newsletter_id"]),
+        msgid = message_id_header(self.secret, mid, int(row["newsletter_id"]),
                                   self.config.sending.envelope_domain)
         reply = result.reply[:500]
         s = self.config.sending
@@ -279,7 +276,8 @@ class SendWorker(Runner):
         token = unsubscribe_token(self.secret, int(row["subscriber_id"]), parts.list_id)
         url = self.config.unsubscribe.url.format(token=token)
         headers = [
-            ("Message-ID", message_id_header(mid, parts.newsletter_id, s.envelope_domain)),
+            ("Message-ID", message_id_header(self.secret, mid, parts.newsletter_id,
+                                             s.envelope_domain)),
             ("Date", self._now_header()),
             ("List-Unsubscribe", f"<{url}>, <mailto:{self.config.unsubscribe.mailto}"
                                  f"?subject=unsubscribe%20{token}>"),
