@@ -109,11 +109,18 @@ class DkimConfig:
         return self.key_file is not None
 
 
+BOUNCE_SCOPES = ("list", "address")
+
+
 @dataclass(frozen=True)
 class BounceConfig:
     hard_limit: int = 1
     soft_limit: int = 3
     soft_window_days: int = 7
+    # What a bounce or complaint with signed evidence ends: "list" = only the
+    # subscription of the list the message was sent for; "address" = every
+    # subscription of the address (and a complaint blocks it everywhere).
+    scope: str = "list"
 
 
 @dataclass(frozen=True)
@@ -324,3 +331,7 @@ def _validate(config: Config) -> None:
                           "messages_per_connection must be at least 1")
     if s.retry_min <= 0 or s.retry_max < s.retry_min:
         raise ConfigError(f"{config.source}: need 0 < retry_min <= retry_max in [sending]")
+    if config.bounce.scope not in BOUNCE_SCOPES:
+        raise ConfigError(f"{config.source}: [bounce] scope = {config.bounce.scope!r}; use "
+                          "'list' (only the list the message was for) or 'address' "
+                          "(every list of the address)")

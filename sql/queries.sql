@@ -409,9 +409,13 @@ GROUP BY reply_code ORDER BY count DESC LIMIT 10;
 SELECT COALESCE(SUM(deferrals), 0) AS n FROM messages WHERE newsletter_id = %(id)s;
 
 -- name: stats_bounces
-SELECT b.kind, COUNT(*) AS n
-FROM bounces b JOIN messages m ON m.id = b.message_id
-WHERE m.newsletter_id = %(id)s GROUP BY b.kind;
+-- Unverified reports (verified = 0) are counted apart: they changed nothing.
+SELECT kind, verified, COUNT(*) AS n
+FROM bounces WHERE newsletter_id = %(id)s GROUP BY kind, verified;
+
+-- name: bounces_unverified_recent
+SELECT COUNT(*) AS n FROM bounces
+WHERE verified = 0 AND received_at >= TIMESTAMPADD(HOUR, -%(hours)s, NOW(6));
 
 -- name: stats_span
 SELECT TIMESTAMPDIFF(MICROSECOND, MIN(merged_at), MAX(finished_at)) / 1000000 AS duration
@@ -420,18 +424,36 @@ FROM messages WHERE newsletter_id = %(id)s;
 -- ============================================================ recipients
 
 -- name: bounce_insert
-INSERT INTO bounces (message_id, subscriber_id, email, kind, status, diagnostic)
-VALUES (%(message_id)s, %(subscriber_id)s, %(email)s, %(kind)s, %(status)s, %(diagnostic)s);
+-- The newsletter follows from the message when there is one; an unverified
+-- report has none and passes what it loosely claims (or NULL).
+INSERT INTO bounces (newsletter_id, message_id, subscriber_id, email, kind, verified, evidence,
+                     status, diagnostic)
+VALUES (COALESCE(%(newsletter_id)s,
+                 (SELECT m.newsletter_id FROM messages m WHERE m.id = %(message_id)s)),
+        %(message_id)s, %(subscriber_id)s, %(email)s, %(kind)s, %(verified)s, %(evidence)s,
+        %(status)s, %(diagnostic)s);
 
 -- name: bounce_tally
+-- [bounce] scope = address: the address's verified bounces on every list.
 SELECT COALESCE(SUM(kind = 'hard'), 0) AS hard,
        COALESCE(SUM(kind = 'soft' AND received_at >= TIMESTAMPADD(DAY, -%(days)s, NOW(6))), 0)
            AS soft
-FROM bounces WHERE email = %(email)s;
+FROM bounces WHERE email = %(email)s AND verified = 1;
+
+-- name: bounce_tally_subscriber
+-- [bounce] scope = list: only this subscription's verified bounces count.
+SELECT COALESCE(SUM(kind = 'hard'), 0) AS hard,
+       COALESCE(SUM(kind = 'soft' AND received_at >= TIMESTAMPADD(DAY, -%(days)s, NOW(6))), 0)
+           AS soft
+FROM bounces WHERE subscriber_id = %(subscriber_id)s AND verified = 1;
 
 -- name: subscribers_mark_bounced
--- An address that does not exist does not exist for any list.
+-- [bounce] scope = address: every subscription of the address.
 UPDATE subscribers SET status = 'bounced' WHERE email = %(email)s AND status = 'active';
+
+-- name: subscriber_mark_bounced
+-- [bounce] scope = list: the one subscription the bounced message went to.
+UPDATE subscribers SET status = 'bounced' WHERE id = %(id)s AND status = 'active';
 
 -- name: message_mark_bounced
 UPDATE messages SET state = 'bounced' WHERE id = %(id)s AND state = 'sent';
@@ -449,18 +471,14 @@ FROM subscribers s JOIN lists l ON l.id = s.list_id
 WHERE s.id = %(id)s AND s.list_id = %(list_id)s;
 
 -- name: message_for_bounce
-SELECT m.id, m.state, m.subscriber_id, s.email, s.list_id
+SELECT m.id, m.newsletter_id, m.state, m.subscriber_id, s.email, s.list_id
 FROM messages m JOIN subscribers s ON s.id = m.subscriber_id
 WHERE m.id = %(id)s;
 
--- name: message_by_message_id
-SELECT m.id, m.state, m.subscriber_id, s.email, s.list_id
-FROM messages m JOIN subscribers s ON s.id = m.subscriber_id
-WHERE m.message_id = %(message_id)s;
-
 -- name: recent_message_by_email
--- flufl.bounce found only an address: match the most recent message sent to it.
-SELECT m.id, m.state, m.subscriber_id, s.email, s.list_id
+-- A report that only names an address: the newsletter it most likely is
+-- about, for counting it (unverified) in `stats`. Never acted upon.
+SELECT m.id, m.newsletter_id, m.state, m.subscriber_id, s.email, s.list_id
 FROM subscribers s JOIN messages m ON m.subscriber_id = s.id
 WHERE s.email = %(email)s AND m.state IN ('sent', 'bounced')
   AND m.finished_at >= TIMESTAMPADD(DAY, -%(days)s, NOW(6))

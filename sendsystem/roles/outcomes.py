@@ -177,4 +177,6 @@ class OutcomeWriter:
             self.db.execute_values("send_mark_skipped", batch.skipped, worker)
         self.writes += 1
         for bounce in batch.bounces:
-            record_bounce(self.db, self.config.bounce, kind="hard", **bounce)
+            # Our relay's own 5.1.x reply on our own connection: first-hand
+            # evidence nobody outside can forge, so it acts (on the message's list).
+            record_bounce(self.db, self.config.bounce, kind="hard", evidence="smtp", **bounce)
