@@ -16,9 +16,17 @@ bounce intake (``bounce receive`` / ``bounce scan``) stores it. Decisions:
   block is about *our* reputation, so they only count towards
   ``[bounce] soft_limit`` instead of removing a reader at once. ``delayed``
   and ``failed`` with a 4.x.x status are SOFT.
-* **Attribution.** ``verp_message_id`` comes only from a VERP address whose
-  HMAC verifies (see :mod:`sendsystem.signing`); a forged one is ignored and
-  the bounce is then attributable only through ``original_message_ids``.
+* **Evidence.** ``verp_message_id`` comes only from a VERP address whose
+  HMAC verifies, ``signed_message`` only from a Message-ID whose HMAC
+  verifies (see :mod:`sendsystem.signing`): quoted in the returned headers
+  of a DSN, the original of an ARF report, the In-Reply-To/References of a
+  reply, or inline in an old-style bounce's text. An ARF report's
+  ``unsubscribe_token`` comes from the original's List-Unsubscribe (feedback
+  loops that redact the recipient keep it). Anything else a report names
+  (recipient addresses, unsigned or old sequential Message-IDs) is a claim,
+  not evidence: the intake keeps such reports as unverified.
+  ``claimed_newsletter_id`` is the newsletter an unsigned Message-ID of our
+  shape claims, only for counting unverified reports.
 * **Robustness.** ``classify`` never raises: garbage or broken MIME gives
   NOT_BOUNCE with a diagnostic saying why. Only the first
   :data:`MAX_PARSE_BYTES` are parsed; reports put the status before the
@@ -39,7 +47,13 @@ from enum import StrEnum
 
 from flufl.bounce import all_failures
 
-from sendsystem.signing import decode_verp, verify_unsubscribe_token
+from sendsystem.signing import (
+    SignedMessage,
+    claimed_newsletter,
+    decode_message_id,
+    decode_verp,
+    verify_unsubscribe_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +78,11 @@ class BounceReport:
     recipients: tuple[str, ...]  # failed recipient addresses
     verp_message_id: int | None  # from a VERP address whose HMAC verified
     original_message_ids: tuple[str, ...]  # Message-ID(s) of the returned original
-    unsubscribe_token: str | None  # UNSUBSCRIBE: a token that verified, from subject/body
+    unsubscribe_token: str | None  # a token that verified (UNSUBSCRIBE: subject/body;
+    #                                COMPLAINT: the original's List-Unsubscribe)
     sender: str | None  # From address of this message
+    signed_message: SignedMessage | None = None  # a quoted Message-ID whose HMAC verified
+    claimed_newsletter_id: int | None = None  # from an unsigned Message-ID: a claim only
 
 
 # --- status codes -----------------------------------------------------------------
@@ -240,6 +257,7 @@ def _embedded_originals(msg: Message) -> list[Message]:
 
 
 _BODY_MSGID_RE = re.compile(r"^\s*Message-ID:\s*(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
+_ANGLE_ID_RE = re.compile(r"<[^<>\s]+>")
 
 
 def _original_message_ids(msg: Message, originals: list[Message]) -> tuple[str, ...]:
@@ -250,6 +268,29 @@ def _original_message_ids(msg: Message, originals: list[Message]) -> tuple[str, 
         for part in _text_parts(msg):
             ids.extend(_BODY_MSGID_RE.findall(_text_payload(part)))
     return _unique(_clean(i, 998) for i in ids)
+
+
+def _referenced_message_ids(msg: Message) -> tuple[str, ...]:
+    """In-Reply-To and References of the report itself (NDRs and replies set them)."""
+    ids = [i for name in ("In-Reply-To", "References") for value in msg.get_all(name, [])
+           for i in _ANGLE_ID_RE.findall(str(value))]
+    return _unique((_clean(i, 998) for i in ids), fold=False)
+
+
+def _signed(secret: bytes, ids: Iterable[str]) -> SignedMessage | None:
+    for value in ids:
+        found = decode_message_id(secret, value)
+        if found is not None:
+            return found
+    return None
+
+
+def _claimed(ids: Iterable[str], domain: str) -> int | None:
+    for value in ids:
+        newsletter = claimed_newsletter(value, domain)
+        if newsletter is not None:
+            return newsletter
+    return None
 
 
 def _text_parts(msg: Message) -> Iterator[Message]:
@@ -490,18 +531,24 @@ def _classify(raw: bytes, secret: bytes, envelope_domain: str,
     sender = parseaddr(_header(msg, "From"))[1] or None
     originals = _embedded_originals(msg)
     message_ids = _original_message_ids(msg, originals)
+    quoted_ids = (*message_ids, *_referenced_message_ids(msg))
+    signed = _signed(secret, quoted_ids)
+    claimed = None if signed else _claimed(quoted_ids, envelope_domain)
     addressed = _addressed_candidates(msg, envelope_recipient)
 
     def report(verdict: _Verdict, blocks: list[Message], token: str | None = None) -> BounceReport:
         verp = _verp_id(secret, envelope_domain,
                         [*addressed, *_embedded_candidates(blocks, originals)])
         return BounceReport(verdict.kind, verdict.status, _clean(verdict.diagnostic),
-                            verdict.recipients, verp, message_ids, token, sender)
+                            verdict.recipients, verp, message_ids, token, sender, signed,
+                            claimed)
 
     if _is_report(msg, "feedback-report"):
         blocks = [b for p in _find_parts(msg, "message/feedback-report")
                   for b in _header_blocks(p)]
-        return report(_read_arf(blocks, originals), blocks)
+        token = _find_token(secret, [str(v) for o in originals
+                                     for v in o.get_all("List-Unsubscribe", [])])
+        return report(_read_arf(blocks, originals), blocks, token)
 
     blocks = [b for p in _find_parts(msg, "message/delivery-status") for b in _header_blocks(p)]
     if blocks:

@@ -6,18 +6,27 @@ both call it. :class:`UnsubscribeService` gives the web app its database.
 
 Decisions:
 
-* **Attribution**, most trustworthy first: the VERP envelope address (its
-  HMAC verified), then the returned original's ``Message-ID``, then the
-  failed recipient addresses matched against messages sent to them in the
-  last :data:`RECIPIENT_MATCH_DAYS` days. A message addressed to a
-  VERP-shaped address at our envelope domain whose HMAC does *not* verify is
-  forged (or made with a retired secret): it is never attributed by the
-  weaker paths either, so a forged bounce cannot remove a reader.
-* **Unattributed** bounces and complaints are kept as kind ``unknown`` (the
-  classification and reason go into ``diagnostic``), so they never count
-  towards a threshold; ``scan`` moves them, and anything that is not a bounce
-  (a reader's personal reply), to the ``unknown`` folder for a human.
-  Unattributed auto-replies are dropped: there is nothing to learn from them.
+* **Only signed evidence acts.** Anyone on the internet can mail the bounce
+  address, so a report changes a subscriber only when it is tied to one of
+  our messages by something an outsider cannot produce: the VERP envelope
+  address (its HMAC verified), else a signed Message-ID the report quotes
+  (returned headers, an ARF report's original, In-Reply-To/References); a
+  complaint may also be tied to a subscription by the signed unsubscribe
+  token in the original's List-Unsubscribe, and a mailto unsubscribe needs
+  its token. The report acts on the subscriber of *that* message, never on
+  an address the report names. A message addressed to a VERP-shaped address
+  at our envelope domain whose HMAC does *not* verify is forged (or made
+  with a retired secret): nothing else in it is trusted either.
+* **Unverified** reports (an address-only DSN, an unsigned, old-format or
+  wrongly signed Message-ID, a forged VERP, a token-less unsubscribe mail)
+  are stored with ``verified = 0`` and their own kind, and change nothing:
+  no status, no blocklist, no message state, no threshold. Their newsletter
+  is recorded when the report claims one (an unsigned Message-ID of our
+  shape, the forged VERP's id, or the newest message to the address named)
+  so ``stats`` counts them apart. ``scan`` moves them, and anything that is
+  not a bounce (a reader's personal reply), to the ``unknown`` folder for a
+  human. Unattributed auto-replies are dropped: there is nothing to learn
+  from them.
 * **Idempotent**: one bounce of each kind per message (see
   :func:`sendsystem.recipients.record_bounce_once`), so re-processing the
   same mail after exit 75 or an interrupted scan never double-counts.
@@ -37,7 +46,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from enum import StrEnum
@@ -61,18 +70,18 @@ log = logging.getLogger(__name__)
 # (50 kB) of the original; other MTAs return it whole, and newsletters with
 # attachments may be a few MB.
 MAX_INPUT = 64 * 1024 * 1024
-# A bounce attributed only by recipient address must be for a message sent
-# this recently: MTAs give up after 5 days by default.
+# An unverified report that only names an address is counted against the
+# newsletter last sent to it this recently (MTAs give up after 5 days).
 RECIPIENT_MATCH_DAYS = 14
 
-_VERP_SHAPE = re.compile(r"^b[0-9a-z]+-[a-z2-7]{16}$")
+_VERP_SHAPE = re.compile(r"^b([0-9a-z]+)-[a-z2-7]{16}$")
 
 
 class Action(StrEnum):
-    RECORDED = "recorded"  # stored against a message; thresholds applied
+    RECORDED = "recorded"  # signed evidence: stored against a message; thresholds applied
     DUPLICATE = "duplicate"  # this message already had a bounce of this kind
     UNSUBSCRIBED = "unsubscribed"  # a mailto request with a valid token
-    UNATTRIBUTED = "unattributed"  # kept as kind 'unknown': needs a human
+    UNVERIFIED = "unverified"  # no signed evidence: kept, changed nothing; needs a human
     IGNORED = "ignored"  # not a bounce, or an auto-reply we cannot attribute
 
 
@@ -87,14 +96,15 @@ class IntakeOutcome:
     message_id: int | None = None
     subscriber_id: int | None = None
     email: str | None = None
-    via: str | None = None  # "verp", "message-id", "recipient", "token"
+    via: str | None = None  # the evidence: "verp", "message-id", "token"
     status_changed: bool = False  # the subscriber became bounced/complained/unsubscribed
     forged: bool = False
+    newsletter_id: int | None = None  # UNVERIFIED: the newsletter it claims, if any
 
     @property
     def needs_human(self) -> bool:
         """Goes to the ``unknown`` folder: not understood, or not for us to decide."""
-        return self.action is Action.UNATTRIBUTED or (
+        return self.action is Action.UNVERIFIED or (
             self.action is Action.IGNORED and self.kind is BounceKind.NOT_BOUNCE)
 
     def describe(self) -> str:
@@ -107,15 +117,19 @@ class IntakeOutcome:
 
 @dataclass(frozen=True)
 class _Target:
-    message_id: int
+    message_id: int | None  # None: a complaint tied to a subscription by its token
     subscriber_id: int
     email: str
     via: str
 
 
-def _looks_like_verp(address: str, domain: str) -> bool:
+def _verp_shape(address: str, domain: str) -> re.Match[str] | None:
     local, _, addr_domain = address.strip().strip("<>").lower().rpartition("@")
-    return addr_domain == domain.lower() and bool(_VERP_SHAPE.match(local.split("+", 1)[0]))
+    return _VERP_SHAPE.match(local.split("+", 1)[0]) if addr_domain == domain.lower() else None
+
+
+def _looks_like_verp(address: str, domain: str) -> bool:
+    return _verp_shape(address, domain) is not None
 
 
 def _forged_verp(raw: bytes, envelope_recipient: str | None, domain: str) -> str | None:
@@ -134,21 +148,29 @@ def _target(row: dict[str, Any] | None, via: str) -> _Target | None:
     return _Target(int(row["id"]), int(row["subscriber_id"]), str(row["email"]), via)
 
 
-def _attribute(db: Database, report: BounceReport) -> _Target | None:
+def _attribute(db: Database, secret: bytes, report: BounceReport) -> _Target | None:
+    """The message (or, for a complaint, subscription) signed evidence ties this report to."""
     if report.verp_message_id is not None:
         found = _target(db.fetchone("message_for_bounce", {"id": report.verp_message_id}),
                         "verp")
         if found:
             return found
-    for mid in report.original_message_ids:
-        found = _target(db.fetchone("message_by_message_id", {"message_id": mid}), "message-id")
-        if found:
-            return found
-    for email in report.recipients:
-        found = _target(db.fetchone("recent_message_by_email",
-                                    {"email": email, "days": RECIPIENT_MATCH_DAYS}), "recipient")
-        if found:
-            return found
+    signed = report.signed_message
+    if signed is not None:
+        row = db.fetchone("message_for_bounce", {"id": signed.message_id})
+        # Both ids are signed; a row of another newsletter means the ids were
+        # reused (a rebuilt database), so it is not the message we signed.
+        if row is not None and int(row["newsletter_id"]) == signed.newsletter_id:
+            return _target(row, "message-id")
+    if report.kind is BounceKind.COMPLAINT and report.unsubscribe_token:
+        # A feedback loop that redacts the recipient still returns the
+        # List-Unsubscribe header: its token names one subscription.
+        token = verify_unsubscribe_token(secret, report.unsubscribe_token)
+        if token is not None:
+            row = db.fetchone("subscriber_with_list", {"id": token.subscriber_id,
+                                                       "list_id": token.list_id})
+            if row is not None:
+                return _Target(None, int(row["id"]), str(row["email"]), "token")
     return None
 
 
@@ -168,24 +190,19 @@ def process(db: Database, config: Config, raw: bytes,
     forged = None
     if report.verp_message_id is None:
         forged = _forged_verp(raw, envelope_recipient, config.sending.envelope_domain)
-    target = None if forged else _attribute(db, report)
+    target = None if forged else _attribute(db, config.secret(), report)
     if target is None:
         if kind is BounceKind.AUTOREPLY:
             return IntakeOutcome(Action.IGNORED, kind, report.diagnostic)
-        why = f"forged VERP address {forged}" if forged else "no message found"
-        diagnostic = f"[{kind}] {why}: {report.diagnostic}"
-        email = report.recipients[0] if report.recipients else report.sender
-        recipients.store_event(db, kind="unknown", email=email, status=report.status,
-                               diagnostic=diagnostic)
-        log.warning("unattributed %s: %s", kind, diagnostic)
-        return IntakeOutcome(Action.UNATTRIBUTED, kind, diagnostic, report.status,
-                             email=email, forged=forged is not None)
+        return _unverified(db, config, report, forged)
 
     common = {"email": target.email, "message_id": target.message_id,
-              "subscriber_id": target.subscriber_id}
+              "subscriber_id": target.subscriber_id, "evidence": target.via}
     if kind is BounceKind.COMPLAINT:
-        done = recipients.record_complaint(db, diagnostic=report.diagnostic, **common)
+        done = recipients.record_complaint(db, config.bounce, diagnostic=report.diagnostic,
+                                           **common)
     elif kind is BounceKind.AUTOREPLY:
+        assert target.message_id is not None
         with db.transaction():
             # Reusing the dedupe keeps one auto-reply row per message.
             done = recipients.Recorded(stored=False, status_changed=False)
@@ -195,9 +212,13 @@ def process(db: Database, config: Config, raw: bytes,
                                        **common)
                 done = recipients.Recorded(stored=True, status_changed=False)
     else:
+        assert target.message_id is not None
         done = recipients.record_bounce_once(db, config.bounce, kind=str(kind),
                                              status=report.status,
-                                             diagnostic=report.diagnostic, **common)
+                                             diagnostic=report.diagnostic,
+                                             email=target.email, message_id=target.message_id,
+                                             subscriber_id=target.subscriber_id,
+                                             evidence=target.via)
     outcome = IntakeOutcome(Action.RECORDED if done.stored else Action.DUPLICATE, kind,
                             report.diagnostic, report.status, target.message_id,
                             target.subscriber_id, target.email, target.via, done.status_changed)
@@ -205,19 +226,63 @@ def process(db: Database, config: Config, raw: bytes,
     return outcome
 
 
+def _why_unverified(report: BounceReport, forged: str | None) -> str:
+    if forged:
+        return f"forged VERP address {forged}"
+    if report.kind is BounceKind.UNSUBSCRIBE:
+        return "no valid unsubscribe token"
+    if report.verp_message_id is not None or report.signed_message is not None:
+        return "signed, but no such message"
+    if report.original_message_ids:
+        return "Message-ID not signed by us"
+    if report.recipients:
+        return "names an address only"
+    return "no signed evidence"
+
+
+def _claimed_newsletter(db: Database, config: Config, report: BounceReport,
+                        forged: str | None, email: str | None) -> int | None:
+    """The newsletter an unverified report claims to be about (for `stats` only)."""
+    if report.signed_message is not None:
+        return report.signed_message.newsletter_id
+    if report.claimed_newsletter_id is not None:
+        return report.claimed_newsletter_id
+    shape = _verp_shape(forged, config.sending.envelope_domain) if forged else None
+    row = None
+    if shape is not None and len(shape.group(1)) <= 12:
+        row = db.fetchone("message_for_bounce", {"id": int(shape.group(1), 36)})
+    elif report.verp_message_id is None and email:
+        row = db.fetchone("recent_message_by_email", {"email": email,
+                                                      "days": RECIPIENT_MATCH_DAYS})
+    return int(row["newsletter_id"]) if row else None
+
+
+def _unverified(db: Database, config: Config, report: BounceReport,
+                forged: str | None) -> IntakeOutcome:
+    """Keep a report without signed evidence; it changes nothing (see the module docstring)."""
+    kind = report.kind
+    why = _why_unverified(report, forged)
+    diagnostic = f"[unverified {kind}: {why}] {report.diagnostic}"
+    email = report.recipients[0] if report.recipients else report.sender
+    newsletter = _claimed_newsletter(db, config, report, forged, email)
+    recipients.store_unverified(db, kind=str(kind), email=email, newsletter_id=newsletter,
+                                status=report.status, diagnostic=diagnostic)
+    log.warning("unverified %s kept, nothing changed: %s", kind, diagnostic)
+    return IntakeOutcome(Action.UNVERIFIED, kind, diagnostic, report.status, email=email,
+                         forged=forged is not None, newsletter_id=newsletter)
+
+
 def _mailto_unsubscribe(db: Database, config: Config, report: BounceReport) -> IntakeOutcome:
     target = (verify_unsubscribe_token(config.secret(), report.unsubscribe_token)
               if report.unsubscribe_token else None)
     row = recipients.unsubscribe(db, target.subscriber_id, target.list_id) if target else None
     if target is None or row is None:
-        # A request without a valid token is still a person asking to leave:
-        # keep it where a human will see it rather than guess from From:.
-        diagnostic = report.diagnostic + ("" if target is None else " (unknown subscriber)")
-        recipients.store_event(db, kind="unsubscribe", email=report.sender,
-                               diagnostic=diagnostic)
-        log.warning("unsubscribe request needs a human: %s", diagnostic)
-        return IntakeOutcome(Action.UNATTRIBUTED, report.kind, diagnostic, email=report.sender)
-    recipients.store_event(db, kind="unsubscribe", email=row["email"],
+        # A request without a valid token is still a person asking to leave,
+        # but From: is forgeable: keep it unverified where a human will see it.
+        why = None if target is None else "valid token, but no such subscription"
+        return _unverified(db, config, replace(report, diagnostic=(
+            report.diagnostic + (f" ({why})" if why else ""))), None)
+    recipients.store_event(db, kind="unsubscribe", email=row["email"], evidence="token",
                            subscriber_id=target.subscriber_id, diagnostic=report.diagnostic)
     outcome = IntakeOutcome(Action.UNSUBSCRIBED, report.kind, report.diagnostic,
                             subscriber_id=target.subscriber_id, email=row["email"], via="token",

@@ -379,6 +379,9 @@ def _health(stats: Mapping[str, Any]) -> str:
         ("Complaint rate", _e(format_percent(complaint_rate, 3)),
          _level(complaint_rate, COMPLAINT_WARN),
          f"spam reports per sent message; keep below {COMPLAINT_WARN:.1%}"),
+        ("Unverified reports", format_count((stats.get("bounces") or {}).get("unverified")), "",
+         "bounces and complaints without signed evidence: kept, changed nothing, "
+         "not in the rates above"),
     ]
     return '<dl class="health">' + "".join(
         f'<div class="{cls}"><dt>{label}</dt><dd>{value}</dd><dd class="hint">{hint}</dd></div>'

@@ -55,8 +55,11 @@ def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
             "eta_seconds": _num(left / rate) if rate and left else (0 if not left else None),
             "send_at": _iso(n["send_at"]), "pause_reason": n["pause_reason"],
         })
+    unverified = int(db.fetchval("bounces_unverified_recent", {"hours": 24}) or 0)
     return {"generated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "workers": workers, "newsletters": newsletters}
+            "workers": workers, "newsletters": newsletters,
+            # Bounce/complaint/unsubscribe mail without signed evidence: kept, changed nothing.
+            "unverified_reports_24h": unverified}
 
 
 def _workers(db: Database, name: str, role: str, newsletter_id: int) -> list[dict[str, Any]]:
@@ -69,12 +72,29 @@ def _workers(db: Database, name: str, role: str, newsletter_id: int) -> list[dic
     return out
 
 
+def newsletter_bounces(db: Database, newsletter_id: int) -> dict[str, Any]:
+    """Bounces by kind with signed evidence, and unverified reports counted apart.
+
+    ``unverified`` is the number of reports that claimed to be about this
+    newsletter but carried no signed evidence (they changed nothing);
+    ``unverified_kinds`` splits it by what they claimed to be.
+    """
+    bounces: dict[str, Any] = {"hard": 0, "soft": 0, "complaint": 0, "autoreply": 0}
+    unverified: dict[str, int] = {}
+    for row in db.fetchall("stats_bounces", {"id": newsletter_id}):
+        if int(row["verified"]):
+            bounces[row["kind"]] = bounces.get(row["kind"], 0) + int(row["n"])
+        else:
+            unverified[row["kind"]] = unverified.get(row["kind"], 0) + int(row["n"])
+    bounces["unverified"] = sum(unverified.values())
+    bounces["unverified_kinds"] = dict(sorted(unverified.items()))
+    return bounces
+
+
 def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
     nl = get_newsletter(db, newsletter_id)
     c = counts(db, newsletter_id)
-    bounces = {"hard": 0, "soft": 0, "complaint": 0, "autoreply": 0}
-    for row in db.fetchall("stats_bounces", {"id": newsletter_id}):
-        bounces[row["kind"]] = int(row["n"])
+    bounces = newsletter_bounces(db, newsletter_id)
     delivered = c["sent"] + c["bounced"]
     duration = _num(db.fetchval("stats_span", {"id": newsletter_id}))
     finished = sum(c[s] for s in FINAL)

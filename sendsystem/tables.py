@@ -392,6 +392,12 @@ def _format_newsletters(newsletters: list[Mapping[str, Any]], width: int, color:
     return lines + [("  " + n if color else fit("  " + n, width)).rstrip() for n in notes]
 
 
+def _unverified_summary(bounces: Mapping[str, Any]) -> str:
+    kinds = bounces.get("unverified_kinds") or {}
+    detail = ", ".join(f"{clean(k)} {format_count(v)}" for k, v in sorted(kinds.items()) if v)
+    return format_count(bounces.get("unverified") or 0) + (f" ({detail})" if detail else "")
+
+
 def format_status(status: Mapping[str, Any], *, width: int = 100, color: bool = False,
                   ascii_only: bool = False) -> str:
     """The ``sendsystem status`` screen: the workers table, then newsletters in progress.
@@ -420,6 +426,10 @@ def format_status(status: Mapping[str, Any], *, width: int = 100, color: bool = 
     lines += _format_workers(workers, width, color)
     lines += ["", f"Newsletters in progress: {len(newsletters)}"]
     lines += _format_newsletters(newsletters, width, color, ascii_only)
+    unverified = status.get("unverified_reports_24h")
+    if unverified is not None:
+        lines += ["", f"Unverified bounce/complaint reports, last 24 h: "
+                      f"{format_count(unverified)} (no signed evidence; kept, changed nothing)"]
     return "\n".join(lines) + "\n"
 
 
@@ -514,5 +524,7 @@ def format_stats(stats: Mapping[str, Any], *, ascii_only: bool = False) -> str:
     lines += ["", "Bounces: " + ", ".join(f"{k} {format_count(bounces.get(k))}"
                                           for k in BOUNCE_CLASSES),
               f"  bounce rate {format_percent(stats.get('bounce_rate'), 3)}, "
-              f"complaint rate {format_percent(stats.get('complaint_rate'), 4)}"]
+              f"complaint rate {format_percent(stats.get('complaint_rate'), 4)}",
+              f"  unverified reports (no signed evidence, changed nothing): "
+              f"{_unverified_summary(bounces)}"]
     return "\n".join(lines) + "\n"

@@ -17,10 +17,16 @@ from sendsystem.bounces import (
     failure_kind,
     smtp_reply_blames_recipient,
 )
-from sendsystem.signing import unsubscribe_token, verp_address
+from sendsystem.signing import (
+    SignedMessage,
+    message_id_header,
+    unsubscribe_token,
+    verp_address,
+)
 
 DATA = Path(__file__).parent / "data" / "bounces"
-# The VERP addresses and the token in the sample files were made with this secret.
+# The VERP addresses, signed Message-IDs (newsletter 3) and tokens in the
+# sample files were made with this secret.
 SECRET = b"test-secret-for-bounce-samples"
 DOMAIN = "bounces.example.com"
 UNSUB = "unsubscribe@bounces.example.com"
@@ -32,47 +38,55 @@ def run(name: str, **kw: str) -> BounceReport:
     return classify(raw, secret=SECRET, envelope_domain=DOMAIN, unsubscribe_address=UNSUB, **kw)
 
 
-def mid(n: int, stamp: str) -> tuple[str, ...]:
-    return (f"<{n}.{stamp}@lists.example.com>",)
+def mid(n: int) -> tuple[str, ...]:
+    return (message_id_header(SECRET, n, 3, DOMAIN),)
 
 
-# name, kind, status, recipients, verp id, original Message-IDs
+# name, kind, status, recipients, verp id, original Message-IDs, signed message id
 CASES = [
     ("postfix_user_unknown.eml", BounceKind.HARD, "5.1.1", ("nobody@example.org",), 1001,
-     mid(1001, "20240514080309")),
-    ("exim_failed.eml", BounceKind.HARD, "5.1.1", ("gone@example.net",), 1002,
-     mid(1002, "20240514080400")),
-    ("postfix_delayed.eml", BounceKind.SOFT, "4.4.1", ("slow@example.com",), 1003,
-     mid(1003, "20240514080510")),
-    ("mailbox_full.eml", BounceKind.SOFT, "5.2.2", ("full@example.dk",), 1004,
-     mid(1004, "20240514080559")),
+     mid(1001), 1001),
+    ("exim_failed.eml", BounceKind.HARD, "5.1.1", ("gone@example.net",), 1002, mid(1002), 1002),
+    ("postfix_delayed.eml", BounceKind.SOFT, "4.4.1", ("slow@example.com",), 1003, mid(1003),
+     1003),
+    ("mailbox_full.eml", BounceKind.SOFT, "5.2.2", ("full@example.dk",), 1004, mid(1004), 1004),
+    # Exchange quotes the original in message/rfc822 and in In-Reply-To/References.
     ("exchange_online.eml", BounceKind.HARD, "5.1.10", ("someone@contoso.com",), 1005,
-     mid(1005, "20240514080701")),
-    ("exchange_legacy.eml", BounceKind.HARD, "5.1.1", ("bob@example.com",), 1008, ()),
-    ("ooo_english.eml", BounceKind.AUTOREPLY, None, (), 1006, ()),
-    ("ooo_danish.eml", BounceKind.AUTOREPLY, None, (), 1009, ()),
-    ("arf_abuse.eml", BounceKind.COMPLAINT, None, ("reader@example.net",), 1007,
-     mid(1007, "20240514081059")),
+     mid(1005), 1005),
+    ("exchange_legacy.eml", BounceKind.HARD, "5.1.1", ("bob@example.com",), 1008, (), None),
+    ("gmail_dsn.eml", BounceKind.HARD, "5.1.1", ("missing@gmail.example",), 1015, mid(1015),
+     1015),
+    # An auto-reply quotes our Message-ID only in In-Reply-To.
+    ("ooo_english.eml", BounceKind.AUTOREPLY, None, (), 1006, (), 1006),
+    ("ooo_danish.eml", BounceKind.AUTOREPLY, None, (), 1009, (), None),
+    ("arf_abuse.eml", BounceKind.COMPLAINT, None, ("reader@example.net",), 1007, mid(1007),
+     1007),
+    # Microsoft JMRP: recipient redacted, no envelope sender; Message-ID and token remain.
+    ("arf_jmrp.eml", BounceKind.COMPLAINT, None, (), None, mid(1013), 1013),
+    # Yahoo-style: the original's headers only (text/rfc822-headers).
+    ("arf_yahoo_headers.eml", BounceKind.COMPLAINT, None, ("reader@yahoo.example",), None,
+     mid(1014), 1014),
     ("dsn_to_from_address.eml", BounceKind.HARD, "5.1.1", ("former@example.co.uk",), None,
-     mid(1010, "20240514081201")),
-    ("forged_verp.eml", BounceKind.HARD, "5.1.1", ("nobody@example.org",), None,
-     mid(1011, "20240514080309")),
-    ("personal_reply.eml", BounceKind.NOT_BOUNCE, None, (), None, ()),
-    ("garbage.eml", BounceKind.NOT_BOUNCE, None, (), None, ()),
-    ("unsubscribe_mailto.eml", BounceKind.UNSUBSCRIBE, None, (), None, ()),
+     mid(1010), 1010),
+    ("forged_verp.eml", BounceKind.HARD, "5.1.1", ("nobody@example.org",), None, mid(1011),
+     1011),
+    ("personal_reply.eml", BounceKind.NOT_BOUNCE, None, (), None, (), 1012),
+    ("garbage.eml", BounceKind.NOT_BOUNCE, None, (), None, (), None),
+    ("unsubscribe_mailto.eml", BounceKind.UNSUBSCRIBE, None, (), None, (), None),
 ]
 
 
-@pytest.mark.parametrize(("name", "kind", "status", "recipients", "verp", "ids"), CASES,
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("name", "kind", "status", "recipients", "verp", "ids", "signed"),
+                         CASES, ids=[c[0] for c in CASES])
 def test_samples(name: str, kind: BounceKind, status: str | None, recipients: tuple[str, ...],
-                 verp: int | None, ids: tuple[str, ...]) -> None:
+                 verp: int | None, ids: tuple[str, ...], signed: int | None) -> None:
     report = run(name)
     assert report.kind is kind
     assert report.status == status
     assert report.recipients == recipients
     assert report.verp_message_id == verp
     assert report.original_message_ids == ids
+    assert report.signed_message == (SignedMessage(signed, 3) if signed else None)
     assert report.diagnostic
     assert "\n" not in report.diagnostic and "\r" not in report.diagnostic
     assert len(report.diagnostic) <= 1000
@@ -84,7 +98,7 @@ def test_every_sample_has_a_case() -> None:
 
 def test_sample_verp_addresses_match_the_secret() -> None:
     # Guards the fixtures: the files must hold real VERP addresses for these ids.
-    for n in (1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009):
+    for n in (1001, 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009, 1015):
         local = verp_address(SECRET, n, DOMAIN).split("@")[0]
         assert any(local in p.read_text(errors="replace") for p in DATA.glob("*.eml")), n
     assert unsubscribe_token(SECRET, 4242, 7) == TOKEN
@@ -255,3 +269,41 @@ def test_status_helpers() -> None:
 ])
 def test_smtp_reply_blames_recipient(code: int, text: str, blamed: bool) -> None:
     assert smtp_reply_blames_recipient(code, text) is blamed
+
+
+def test_signed_message_id_from_wrong_secret_is_no_evidence() -> None:
+    raw = (DATA / "dsn_to_from_address.eml").read_bytes()
+    report = classify(raw, secret=b"another secret", envelope_domain=DOMAIN)
+    assert report.kind is BounceKind.HARD and report.signed_message is None
+    # What the Message-ID claims is kept (for counting), not trusted.
+    assert report.claimed_newsletter_id == 3
+
+
+@pytest.mark.parametrize("quoted", [
+    "<1010.3.ss@bounces.example.com>",  # the old sequential format: guessable
+    "<1010.3.aaaaaaaaaaaaaaaa@bounces.example.com>",  # our shape, wrong HMAC
+])
+def test_guessed_message_ids_are_claims_only(quoted: str) -> None:
+    raw = (DATA / "arf_abuse.eml").read_bytes()
+    raw = raw.replace(mid(1007)[0].encode(), quoted.encode())
+    raw = raw.replace(verp_address(SECRET, 1007, DOMAIN).encode(), b"news@lists.example.com")
+    report = classify(raw, secret=SECRET, envelope_domain=DOMAIN)
+    assert report.kind is BounceKind.COMPLAINT
+    assert (report.verp_message_id, report.signed_message) == (None, None)
+    assert report.original_message_ids == (quoted,)
+    assert report.claimed_newsletter_id == 3
+
+
+def test_claimed_newsletter_only_for_our_domain() -> None:
+    raw = (DATA / "dsn_to_from_address.eml").read_bytes().replace(
+        mid(1010)[0].encode(), b"<1010.3.ss@elsewhere.example>")
+    report = classify(raw, secret=SECRET, envelope_domain=DOMAIN)
+    assert report.signed_message is None and report.claimed_newsletter_id is None
+
+
+def test_arf_token_comes_from_the_originals_list_unsubscribe() -> None:
+    assert run("arf_jmrp.eml").unsubscribe_token == unsubscribe_token(SECRET, 4243, 7)
+    forged = run("arf_jmrp.eml").unsubscribe_token
+    assert forged is not None
+    raw = (DATA / "arf_jmrp.eml").read_bytes().replace(forged[-6:].encode(), b"AAAAAA")
+    assert classify(raw, secret=SECRET, envelope_domain=DOMAIN).unsubscribe_token is None

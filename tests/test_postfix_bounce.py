@@ -228,6 +228,7 @@ def test_unknown_local_user_bounce_through_scan(env: Env, postfix: PrivatePostfi
     assert state(env, b) == ("sent", "active")
     [row] = bounce_rows(env)
     assert (row["message_id"], row["kind"], row["status"]) == (a.id, "hard", "5.1.1")
+    assert (row["verified"], row["evidence"]) == (1, "verp")
     assert "unknown user" in row["diagnostic"]
     assert [p.name.split(":")[0] for p in (postfix.box / ".processed" / "cur").iterdir()] \
         == [bounce.name]
@@ -262,4 +263,35 @@ def test_forged_verp_bounce_goes_to_unknown(env: Env, postfix: PrivatePostfix) -
     assert state(env, a) == ("sent", "active")
     assert (postfix.box / ".unknown" / "new" / bounce.name).exists()
     [row] = bounce_rows(env)
-    assert row["kind"] == "unknown" and "forged VERP" in row["diagnostic"]
+    assert (row["kind"], row["verified"], row["message_id"]) == ("hard", 0, None)
+    assert "forged VERP" in row["diagnostic"]
+
+
+def test_genuine_dsn_without_verp_acts_only_by_signed_message_id(
+        env: Env, postfix: PrivatePostfix) -> None:
+    """Postfix returns our headers; with no VERP address, only a signed Message-ID ties it.
+
+    The same genuine DSN for a message with an old sequential Message-ID is
+    kept unverified: an outsider could have written that one.
+    """
+    a, b = send_newsletter(env, ["nosuchuser@users.test.example", "alsomissing@users.test.example"])
+    owner = f"owner@{ENVELOPE_DOMAIN}"  # not a VERP address
+    old = Sent(**{**b.__dict__, "message_id": f"<{b.id}.{b.newsletter_id}.ss@{ENVELOPE_DOMAIN}>"})
+    for sent in (a, old):
+        send_through(postfix, sent, envelope_sender=owner)
+        bounce = wait_for_bounce(postfix, sent.message_id)
+        assert b"Status: 5.1.1" in bounce.read_bytes()
+        code, out, err = run_cli(env, "bounce", "receive", "--recipient", owner,
+                                 stdin=bounce.read_bytes())
+        bounce.unlink()
+        assert code == 0, err
+        if sent is a:
+            assert out.startswith("recorded hard") and "via message-id" in out, out
+        else:
+            assert out.startswith("unverified hard"), out
+    assert state(env, a) == ("bounced", "bounced")
+    assert state(env, b) == ("sent", "active")
+    rows = bounce_rows(env)
+    assert [(r["message_id"], r["verified"], r["evidence"]) for r in rows] == \
+        [(a.id, 1, "message-id"), (None, 0, None)]
+    assert rows[1]["newsletter_id"] == b.newsletter_id  # counted against it, apart

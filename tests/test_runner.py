@@ -9,6 +9,7 @@ import time
 import pymysql
 import pytest
 
+from sendsystem import stats
 from sendsystem.config import load_config
 from sendsystem.db import Database
 from sendsystem.errors import SchemaError
@@ -143,11 +144,54 @@ def test_schema_upgrade_from_previous_version(scratch_db) -> None:  # type: igno
     with pytest.raises(SchemaError, match=r"version 1.*db init"):
         db.check_schema_version()
     db.execute("list_insert", {"name": "old", "from_name": "Old", "from_address": "o@example.com"})
-    assert db.init_schema() == (1, 2)
-    assert db.init_schema() == (2, 2)
-    assert db.check_schema_version() == 2
+    assert db.init_schema() == (1, 3)
+    assert db.init_schema() == (3, 3)
+    assert db.check_schema_version() == 3
     assert db.fetchone("list_by_name", {"name": "old"}) is not None
     db.prepare(["send_mark_deferred", "stats_deferrals"])
+
+
+def test_schema_upgrade_2_to_3_keeps_bounces(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    """v3 (evidence): earlier bounces that acted stay counted; unknown ones become unverified."""
+    path, name = scratch_db
+    config = load_config(path)
+    db = Database(config.database)
+    assert db.init_schema(up_to=2) == (0, 2)
+    conn = pymysql.connect(**server_settings(), database=name, autocommit=True)  # type: ignore[arg-type]
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO lists (name, from_name, from_address) VALUES ('l', 'L', 'l@x')")
+        cur.execute("INSERT INTO templates (name, subject, html) VALUES ('t', 's', 'h')")
+        cur.execute("INSERT INTO newsletters (list_id, template_id, subject, html, state) "
+                    "VALUES (1, 1, 's', 'h', 'done')")
+        cur.execute("INSERT INTO subscribers (list_id, email, domain, fields, status) "
+                    "VALUES (1, 'a@x.example', 'x.example', '{}', 'bounced')")
+        cur.execute("INSERT INTO messages (newsletter_id, subscriber_id, state, message_id) "
+                    "VALUES (1, 1, 'bounced', '<1.1.ss@b.example>')")
+        cur.execute("INSERT INTO bounces (message_id, subscriber_id, email, kind, status) VALUES "
+                    "(1, 1, 'a@x.example', 'hard', '5.1.1'), "
+                    "(NULL, NULL, 'z@x.example', 'unknown', '5.1.1'), "
+                    "(NULL, NULL, 'q@x.example', 'unsubscribe', NULL)")
+    assert db.init_schema() == (2, 3)
+    assert db.init_schema() == (3, 3)
+    assert db.check_schema_version() == 3
+    with conn.cursor(pymysql.cursors.DictCursor) as cur:
+        cur.execute("SELECT newsletter_id, message_id, kind, verified, evidence FROM bounces "
+                    "ORDER BY id")
+        rows = cur.fetchall()
+        cur.execute("SELECT status FROM subscribers")
+        assert cur.fetchall() == [{"status": "bounced"}]
+    conn.close()
+    assert rows == [
+        {"newsletter_id": 1, "message_id": 1, "kind": "hard", "verified": 1, "evidence": None},
+        {"newsletter_id": None, "message_id": None, "kind": "unknown", "verified": 0,
+         "evidence": None},
+        {"newsletter_id": None, "message_id": None, "kind": "unsubscribe", "verified": 0,
+         "evidence": None},
+    ]
+    facts = stats.newsletter_bounces(db, 1)
+    assert (facts["hard"], facts["unverified"]) == (1, 0)
+    db.prepare(["bounce_insert", "bounce_tally_subscriber", "stats_bounces",
+                "bounces_unverified_recent"])
 
 
 def test_prepare_fails_at_start_on_a_wrong_schema(scratch_db) -> None:  # type: ignore[no-untyped-def]

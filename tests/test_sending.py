@@ -17,7 +17,12 @@ import dkim
 import pytest
 
 from sendsystem import admin, stats
-from sendsystem.signing import decode_verp, verify_unsubscribe_token
+from sendsystem.signing import (
+    SignedMessage,
+    decode_message_id,
+    decode_verp,
+    verify_unsubscribe_token,
+)
 from tests.smtp_server import SmtpServer
 
 from .conftest import Env
@@ -50,6 +55,10 @@ def test_replies_states_retries_headers_and_verp(env: Env) -> None:
         srv.rule("user2@example.com", "550 5.7.1 Message rejected by policy")
         srv.rule("user3@example.com", "451 4.3.0 Try again later", times=1)
         nid = make_newsletter(env, 8)
+        # user1 is on another customer's list too: the SMTP-time bounce ends only this one.
+        admin.create_list(env.db, "other", "Other <other@example.com>")
+        (env.tmp / "other.csv").write_text("email\nuser1@example.com\n", encoding="utf-8")
+        admin.import_csv(env.db, "other", env.tmp / "other.csv")
         run_pipeline_once(env)
         # The deferred one comes back after retry_min (1 s): run again.
         wait_for(lambda: sql(env, "SELECT next_attempt_at <= NOW(6) AS due FROM messages "
@@ -69,8 +78,14 @@ def test_replies_states_retries_headers_and_verp(env: Env) -> None:
         == (2, 1)
     assert rows["user0@example.com"]["reply"].startswith("250")
     assert all(r["body"] is None for r in rows.values())  # purged when final
-    bounces = sql(env, "SELECT email, kind, status FROM bounces")
-    assert bounces == [{"email": "user1@example.com", "kind": "hard", "status": "5.1.1"}]
+    bounces = sql(env, "SELECT email, kind, status, verified, evidence, newsletter_id "
+                       "FROM bounces")
+    # Our relay's reply on our connection is first-hand evidence: it acts.
+    assert bounces == [{"email": "user1@example.com", "kind": "hard", "status": "5.1.1",
+                        "verified": 1, "evidence": "smtp", "newsletter_id": nid}]
+    assert [r["status"] for r in sql(env, "SELECT s.status FROM subscribers s JOIN lists l "
+                                          "ON l.id = s.list_id WHERE l.name = 'other'")] \
+        == ["active"]
 
     assert Counter(r for m in received for r in m.rcpt_tos) == {
         f"user{i}@example.com": 1 for i in (0, 3, 4, 5, 6, 7)}
@@ -90,6 +105,7 @@ def test_replies_states_retries_headers_and_verp(env: Env) -> None:
         mid = decode_verp(secret, m.mail_from, "bounces.test.example")
         assert mid is not None and rows[rcpt]["id"] == mid
         assert msg["Message-ID"] == rows[rcpt]["message_id"]
+        assert decode_message_id(secret, msg["Message-ID"]) == SignedMessage(mid, nid)
         assert msg.get_body(("html",)) is not None and msg.get_body(("plain",)) is not None
     # A forged VERP address does not decode.
     assert decode_verp(secret, "b1-aaaaaaaaaaaaaaaa@bounces.test.example") is None

@@ -35,7 +35,7 @@ def bounce() -> None:
 @click.option("--db-wait", type=float, default=5.0, show_default=True, metavar="SECONDS",
               help="How long to wait for an unreachable database before exit 75.")
 @click.option("--keep-unknown", type=path_arg(file_okay=False), metavar="MAILDIR",
-              help="Also deliver mail that needs a human (unattributed, not a bounce) "
+              help="Also deliver mail that needs a human (unverified, not a bounce) "
                    "into this Maildir.")
 @pass_ctx
 def receive(ctx: Context, recipient: str | None, db_wait: float,
