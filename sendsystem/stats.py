@@ -72,7 +72,7 @@ def _workers(db: Database, name: str, role: str, newsletter_id: int) -> list[dic
 def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
     nl = get_newsletter(db, newsletter_id)
     c = counts(db, newsletter_id)
-    bounces = {"hard": 0, "soft": 0, "complaint": 0, "autoreply": 0}
+    bounces = {"hard": 0, "soft": 0, "blocked": 0, "complaint": 0, "autoreply": 0}
     for row in db.fetchall("stats_bounces", {"id": newsletter_id}):
         bounces[row["kind"]] = int(row["n"])
     delivered = c["sent"] + c["bounced"]
