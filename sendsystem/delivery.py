@@ -56,29 +56,11 @@ from aiosmtplib import (
 from aiosmtplib.email import parse_address
 
 from .config import Relay
+from .smtpstatus import Cause, read_reply
 
 log = logging.getLogger(__name__)
 
 MAX_REPLY = 500
-
-# RFC 3463 enhanced status code at the start of the reply text ("5.1.1 ...").
-_ENHANCED = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
-# Wording of "no such mailbox" replies from servers that send no enhanced code.
-_USER_UNKNOWN = re.compile(
-    r"user unknown|unknown user|no such (?:user|mailbox|recipient|address)|"
-    r"unknown (?:recipient|mailbox|address)|recipient unknown|mailbox unknown|"
-    r"does not exist|doesn't exist|invalid (?:recipient|mailbox|address)|"
-    r"(?:user|mailbox|recipient) not found|not a valid (?:mailbox|recipient)|"
-    r"address rejected|user not local|no mailbox",
-    re.IGNORECASE,
-)
-# Wording that points at our reputation or content, not at the address.
-_POLICY = re.compile(
-    r"spam|block|blacklist|denylist|policy|reputation|rate limit|too many|relay",
-    re.IGNORECASE,
-)
-_MAILBOX_FULL = re.compile(r"full|quota|storage|insufficient", re.IGNORECASE)
-
 
 class Outcome(StrEnum):
     SENT = "sent"
@@ -109,36 +91,27 @@ class Result:
 def classify_reply(code: int, text: str) -> tuple[Outcome, bool]:
     """Map an SMTP reply to (outcome, blames_recipient).
 
+    The reply is read by :func:`sendsystem.smtpstatus.read_reply`, the same
+    reading the bounce classifier gives a DSN; only the mapping is ours:
+
     * 2xx -> SENT.
     * 4xx, and anything unexpected (0, 1xx, 3xx) -> DEFERRED: try again later.
-    * 5xx -> FAILED, except "mailbox full" (enhanced 5.2.2, or a bare 552 that
-      talks about quota/storage): many providers report a temporarily full
-      mailbox as 5xx, so it is DEFERRED and the worker's max_age decides.
-    * blames_recipient is True only for permanent failures that say the
-      address is bad: enhanced 5.1.x (except 5.1.7/5.1.8, which are about
-      *our* sender address) and 5.2.1 (mailbox disabled); without an enhanced
-      code, 550/551/553 whose text reads like "user unknown" and not like a
-      policy/spam block. 5.7.x (policy, reputation) never blames the recipient.
+    * 5xx -> FAILED, except a full mailbox (5.2.2, or quota/storage wording
+      with a generic code): many providers report a temporarily full mailbox
+      as 5xx, so it is DEFERRED and the worker's max_age decides.
+    * blames_recipient is True only when the reply says the address is bad
+      (cause ADDRESS: 5.1.x except 5.1.7/5.1.8, 5.2.1, or "user unknown"
+      wording on a generic 550/551/553). Policy and spam blocks (5.7.x, or
+      block/spam wording with a generic code) never blame the recipient.
     """
     if 200 <= code < 300:
         return Outcome.SENT, False
     if not 500 <= code < 600:
         return Outcome.DEFERRED, False
-    m = _ENHANCED.match(text)
-    if m is not None and m.group(1) == "5":
-        subject, detail = int(m.group(2)), int(m.group(3))
-        if subject == 1:
-            return Outcome.FAILED, detail not in (7, 8)
-        if subject == 2:
-            if detail == 2:
-                return Outcome.DEFERRED, False
-            return Outcome.FAILED, detail == 1
-        return Outcome.FAILED, False
-    if code == 552 and _MAILBOX_FULL.search(text):
+    cause = read_reply(text, code=code).cause
+    if cause is Cause.FULL:
         return Outcome.DEFERRED, False
-    if code in (550, 551, 553) and _USER_UNKNOWN.search(text) and not _POLICY.search(text):
-        return Outcome.FAILED, True
-    return Outcome.FAILED, False
+    return Outcome.FAILED, cause is Cause.ADDRESS
 
 
 def _reply(code: int, message: str) -> str:

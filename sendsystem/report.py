@@ -49,7 +49,8 @@ STATE_COLORS: Mapping[str, str] = {
     "failed": "#d64541", "skipped": "#b9a3d0", "bounced": "#e8793a", "cancelled": "#5f6b7a",
 }
 BOUNCE_COLORS: Mapping[str, str] = {
-    "hard": "#d64541", "soft": "#f2b134", "complaint": "#8e44ad", "autoreply": "#7f8c8d",
+    "hard": "#d64541", "soft": "#f2b134", "blocked": "#5f6b7a", "complaint": "#8e44ad",
+    "autoreply": "#7f8c8d",
 }
 # Thresholds at which the health figures turn amber. Mailbox providers'
 # published sender guidelines ask for spam complaints well under 0.3% and

@@ -79,7 +79,7 @@ def newsletter_bounces(db: Database, newsletter_id: int) -> dict[str, Any]:
     newsletter but carried no signed evidence (they changed nothing);
     ``unverified_kinds`` splits it by what they claimed to be.
     """
-    bounces: dict[str, Any] = {"hard": 0, "soft": 0, "complaint": 0, "autoreply": 0}
+    bounces: dict[str, Any] = {"hard": 0, "soft": 0, "blocked": 0, "complaint": 0, "autoreply": 0}
     unverified: dict[str, int] = {}
     for row in db.fetchall("stats_bounces", {"id": newsletter_id}):
         if int(row["verified"]):

@@ -27,7 +27,7 @@ STATES: tuple[str, ...] = (
     "queued", "merged", "deferred", "sent", "failed", "skipped", "bounced", "cancelled",
 )
 FINAL_STATES: frozenset[str] = frozenset({"sent", "failed", "skipped", "bounced", "cancelled"})
-BOUNCE_CLASSES: tuple[str, ...] = ("hard", "soft", "complaint", "autoreply")
+BOUNCE_CLASSES: tuple[str, ...] = ("hard", "soft", "blocked", "complaint", "autoreply")
 
 # Filling gaps in a timeline longer than a week would only produce a huge,
 # useless chart; beyond that the minutes present are shown as they are.

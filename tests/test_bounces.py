@@ -15,7 +15,6 @@ from sendsystem.bounces import (
     enhanced_status,
     enhanced_status_class,
     failure_kind,
-    smtp_reply_blames_recipient,
 )
 from sendsystem.signing import (
     SignedMessage,
@@ -247,28 +246,11 @@ def test_status_helpers() -> None:
     assert enhanced_status_class(None) is None
     assert failure_kind("5.1.1") is BounceKind.HARD
     assert failure_kind("5.2.2") is BounceKind.SOFT
-    assert failure_kind("5.7.1", "blocked for spam") is BounceKind.SOFT
+    assert failure_kind("5.7.1", "blocked for spam") is BounceKind.BLOCKED
+    assert failure_kind("5.0.0", "550 5.7.1 blocked for spam") is BounceKind.BLOCKED
     assert failure_kind("5.0.0", "mailbox full") is BounceKind.SOFT
     assert failure_kind("4.2.2") is BounceKind.SOFT
     assert failure_kind(None) is BounceKind.SOFT
-
-
-@pytest.mark.parametrize(("code", "text", "blamed"), [
-    (550, "5.1.1 <x@example.org>: Recipient address rejected: User unknown", True),
-    (550, "5.1.10 RESOLVER.ADR.RecipientNotFound", True),
-    (553, "5.1.2 Domain does not exist", True),
-    (550, "5.2.1 The email account that you tried to reach is disabled", True),
-    (550, "No such user here", True),
-    (550, "5.7.1 Service unavailable; client host blocked using Spamhaus", False),
-    (554, "5.7.26 Unauthenticated email is not accepted (DMARC)", False),
-    (552, "5.2.2 Mailbox full", False),
-    (550, "Mailbox quota exceeded", False),
-    (554, "Transaction failed", False),
-    (450, "4.1.1 Recipient temporarily unknown", False),
-    (421, "4.7.0 Try again later", False),
-])
-def test_smtp_reply_blames_recipient(code: int, text: str, blamed: bool) -> None:
-    assert smtp_reply_blames_recipient(code, text) is blamed
 
 
 def test_signed_message_id_from_wrong_secret_is_no_evidence() -> None:

@@ -533,3 +533,18 @@ def test_stats_and_status_show_unverified_reports_apart(env: Env) -> None:
     code, out, err = env.cli("status")
     assert code == 0, err
     assert "Unverified bounce/complaint reports, last 24 h: 1" in out
+
+
+def test_policy_blocks_are_kept_and_never_counted(env: Env) -> None:
+    """A spam block names our reputation, not the reader: stored as `blocked`, counted nowhere."""
+    sent = [send_newsletter(env, ["reader@gmail.example"], list_name=f"l{i}")[0]
+            for i in range(4)]
+    block = "smtp; 550-5.7.1 Our system has detected that this message is likely unsolicited mail"
+    results = [process(env.db, env.config, dsn(s.verp, s.email, status="5.0.0", diagnostic=block))
+               for s in sent]  # 4 > soft_limit 3, with a generic Status as Exim writes it
+    assert [(r.action, r.kind, r.status) for r in results] == \
+        [(Action.RECORDED, BounceKind.BLOCKED, "5.7.1")] * 4
+    assert not any(r.status_changed for r in results)
+    assert [state(env, s) for s in sent] == [("sent", "active")] * 4
+    assert [r["kind"] for r in bounce_rows(env)] == ["blocked"] * 4
+    assert stats.newsletter_stats(env.db, sent[0].newsletter_id)["bounces"]["blocked"] == 1

@@ -29,7 +29,7 @@ STATS: dict[str, Any] = {
     "replies": [{"code": 250, "reply": "250 2.0.0 Ok", "count": 19950},
                 {"code": 550, "reply": "550 5.1.1 <bob@example.com> unknown", "count": 20}],
     "deferrals": 42,
-    "bounces": {"hard": 10, "soft": 3, "complaint": 1, "autoreply": 0},
+    "bounces": {"hard": 10, "soft": 3, "blocked": 2, "complaint": 1, "autoreply": 0},
     "bounce_rate": 0.0007, "complaint_rate": 0.00005, "pause_reason": None,
     "duration_seconds": 180.4, "rate": 110.8,
 }
@@ -98,9 +98,11 @@ def test_three_charts_with_expected_series_and_bars() -> None:
     segments = tree.with_class("states", "segment")
     assert [s["data-state"] for s in segments] == ["sent", "failed", "skipped", "bounced"]
     bars = tree.with_class("bounces", "bar")
-    assert [b["data-class"] for b in bars] == ["hard", "soft", "complaint", "autoreply"]
+    assert [b["data-class"] for b in bars] == ["hard", "soft", "blocked", "complaint",
+                                              "autoreply"]
     heights = {b["data-class"]: float(b["height"]) for b in bars}
-    assert heights["hard"] > heights["soft"] > heights["complaint"] > heights["autoreply"] == 0
+    assert heights["hard"] > heights["soft"] > heights["blocked"] > heights["complaint"] \
+        > heights["autoreply"] == 0
 
 
 def test_timeline_has_axes_ticks_and_legend() -> None:
@@ -147,7 +149,7 @@ def test_no_timeline_yet() -> None:
     assert tree.with_class("timeline", "series") == []
     assert "Nothing sent yet" in page
     assert [s["data-state"] for s in tree.with_class("states", "segment")] == ["queued"]
-    assert len(tree.with_class("bounces", "bar")) == 4
+    assert len(tree.with_class("bounces", "bar")) == 5
     assert "No bounces recorded" in page
 
 
@@ -163,7 +165,7 @@ def test_single_minute_draws_one_stacked_column_per_worker() -> None:
 
 
 def test_zero_bounces_and_empty_counts() -> None:
-    stats = dict(STATS, bounces={"hard": 0, "soft": 0, "complaint": 0, "autoreply": 0},
+    stats = dict(STATS, bounces=dict.fromkeys(STATS["bounces"], 0),  # type: ignore[arg-type]
                  counts={}, total=0)
     page, tree = parse(stats)
     assert all(float(b["height"]) == 0 for b in tree.with_class("bounces", "bar"))

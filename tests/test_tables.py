@@ -65,7 +65,7 @@ STATS: dict[str, Any] = {
     "replies": [{"code": 250, "reply": "250 2.0.0 Ok", "count": 19950},
                 {"code": 550, "reply": "550 5.1.1 User unknown", "count": 20}],
     "deferrals": 42,
-    "bounces": {"hard": 10, "soft": 3, "complaint": 1, "autoreply": 0},
+    "bounces": {"hard": 10, "soft": 3, "blocked": 2, "complaint": 1, "autoreply": 0},
     "bounce_rate": 0.0007, "complaint_rate": 0.00005, "pause_reason": None,
     "duration_seconds": 180.4, "rate": 110.8,
 }
@@ -168,7 +168,7 @@ def test_stats_sections() -> None:
     assert "sent          19,936   99.7%" in text
     assert "Deferrals: 42" in text
     assert "550 5.1.1 User unknown" in text
-    assert "hard 10, soft 3, complaint 1, autoreply 0" in text
+    assert "hard 10, soft 3, blocked 2, complaint 1, autoreply 0" in text
     assert "bounce rate 0.070%" in text and "complaint rate 0.0050%" in text
     # The missing minute 21:01 shows as a zero, not as a silently skipped line.
     minutes = [line.split()[0] for line in text.splitlines() if line.startswith("  21:")]
