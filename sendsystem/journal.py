@@ -27,6 +27,23 @@ flush) has no newline and is cut off when the journal is opened, so new lines
 never glue onto it; a line whose CRC does not match is skipped with a
 warning. An exclusive ``flock`` makes a second process with the same worker
 name fail loudly instead of interleaving with the first.
+
+Hardening: whoever can replace this file decides what the next start-up
+marks sent (entries are CRC-checked, not authenticated), so the directory
+must be the worker's own, the way OpenSSH's StrictModes treats ~/.ssh.
+It is created ``0700`` when missing, and refused when it is not owned by
+the user running the worker, or is writable by its group or by others
+(group-writable is refused too, even when we own it: a group member could
+swap the journal for a forged one; a shared group directory gains nothing
+here, each worker has its own files). The file is opened relative to the
+checked directory's descriptor with ``O_NOFOLLOW`` (a symbolic link planted
+at its path is refused, never followed), must be a regular file with one
+link owned by us, and is created ``0600`` (an older, looser mode is
+tightened). Parent directories are not checked.
+
+Failures name the path, the reason and the fix. The send worker treats a
+journal it cannot write mid-run as a reason to stop (outcomes.py): the
+outcome still goes to the database, nothing is resent.
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import time
 import zlib
 from collections.abc import Sequence
@@ -46,6 +64,7 @@ from .errors import SendSystemError
 log = logging.getLogger(__name__)
 
 SUFFIX = ".journal"
+PROBE = "probe"  # the outcome of check_writable()'s line
 _CLEAN = str.maketrans({"\t": " ", "\r": " ", "\n": " "})
 
 
@@ -87,15 +106,19 @@ class Journal:
         self._synced_at = time.monotonic()
         self._dirty = False
         self._fd: int | None = None
+        dfd = self._open_directory()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise self._error("create the directory for", exc) from None
-        try:
-            created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd, created = self._open_file(dfd, f"{name}{SUFFIX}")
+            if created and fsync:
+                try:
+                    os.fsync(dfd)  # so the new directory entry survives a power cut too
+                except OSError:
+                    os.close(fd)
+                    raise
         except OSError as exc:
             raise self._error("open", exc) from None
+        finally:
+            os.close(dfd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,8 +129,6 @@ class Journal:
             ) from None
         self._fd = fd
         try:
-            if created and fsync:
-                self._sync_directory()
             self._cut_torn_tail()
         except OSError as exc:
             self.close()
@@ -173,6 +194,19 @@ class Journal:
         except OSError as exc:
             raise self._error("truncate", exc) from None
 
+    def check_writable(self) -> None:
+        """Append, sync and cut one probe line, so that a full or read-only file system
+        is found at start-up rather than after the relay accepted the first message.
+
+        Only on an empty journal (a real entry is never cut); replay ignores the probe
+        line should a crash leave it behind (its outcome is neither sent nor failed).
+        """
+        if self.size():
+            return
+        self.append([(0, PROBE, "journal write check")])
+        self.sync()
+        self.truncate()
+
     def size(self) -> int:
         """Current file size in bytes (for status and logs)."""
         return os.fstat(self._require_fd()).st_size
@@ -225,13 +259,60 @@ class Journal:
                     self.path, len(data) - keep)
         os.ftruncate(self._require_fd(), keep)
 
-    def _sync_directory(self) -> None:
-        # So that the new file's directory entry survives a power cut too.
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+    def _open_directory(self) -> int:
+        """Create the directory 0700 when missing; check it is ours and private; its fd."""
         try:
-            os.fsync(dfd)
-        finally:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._error("create the directory for", exc) from None
+        try:
+            dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._error("open the directory of", exc) from None
+        try:
+            check_directory(self.directory, os.fstat(dfd))
+        except JournalError:
             os.close(dfd)
+            raise
+        return dfd
+
+    def _open_file(self, dfd: int, filename: str) -> tuple[int, bool]:
+        """(fd, created) of the journal file, never through a symbolic link."""
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(filename, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dfd)
+            created = True
+        except FileExistsError:
+            created = False
+            try:
+                fd = os.open(filename, flags, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise JournalError(
+                        f"Journal {self.path} is a symbolic link; it is never followed. "
+                        f"Remove it (rm {self.path}) and find out who put it there."
+                    ) from None
+                raise
+        try:
+            st = os.fstat(fd)
+            problem = None
+            if not stat.S_ISREG(st.st_mode):
+                problem = "is not a regular file"
+            elif st.st_nlink != 1:
+                problem = f"has {st.st_nlink} hard links"
+            elif st.st_uid != os.geteuid():
+                problem = f"is owned by uid {st.st_uid}, not by uid {os.geteuid()} running it"
+            if problem is not None:
+                raise JournalError(
+                    f"Journal {self.path} {problem}; refusing to use it. Remove it "
+                    f"(rm {self.path}) and find out who put it there."
+                )
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, created
 
     def _error(self, action: str, exc: OSError) -> JournalError:
         reason = exc.strerror or str(exc)
@@ -245,3 +326,25 @@ class Journal:
             hint = (f"Check that {self.directory} is a writable directory, or set "
                     "[paths] journal_dir in config.ini to one.")
         return JournalError(f"Cannot {action} the send journal {self.path}: {reason}. {hint}")
+
+
+def check_directory(directory: Path, st: os.stat_result) -> None:
+    """Refuse a journal directory that is not ours alone (see the module docstring)."""
+    uid = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise JournalError(f"Journal directory {directory} is not a directory. Point "
+                           "[paths] journal_dir in config.ini at a directory.")
+    if st.st_uid != uid:
+        raise JournalError(
+            f"Journal directory {directory} is owned by uid {st.st_uid}, not by uid {uid} "
+            f"running the send worker; refusing it, as another user could forge its journal. "
+            f"Fix: chown {uid} {directory} && chmod 700 {directory}, or point [paths] "
+            "journal_dir in config.ini at a directory of the send worker's own."
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = "everyone" if mode & stat.S_IWOTH else "its group"
+        raise JournalError(
+            f"Journal directory {directory} is writable by {who} (mode {mode:04o}); refusing "
+            f"it, as they could replace the journal. Fix: chmod 700 {directory}."
+        )

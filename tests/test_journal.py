@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,125 @@ def test_sigkill_leaves_a_clean_prefix(tmp_path: Path) -> None:
         ids = [e[0] for e in j.replay()]
     assert len(ids) >= 50
     assert ids == list(range(len(ids)))  # complete entries, in order, no gaps
+
+
+# -- hardening: a journal directory that is ours alone, files never followed ----------
+
+
+def test_new_directory_is_0700_and_files_are_0600(tmp_path: Path) -> None:
+    directory = tmp_path / "new" / "journal"
+    with Journal(directory, "w") as j:
+        j.append([(1, "sent", "250 ok")])
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / "w.journal").stat().st_mode) == 0o600
+
+
+def test_a_looser_existing_file_is_tightened(tmp_path: Path) -> None:
+    with Journal(tmp_path, "w") as j:
+        j.append([(1, "sent", "250 ok")])
+    path = tmp_path / "w.journal"
+    path.chmod(0o644)
+    with Journal(tmp_path, "w") as j:
+        assert j.replay() == [(1, "sent", "250 ok")]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_symlink_at_the_journal_path_is_refused_not_followed(tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious\n")
+    directory = tmp_path / "journal"
+    directory.mkdir(mode=0o700)
+    (directory / "w.journal").symlink_to(target)
+    with pytest.raises(JournalError, match="symbolic link") as info:
+        Journal(directory, "w")
+    assert f"rm {directory / 'w.journal'}" in str(info.value)
+    assert target.read_bytes() == b"precious\n"
+    # A dangling link (a file the attacker wants created) is refused too.
+    target.unlink()
+    with pytest.raises(JournalError, match="symbolic link"):
+        Journal(directory, "w")
+    assert not target.exists()
+
+
+def test_hard_link_and_non_regular_file_are_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    directory.mkdir(mode=0o700)
+    other = tmp_path / "other"
+    other.write_bytes(b"")
+    os.link(other, directory / "w.journal")
+    with pytest.raises(JournalError, match="2 hard links"):
+        Journal(directory, "w")
+    os.mkfifo(directory / "f.journal")
+    with pytest.raises(JournalError, match="not a regular file"):
+        Journal(directory, "f")
+
+
+@pytest.mark.parametrize(("mode", "who"), [(0o777, "everyone"), (0o1777, "everyone"),
+                                           (0o770, "its group"), (0o720, "its group")])
+def test_directory_writable_by_others_is_refused(tmp_path: Path, mode: int, who: str) -> None:
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    directory.chmod(mode)
+    with pytest.raises(JournalError) as info:
+        Journal(directory, "w")
+    assert f"writable by {who}" in str(info.value)
+    assert f"chmod 700 {directory}" in str(info.value)
+    assert not (directory / "w.journal").exists()
+    directory.chmod(0o750)  # group may read, nobody else may write: accepted
+    Journal(directory, "w").close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a directory away")
+def test_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)
+    with pytest.raises(JournalError) as info:
+        Journal(directory, "w")
+    assert "owned by uid 65534" in str(info.value)
+    assert f"chown {os.geteuid()} {directory}" in str(info.value)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KB tmpfs (root only), unmounted at the end whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "tmpfs"
+    mount.mkdir(mode=0o700)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs",
+                           str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory: Path) -> None:
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_full_disk_is_found_by_the_write_check_and_says_what_to_do(tiny_tmpfs: Path) -> None:
+    with Journal(tiny_tmpfs, "w") as j:
+        j.check_writable()
+        assert j.size() == 0
+        _fill(tiny_tmpfs)
+        with pytest.raises(JournalError) as info:
+            j.check_writable()
+        assert "No space left on device" in str(info.value)
+        assert f"Free disk space on the file system holding {tiny_tmpfs}" in str(info.value)
+        with pytest.raises(JournalError, match="Free disk space"):
+            j.append([(1, "sent", "250 ok")])
+    (tiny_tmpfs / "filler").unlink()
+    with Journal(tiny_tmpfs, "w") as j:
+        assert j.replay() == []  # nothing half-written is taken for an entry
+        j.check_writable()
