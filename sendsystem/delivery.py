@@ -115,7 +115,16 @@ def classify_reply(code: int, text: str) -> tuple[Outcome, bool]:
 
 
 def _reply(code: int, message: str) -> str:
+    """One line of at most MAX_REPLY characters that the database can store.
+
+    aiosmtplib decodes replies with ``surrogateescape``: a relay answering in
+    Latin-1 ("Empfänger unbekannt") yields lone surrogates, which no UTF-8
+    connection can send, so the outcome writer would retry that write forever.
+    Such bytes become U+FFFD here.
+    """
     text = f"{code} {message}" if code else message
+    if not text.isascii():
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if "\n" in text or "\r" in text:
         text = " ".join(text.split())
     return text[:MAX_REPLY]

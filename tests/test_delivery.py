@@ -311,3 +311,40 @@ def test_closed_pool_defers(server: SmtpServer) -> None:
 ])
 def test_classify_reply(code: int, text: str, expected: tuple[Outcome, bool]) -> None:
     assert classify_reply(code, text) == expected
+
+
+def test_a_reply_in_latin_1_becomes_storable_text() -> None:
+    """A relay answering in Latin-1 must not yield lone surrogates (aiosmtplib decodes
+    with surrogateescape): the database refuses them and the outcome writer would
+    retry that write forever."""
+    async def main() -> Result:
+        async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"220 old.example.com ESMTP\r\n")
+            while line := await reader.readline():
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    writer.write(b"250 old.example.com\r\n")
+                elif verb == b"RCPT":
+                    writer.write(b"550 5.1.1 Empf\xe4nger unbekannt\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(session, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        p = pool([Relay("127.0.0.1", port)])
+        try:
+            return await p.deliver(env(1))
+        finally:
+            await p.close()
+            server.close()
+            await server.wait_closed()
+
+    result = asyncio.run(main())
+    assert (result.outcome, result.code, result.blames_recipient) == (Outcome.FAILED, 550, True)
+    assert result.reply == "550 5.1.1 Empf\ufffdnger unbekannt"
+    result.reply.encode("utf-8")  # no lone surrogates: storable
