@@ -54,6 +54,12 @@ _HARD_LIMIT = 998  # RFC 5322 "MUST" line length
 
 _SMTP = email.policy.SMTP
 
+# What finalize() checks a stored message with: a first header field, and the
+# Content-Type build_skeleton() writes for a newsletter with attachments.
+_STORED_FIELD = re.compile(rb"[!-9;-~]+:")
+_MIXED_TYPE = b"Content-Type: multipart/mixed;"
+_MIXED_LINE = CRLF + _MIXED_TYPE  # at a line start: never inside a Subject value
+
 
 def safe_header_value(value: str) -> str:
     """Collapse every run of CR/LF/control characters to one space (and trim).
@@ -275,7 +281,25 @@ def finalize(stored: bytes, tail: bytes, headers: Sequence[tuple[str, str]]) -> 
     value containing CR, LF or another control character (a header injection
     attempt or a bug upstream: never silently repaired here). Non-ASCII values
     are RFC 2047 encoded.
+
+    The stored message is checked as far as it costs nothing per message (a
+    scan of its header block): it must start with a header field and have a
+    header/body separator, and it must be a multipart/mixed exactly when there
+    is a ``tail`` -- attachments appended to a message that has no place for
+    them, or a mixed message left unterminated because its newsletter's
+    attachments are gone, would reach the recipient broken. ValueError
+    otherwise, so the send worker fails that message with the reason.
     """
+    end = stored.find(b"\r\n\r\n")
+    if end < 0 or not _STORED_FIELD.match(stored):
+        raise ValueError("the stored message has no header block (not a merged message)")
+    mixed = stored.startswith(_MIXED_TYPE) or stored.find(_MIXED_LINE, 0, end) >= 0
+    if mixed and not tail:
+        raise ValueError("the stored message expects attachments but its newsletter has "
+                         "none (attachment rows deleted?)")
+    if tail and not mixed:
+        raise ValueError("its newsletter has attachments but the stored message has no "
+                         "place for them (merged before they were added?)")
     lines: list[bytes] = []
     for name, value in headers:
         if not _HEADER_NAME.match(name):

@@ -9,6 +9,13 @@ first SIGTERM/SIGINT, ``--max-runtime`` or, with ``--once``, running out of
 work, ends the loop gracefully: the role hands back what it holds, marks
 itself stopped and exits 0. A second signal stops at once (like rq's cold
 shutdown).
+
+A role that finds it cannot go on safely (the send worker's journal cannot
+be written) calls :meth:`Runner.fail`: the same graceful stop, then an
+error line saying what to fix and the error's exit status instead of 0, so
+cron mail and supervisors see it. An error while setting up (before the
+loop) marks the worker stopped before it propagates, so the balancer takes
+its batches back at once instead of after ``heartbeat_timeout``.
 """
 
 from __future__ import annotations
@@ -86,6 +93,8 @@ class Runner:
         self.config = config
         self.options = options
         self.stop_reason: str | None = None
+        # Set by fail(): why this process must not go on; it exits with its status.
+        self.failure: SendSystemError | None = None
         self._signals = 0
         self.worker_id = 0
         self.processed = 0
@@ -126,6 +135,12 @@ class Runner:
         if self.stop_reason is None:
             log.info("%s %s: stopping (%s)", self.role, self.options.name, reason)
             self.stop_reason = reason
+
+    def fail(self, error: SendSystemError, reason: str) -> None:
+        """Stop gracefully (hand back, mark stopped), then exit with ``error``'s status."""
+        if self.failure is None:
+            self.failure = error
+        self.request_stop(reason)
 
     def _abort_db_wait(self) -> bool:
         return self._signals > 0
@@ -178,9 +193,18 @@ class Runner:
                 return 0
             log.info("%s %s registered as worker %s (pid %s)", self.role, self.options.name,
                      self.worker_id, os.getpid())
-            self.setup()
+            try:
+                self.setup()
+            except SendSystemError as exc:
+                if not isinstance(exc, TemporaryError):
+                    self._best_effort_stopped()
+                raise
             self.heartbeat(force=True)
             self._loop()
+            if self.failure is not None:
+                log.error("%s %s exits with status %d: %s", self.role, self.options.name,
+                          self.failure.exit_code, self.failure)
+                return self.failure.exit_code
             return 0
         except ForcedStop as exc:
             log.warning("%s %s: second %s, stopping now", self.role, self.options.name, exc)

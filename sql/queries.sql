@@ -68,7 +68,7 @@ INSERT INTO attachments (newsletter_id, filename, content_type, size, data)
 VALUES (%(newsletter_id)s, %(filename)s, %(content_type)s, %(size)s, %(data)s);
 
 -- name: attachments_for_newsletter
-SELECT id, filename, content_type, data FROM attachments WHERE newsletter_id = %(id)s ORDER BY id;
+SELECT id, filename, content_type, size, data FROM attachments WHERE newsletter_id = %(id)s ORDER BY id;
 
 -- name: newsletter_get
 SELECT n.id, n.list_id, n.subject, n.html, n.text, n.state, n.send_at, n.total, n.pause_reason,

@@ -13,7 +13,18 @@ Each final outcome is also appended to a local journal before it is queued
 for writing. Two journal files take turns: new entries go to one while the
 entries of the other are being written, and a file is emptied only once all
 of its entries are committed. At start-up both are replayed into the
-database before any new work.
+database before any new work, and then each is probed with one write, so a
+full or read-only file system stops the worker before it sends anything.
+
+A journal that cannot be written mid-run (disk full, file system remounted
+read-only, permissions; append or truncate) never loses an outcome and
+never kills the writer thread: the outcome is still queued for the database
+(it is the journal that is lost, not the outcome), later outcomes skip the
+journal, and ``on_journal_error`` is called once so the worker stops taking
+messages and hands back its batches once everything in memory is committed.
+Nothing is resent: the accepted messages are in the database before their
+batch goes back. What is lost is only the SIGKILL protection for the few
+messages in flight while the worker drains.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from typing import Any
 from ..config import Config
 from ..db import Database
 from ..errors import TemporaryError
-from ..journal import Journal
+from ..journal import Journal, JournalError
 from ..recipients import RECIPIENT_STATEMENTS, record_bounce
 
 log = logging.getLogger(__name__)
@@ -65,8 +76,12 @@ class OutcomeWriter:
     """Writes outcomes in a background thread; see the module docstring."""
 
     def __init__(self, config: Config, worker_id: int, name: str,
-                 should_abort: Callable[[], bool]) -> None:
+                 should_abort: Callable[[], bool],
+                 on_journal_error: Callable[[JournalError], None] | None = None) -> None:
         self.config = config
+        self.on_journal_error = on_journal_error
+        # The first failure to write the journal; from then on it is not written.
+        self.journal_error: JournalError | None = None
         self.worker_id = worker_id
         self.db = Database(config.database, retry_for=None, should_abort=should_abort)
         directory = config.paths.journal_dir
@@ -87,7 +102,8 @@ class OutcomeWriter:
         entries: dict[int, tuple[str, str]] = {}
         for journal in self.journals:
             for mid, outcome, reply in journal.replay():
-                entries[mid] = (outcome, reply)
+                if outcome in ("sent", "failed"):  # not a probe line
+                    entries[mid] = (outcome, reply)
         if entries:
             batch = Pending()
             for mid, (outcome, reply) in entries.items():
@@ -98,6 +114,7 @@ class OutcomeWriter:
                         "(they are not sent again)", len(entries))
         for journal in self.journals:
             journal.truncate()
+            journal.check_writable()
         return len(entries)
 
     def start(self) -> None:
@@ -117,13 +134,20 @@ class OutcomeWriter:
 
     def add(self, kind: str, row: tuple[Any, ...], journal_entry: tuple[int, str, str] | None
             = None, bounce: dict[str, Any] | None = None) -> None:
+        failure = None
         with self._cond:
-            if journal_entry is not None:
-                self.journals[self._current].append([journal_entry])
+            if journal_entry is not None and self.journal_error is None:
+                try:
+                    self.journals[self._current].append([journal_entry])
+                except JournalError as exc:
+                    failure = self.journal_error = exc
+            # Queued for the database whether or not the journal took it.
             getattr(self._pending, kind).append(row)
             if bounce is not None:
                 self._pending.bounces.append(bounce)
             self._cond.notify()
+        if failure is not None:
+            self._journal_failed(failure)
 
     def take_written(self) -> list[int]:
         """Message ids whose outcome is now in the database."""
@@ -162,11 +186,26 @@ class OutcomeWriter:
                 except Exception:
                     log.exception("writing outcomes failed; retrying in 5 s")
                     time.sleep(5)
-            journal.truncate()
+            try:
+                journal.truncate()
+            except JournalError as exc:
+                # Harmless for the entries (they are committed, and replaying them is
+                # idempotent), but the journal can no longer be trusted to work.
+                with self._cond:
+                    first = self.journal_error is None
+                    if first:
+                        self.journal_error = exc
+                if first:
+                    self._journal_failed(exc)
             with self._cond:
                 self._written.extend(batch.ids())
                 self._writing = False
                 self._cond.notify_all()
+
+    def _journal_failed(self, exc: JournalError) -> None:
+        log.error("%s Outcomes still go to the database; this worker stops.", exc)
+        if self.on_journal_error is not None:
+            self.on_journal_error(exc)
 
     def _write(self, batch: Pending) -> None:
         worker = {"worker": self.worker_id}

@@ -17,6 +17,28 @@ On start-up the journal is replayed into the database before any new work,
 so a worker restarted after SIGKILL does not resend what the relay already
 accepted. Only messages on the wire at the instant of the kill (at most
 ``connections`` x relays) can go out twice.
+
+Poison messages (Mailman's shunt, here "failed with the reason"): a message
+that cannot be built -- a stored body that does not decompress, one that
+:func:`finalize` refuses, a DKIM signing error, a newsletter whose
+attachment parts cannot be built or are missing -- becomes ``failed`` with
+"cannot build message: <why>" as its reply (reply code 0), recorded like
+any final outcome (journal, then database), and the worker goes on. A
+refused or unusable recipient address is failed by the delivery pool.
+An exception escaping ``DeliveryPool.deliver()`` is a bug, not an SMTP
+reply; the message is *deferred* with the reason and the usual back-off,
+because we cannot know whether the relay saw the end of DATA: failing it
+could drop a good message on a transient bug, marking it sent could hide
+one never delivered, and dropping the row (as before) made the batch
+fetch and send it again at once, forever. The back-off bounds the retries
+and ``max_age`` ends them as ``failed``. So no row can crash the worker or
+make it loop.
+
+A journal that cannot be written (disk full, read-only, permissions) stops
+the worker through :meth:`Runner.fail`: no new message is handed to the
+pool, the ones on the wire finish, every outcome held in memory is
+committed, then the batches are handed back and it exits with status 1
+and the journal's message, which says what to fix.
 """
 
 from __future__ import annotations
@@ -26,12 +48,15 @@ import email.utils
 import logging
 import random
 import time
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..addresses import domain_of
-from ..delivery import DeliveryPool, Envelope, Outcome, Result
+from ..delivery import MAX_REPLY, DeliveryPool, Envelope, Outcome, Result
+from ..errors import SendSystemError
+from ..journal import JournalError
 from ..merge import TemplateSource, compression_dictionary, decompress
 from ..mime import Attachment, attachment_tail, finalize, safe_header_value
 from ..ratelimit import AsyncRateLimiter, DomainRateLimiter
@@ -54,6 +79,12 @@ class NewsletterParts:
     list_name: str
     zdict: bytes
     tail: bytes
+    # Set when the shared parts cannot be built: every message of it fails with it.
+    broken: str | None = None
+
+
+class BuildError(Exception):
+    """One message cannot be built; ``str()`` is the reason recorded for it."""
 
 
 def retry_delay(attempts: int, retry_min: float, retry_max: float) -> float:
@@ -95,9 +126,13 @@ class SendWorker(Runner):
 
     def setup(self) -> None:
         self.writer = OutcomeWriter(self.config, self.worker_id, self.options.name,
-                                    self._abort_db_wait)
+                                    self._abort_db_wait, self._journal_failed)
         self.writer.replay()
         self.writer.start()
+
+    def _journal_failed(self, exc: JournalError) -> None:
+        # May run in the writer thread: it only sets flags the event loop reads.
+        self.fail(exc, "the send journal cannot be written")
 
     def shutdown(self) -> None:
         if self.writer is not None:
@@ -130,14 +165,19 @@ class SendWorker(Runner):
             return 0
         return self.loop.run_until_complete(self._send_batches(batches))
 
+    def make_pool(self) -> DeliveryPool:
+        """The SMTP pool (inside the running loop); tests subclass it to inject faults."""
+        s = self.config.sending
+        return DeliveryPool(s.relays, connections=s.connections,
+                            messages_per_connection=s.messages_per_connection,
+                            timeout=s.timeout, helo=s.helo or None,
+                            relay_backoff_min=s.relay_backoff_min,
+                            relay_backoff_max=s.relay_backoff_max)
+
     async def _send_batches(self, batches: list[dict[str, Any]]) -> int:
         s = self.config.sending
         if self.pool is None:
-            self.pool = DeliveryPool(s.relays, connections=s.connections,
-                                     messages_per_connection=s.messages_per_connection,
-                                     timeout=s.timeout, helo=s.helo or None,
-                                     relay_backoff_min=s.relay_backoff_min,
-                                     relay_backoff_max=s.relay_backoff_max)
+            self.pool = self.make_pool()
             self.rate_limit = AsyncRateLimiter(self.options.max_rate, burst=1)
             self.domain_limit = DomainRateLimiter(s.domain_rates)
         queue: asyncio.Queue[Envelope | None] = asyncio.Queue(maxsize=self.concurrency * 2)
@@ -169,8 +209,15 @@ class SendWorker(Runner):
                             break
                         continue
                     for row in rows:
-                        rows_by_id[int(row["id"])] = row
-                        env = self._envelope(row)
+                        mid = int(row["id"])
+                        rows_by_id[mid] = row
+                        try:
+                            env = self._build(row)
+                        except BaseException:
+                            # Database trouble: no outcome was recorded, so the row
+                            # must be fetched again when the work is retried.
+                            rows_by_id.pop(mid, None)
+                            raise
                         if env is not None:
                             await queue.put(env)
                             done += 1
@@ -196,18 +243,50 @@ class SendWorker(Runner):
             try:
                 if env is None:
                     return
-                await self.rate_limit.acquire()
-                await self.domain_limit.acquire(domain_of(env.recipient))
-                result = await self.pool.deliver(env)
+                if self.failure is None:
+                    await self.rate_limit.acquire()
+                    await self.domain_limit.acquire(domain_of(env.recipient))
+                if self.failure is not None:
+                    # Stopping because it is unsafe to go on: not handed to the relay;
+                    # the row stays merged/deferred and goes back with the batch.
+                    rows.pop(env.key, None)
+                    continue
+                try:
+                    result = await self.pool.deliver(env)
+                except Exception as exc:
+                    # deliver() returns SMTP and network trouble as a Result: this is a
+                    # bug. Deferred, not dropped (see the module docstring).
+                    log.exception("message %s: unexpected error in delivery; deferred",
+                                  env.key)
+                    result = Result(env.key, Outcome.DEFERRED, 0,
+                                    _reason("unexpected error in delivery", exc,
+                                            "(delivery status unknown)"), "", False)
                 # The row stays in `rows` until its outcome is in the database,
                 # so the next fetch of the batch does not send it again.
                 self._record(result, rows[env.key])
-            except Exception:
-                log.exception("unexpected error delivering message %s", getattr(env, "key", "?"))
+            except Exception as exc:
+                # Recording failed (a bug): defer the row plainly rather than leave it
+                # without an outcome, which would make its batch never finish.
+                log.exception("message %s: cannot record its outcome; deferred",
+                              getattr(env, "key", "?"))
                 if env is not None:
-                    rows.pop(env.key, None)
+                    try:
+                        self._defer_plainly(env.key, _reason("cannot record outcome", exc))
+                    except Exception as again:
+                        # The row stays in `rows`, so it is not fetched and sent again;
+                        # stop, and it goes back with the batch.
+                        log.exception("message %s: cannot defer it either", env.key)
+                        self.fail(SendSystemError(
+                            f"Cannot record the outcome of message {env.key} ({again}); "
+                            "this is a bug: report it with this log."),
+                            "an outcome cannot be recorded")
             finally:
                 queue.task_done()
+
+    def _defer_plainly(self, mid: int, reason: str) -> None:
+        assert self.writer is not None
+        delay = retry_delay(0, self.config.sending.retry_min, self.config.sending.retry_max)
+        self.writer.add("deferred", (mid, 0, reason, int(delay * 1_000_000)))
 
     def _record(self, result: Result, row: Mapping[str, Any]) -> None:
         assert self.writer is not None
@@ -237,20 +316,40 @@ class SendWorker(Runner):
 
     def _parts(self, newsletter_id: int) -> NewsletterParts | None:
         if newsletter_id not in self.parts:
+            # Database errors propagate (the runner retries the unit of work); only
+            # building from what was read is this newsletter's own problem.
             row = self.db.fetchone("newsletter_get", {"id": newsletter_id})
             if row is None:
                 self.parts[newsletter_id] = None
             else:
-                src = TemplateSource(subject=row["subject"], html=row["html"], text=row["text"])
-                atts = [Attachment(a["filename"], a["content_type"], a["data"])
-                        for a in self.db.fetchall("attachments_for_newsletter",
-                                                  {"id": newsletter_id})]
-                self.parts[newsletter_id] = NewsletterParts(
-                    newsletter_id=newsletter_id, list_id=int(row["list_id"]),
-                    list_name=row["list_name"], zdict=compression_dictionary(src),
-                    tail=attachment_tail(newsletter_id, atts) if atts else b"",
-                )
+                atts = self.db.fetchall("attachments_for_newsletter", {"id": newsletter_id})
+                self.parts[newsletter_id] = self._build_parts(row, atts)
         return self.parts[newsletter_id]
+
+    def _build_parts(self, row: Mapping[str, Any],
+                     atts: list[dict[str, Any]]) -> NewsletterParts:
+        nid = int(row["id"])
+        parts = NewsletterParts(newsletter_id=nid, list_id=int(row["list_id"]),
+                                list_name=str(row["list_name"]), zdict=b"", tail=b"")
+        try:
+            src = TemplateSource(subject=row["subject"], html=row["html"], text=row["text"])
+            parts.zdict = compression_dictionary(src)
+            for a in atts:
+                data = a["data"]
+                if data is None or len(data) != int(a["size"]):
+                    got = "no data" if data is None else f"{len(data)} bytes"
+                    raise BuildError(f"attachment {a['filename']!r} (id {a['id']}) is corrupt: "
+                                     f"{got} stored, {a['size']} expected")
+            parts.tail = attachment_tail(nid, [
+                Attachment(a["filename"], a["content_type"], a["data"]) for a in atts])
+        except BuildError as exc:
+            parts.broken = f"newsletter {nid}: {exc}"
+        except Exception as exc:
+            log.exception("newsletter %s: cannot build the parts its messages share", nid)
+            parts.broken = _reason(f"newsletter {nid}: its shared parts cannot be built", exc)
+        if parts.broken is not None:
+            log.error("newsletter %s: every message of it fails here: %s", nid, parts.broken)
+        return parts
 
     def _now_header(self) -> str:
         now = int(time.time())
@@ -258,7 +357,8 @@ class SendWorker(Runner):
             self._date = (email.utils.formatdate(now, usegmt=True), now)
         return self._date[0]
 
-    def _envelope(self, row: Mapping[str, Any]) -> Envelope | None:
+    def _build(self, row: Mapping[str, Any]) -> Envelope | None:
+        """The message's Envelope; None when it was skipped or failed here (recorded)."""
         mid = int(row["id"])
         reason = None
         if row["status"] != "active":
@@ -268,10 +368,28 @@ class SendWorker(Runner):
         parts = self._parts(int(row["newsletter_id"]))
         if parts is None:
             reason = "newsletter vanished"
+        assert self.writer is not None
         if reason or parts is None or row["body"] is None:
-            assert self.writer is not None
             self.writer.add("skipped", (mid, reason or "no merged body"))
             return None
+        try:
+            if parts.broken is not None:
+                raise BuildError(parts.broken)
+            return self._envelope(row, parts)
+        except BuildError as exc:
+            failure = f"cannot build message: {exc}"
+            log.warning("message %s failed: %s", mid, failure)
+        except Exception as exc:
+            log.exception("message %s: unexpected error building it; failed", mid)
+            failure = _reason("cannot build message: unexpected error", exc)
+        failure = failure[:MAX_REPLY]
+        self.writer.add("failed", (mid, 0, failure, None), (mid, "failed", failure))
+        self.processed += 1
+        return None
+
+    def _envelope(self, row: Mapping[str, Any], parts: NewsletterParts) -> Envelope:
+        """Final bytes for one message; BuildError says which step refused it and why."""
+        mid = int(row["id"])
         s = self.config.sending
         token = unsubscribe_token(self.secret, int(row["subscriber_id"]), parts.list_id)
         url = self.config.unsubscribe.url.format(token=token)
@@ -286,11 +404,27 @@ class SendWorker(Runner):
                         f"<list{parts.list_id}.{s.envelope_domain}>"),
             ("Precedence", "bulk"),
         ]
-        data = finalize(decompress(row["body"], parts.zdict), parts.tail, headers)
+        try:
+            stored = decompress(row["body"], parts.zdict)
+        except zlib.error as exc:
+            raise BuildError(f"stored body is corrupt (zlib: {exc})") from None
+        try:
+            data = finalize(stored, parts.tail, headers)
+        except ValueError as exc:
+            raise BuildError(f"refused by finalize: {exc}") from None
         if self.signer is not None:
-            data = self.signer.sign(data)
+            try:
+                data = self.signer.sign(data)
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise BuildError(f"DKIM signing failed: {exc}") from None
         return Envelope(key=mid, sender=verp_address(self.secret, mid, s.envelope_domain),
                         recipient=row["email"], data=data)
+
+
+def _reason(what: str, exc: BaseException, suffix: str = "") -> str:
+    """One line for the reply column: what failed and the exception, at most MAX_REPLY."""
+    text = " ".join(f"{what}: {type(exc).__name__}: {exc} {suffix}".split())
+    return text[:MAX_REPLY]
 
 
 def _status(reply: str) -> str | None:
