@@ -29,7 +29,7 @@ from tests.smtp_server import SmtpServer
 
 from .conftest import Env
 from .helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
-from .test_sending import relay_config
+from .test_sending import relay_config, run_pipeline_once
 
 
 def sort_all(env: Env) -> None:
@@ -156,6 +156,22 @@ def test_newsletter_whose_attachments_are_broken_fails_its_messages_only(env: En
         "cannot build message: refused by finalize: the stored message expects attachments "
         "but its newsletter has none (attachment rows deleted?)"}
     assert "Traceback" not in (env.tmp / "tw.log").read_text()
+
+
+def test_sort_worker_fails_a_row_with_corrupt_fields_alone(env: Env) -> None:
+    with SmtpServer() as srv:
+        relay_config(env, srv)
+        nid = make_newsletter(env, 6)
+        sql(env, "UPDATE subscribers SET fields = '{not json' WHERE email = 'user1@example.com'")
+        sql(env, "UPDATE subscribers SET fields = '[1, 2]' WHERE email = 'user2@example.com'")
+        run_pipeline_once(env)  # every role exits 0
+        counts = srv.count_by_recipient()
+    assert counts == {f"user{i}@example.com": 1 for i in (0, 3, 4, 5)}
+    assert states(env, nid) == {"sent": 4, "failed": 2}
+    rows = message_rows(env, nid)
+    assert str(rows["user1@example.com"]["detail"]).startswith(
+        "subscriber fields are not valid JSON: JSONDecodeError: ")
+    assert str(rows["user2@example.com"]["detail"]).startswith("cannot merge: TypeError: ")
 
 
 # -- an exception escaping delivery is deferred, not dropped -----------------------------

@@ -131,6 +131,13 @@ class SortWorker(Runner):
             message = merger.render(row["email"], fields, self.url_template.format(token=token))
         except MergeError as exc:
             return MergeResult(mid, "failed", detail=str(exc)[:500])
+        except Exception as exc:
+            # One row's data (fields that are not JSON, or that make render raise
+            # something else) fails that message alone, never the chunk or the worker.
+            log.warning("message %s: cannot merge: %s: %s", mid, type(exc).__name__, exc)
+            what = "subscriber fields are not valid JSON" if isinstance(
+                exc, json.JSONDecodeError) else "cannot merge"
+            return MergeResult(mid, "failed", detail=f"{what}: {type(exc).__name__}: {exc}"[:500])
         return MergeResult(mid, "merged", body=merger.compress(message))
 
     def shutdown(self) -> None:
