@@ -31,7 +31,7 @@ bounce intake (``bounce receive`` / ``bounce scan``) stores it. Decisions:
   failed address, never from the returned newsletter below.
 * **Evidence.** ``verp_message_id`` comes only from a VERP address whose
   HMAC verifies, ``signed_message`` only from a Message-ID whose HMAC
-  verifies (see :mod:`sendsystem.signing`): quoted in the returned headers
+  verifies (see :mod:`sendsystem.tokens`): quoted in the returned headers
   of a DSN, the original of an ARF report, the In-Reply-To/References of a
   reply, or inline in an old-style bounce's text. An ARF report's
   ``unsubscribe_token`` comes from the original's List-Unsubscribe (feedback
@@ -63,13 +63,6 @@ from enum import StrEnum
 
 from flufl.bounce import all_failures
 
-from sendsystem.signing import (
-    SignedMessage,
-    claimed_newsletter,
-    decode_message_id,
-    decode_verp,
-    verify_unsubscribe_token,
-)
 from sendsystem.smtpstatus import (
     Cause,
     Reading,
@@ -78,6 +71,13 @@ from sendsystem.smtpstatus import (
     has_reply,
     read_reply,
     status_from_reply,
+)
+from sendsystem.tokens import (
+    SignedMessage,
+    claimed_newsletter,
+    decode_message_id,
+    decode_verp,
+    verify_unsubscribe_token,
 )
 
 log = logging.getLogger(__name__)

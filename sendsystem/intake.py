@@ -61,7 +61,7 @@ from .bounces import BounceKind, BounceReport, classify
 from .config import Config, DatabaseConfig, load_config
 from .db import Database
 from .errors import TemporaryError, UserError
-from .signing import UnsubscribeTarget, verify_unsubscribe_token
+from .tokens import UnsubscribeTarget, verify_unsubscribe_token
 from .unsubscribe_app import UnsubscribeResult, make_app, path_prefix_from_url
 
 log = logging.getLogger(__name__)

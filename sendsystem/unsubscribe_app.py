@@ -33,7 +33,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from sendsystem.errors import TemporaryError
-from sendsystem.signing import UnsubscribeTarget, verify_unsubscribe_token
+from sendsystem.tokens import UnsubscribeTarget, verify_unsubscribe_token
 
 log = logging.getLogger(__name__)
 

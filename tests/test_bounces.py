@@ -16,7 +16,7 @@ from sendsystem.bounces import (
     enhanced_status_class,
     failure_kind,
 )
-from sendsystem.signing import (
+from sendsystem.tokens import (
     SignedMessage,
     message_id_header,
     unsubscribe_token,

@@ -21,7 +21,7 @@ import pytest
 from sendsystem import admin, stats
 from sendsystem.bounces import BounceKind
 from sendsystem.intake import Action, IntakeOutcome, process
-from sendsystem.signing import message_id_header, unsubscribe_token, verp_address
+from sendsystem.tokens import message_id_header, unsubscribe_token, verp_address
 from tests.conftest import Env, server_settings
 
 DATA = Path(__file__).parent / "data" / "bounces"

@@ -17,7 +17,7 @@ import dkim
 import pytest
 
 from sendsystem import admin, stats
-from sendsystem.signing import (
+from sendsystem.tokens import (
     SignedMessage,
     decode_message_id,
     decode_verp,

@@ -16,7 +16,7 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 
 from sendsystem.errors import TemporaryError
-from sendsystem.signing import UnsubscribeTarget, unsubscribe_token
+from sendsystem.tokens import UnsubscribeTarget, unsubscribe_token
 from sendsystem.unsubscribe_app import (
     UnsubscribeResult,
     make_app,

@@ -62,7 +62,7 @@ from ..mime import Attachment, attachment_tail, finalize, safe_header_value
 from ..ratelimit import AsyncRateLimiter, DomainRateLimiter
 from ..ratemeter import RateMeter
 from ..runner import Runner
-from ..signing import message_id_header, unsubscribe_token, verp_address
+from ..tokens import message_id_header, unsubscribe_token, verp_address
 from .outcomes import OUTCOME_STATEMENTS, OutcomeWriter
 
 log = logging.getLogger(__name__)

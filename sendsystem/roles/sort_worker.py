@@ -21,7 +21,7 @@ from ..merge import MergeError, Merger, NewsletterInfo, TemplateSource
 from ..ratelimit import RateLimiter
 from ..ratemeter import RateMeter
 from ..runner import Runner
-from ..signing import unsubscribe_token
+from ..tokens import unsubscribe_token
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sendsystem.signing import (
+from sendsystem.tokens import (
     SignedMessage,
     claimed_newsletter,
     decode_message_id,
