@@ -1,6 +1,6 @@
 """The facts behind `status` and `stats`, as plain dicts (JSON-ready).
 
-tables.py and report.py turn these into text and HTML; `--json` prints them
+reports/text.py and reports/html.py turn these into text and HTML; `--json` prints them
 as they are, with the fields DESIGN.md promises.
 """
 

@@ -24,7 +24,7 @@ from . import Context, cli, pass_ctx, path_arg
 @pass_ctx
 def status(ctx: Context, as_json: bool, watch: bool, interval: float) -> None:
     """Workers, rates, backlog and the newsletters in progress."""
-    from ..tables import format_status
+    from ..reports.text import format_status
 
     database = ctx.db()
     timeout = ctx.config.balancer.heartbeat_timeout
@@ -64,12 +64,12 @@ def stats(ctx: Context, newsletter_id: int, as_json: bool, html_file: Path | Non
     """One newsletter: counts, timeline, workers, replies, bounces."""
     facts = stats_mod.newsletter_stats(ctx.db(), newsletter_id)
     if html_file is not None:
-        from ..report import render_html
+        from ..reports.html import render_html
         html_file.write_text(render_html(facts), encoding="utf-8")
     if as_json:
         click.echo(json.dumps(facts, indent=2))
     else:
-        from ..tables import format_stats
+        from ..reports.text import format_stats
         click.echo(format_stats(facts))
         if html_file is not None:
             click.echo(f"HTML report written to {html_file}")

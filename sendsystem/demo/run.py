@@ -97,7 +97,7 @@ def run_demo(config: Config, options: DemoOptions, out: TextIO = sys.stdout) -> 
         cluster = None
         facts = stats.newsletter_stats(database, nid)
         report = work / "report.html"
-        from ..report import render_html
+        from ..reports.html import render_html
         report.write_text(render_html(facts), encoding="utf-8")
         result = summarize(say, facts, emails, sink, seconds, finished, report, codes,
                            restarts)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sendsystem.report import nice_ticks, render_html
+from sendsystem.reports.html import nice_ticks, render_html
 
 STATS: dict[str, Any] = {
     "newsletter": 7, "state": "done", "subject": "Black Friday", "list": "news",

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sendsystem.tables import (
+from .text import (
     BOUNCE_CLASSES,
     Timeline,
     as_float,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sendsystem.tables import (
+from sendsystem.reports.text import (
     bar,
     clean,
     display_width,
