@@ -6,8 +6,8 @@ Fetches the source distribution of the *installed* flufl.bounce with pip
 (``pip download --no-binary :all: --no-deps flufl.bounce==<version>``) into a
 cache directory (default ``~/.cache/sendsystem-bench``; nothing of the corpus is
 copied into this repository), reads the expectations from its test suite and
-runs :func:`sendsystem.bounces.classify` (exactly what the bounce intake calls,
-without a database) over every sample in ``tests/data/``.
+runs :func:`sendsystem.bounce.classify.classify` (exactly what the bounce intake
+calls, without a database) over every sample in ``tests/data/``.
 
 What the test suite says, and how it is read here:
 
@@ -54,7 +54,7 @@ from email import message_from_bytes
 from importlib.metadata import version
 from pathlib import Path
 
-from sendsystem.bounces import BounceKind, BounceReport, classify
+from sendsystem.bounce.classify import BounceKind, BounceReport, classify
 from sendsystem.smtpstatus import Cause, read_reply
 
 PACKAGE = "flufl.bounce"

@@ -1,8 +1,8 @@
 """What an SMTP reply or a DSN status says went wrong: the one home of the reply rules.
 
 Pure functions, no I/O. The send worker (:func:`sendsystem.delivery.classify_reply`,
-a reply at SMTP time) and the bounce classifier (:mod:`sendsystem.bounces`, a DSN
-or a bounce's text days later) read the same reply through :func:`read_reply`,
+a reply at SMTP time) and the bounce classifier (:mod:`sendsystem.bounce.classify`,
+a DSN or a bounce's text days later) read the same reply through :func:`read_reply`,
 so a reply means the same whether it arrives at once or in a bounce. Each
 caller only maps the :class:`Cause` to its own outcome.
 

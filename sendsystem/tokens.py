@@ -8,8 +8,8 @@ case of a quoted Message-ID). Each kind has its own HMAC purpose, so a
 signature of one kind never verifies as another.
 
 These signatures are what lets a bounce or complaint change a subscriber
-(see :mod:`sendsystem.intake`): anyone on the internet can mail the bounce
-address, but only someone who saw one of our messages knows a signed
+(see :mod:`sendsystem.bounce.intake`): anyone on the internet can mail the
+bounce address, but only someone who saw one of our messages knows a signed
 identifier, and then only for that message. Our Message-IDs used to be
 sequential (``<id.newsletter.ss@domain>``), so an outsider could quote a
 guessed one; those are no longer accepted as evidence.

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sendsystem.intake import deliver_to_maildir
+from sendsystem.bounce.maildir import deliver_to_maildir
 from tests.conftest import Env
 from tests.test_intake import DATA, bounce_rows, dsn, send_newsletter, state
 

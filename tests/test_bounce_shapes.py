@@ -11,7 +11,7 @@ import quopri
 
 import pytest
 
-from sendsystem.bounces import BounceKind, BounceReport, classify
+from sendsystem.bounce.classify import BounceKind, BounceReport, classify
 
 SECRET = b"test-secret-for-bounce-shapes"
 DOMAIN = "bounces.example.com"

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sendsystem.bounces import (
+from sendsystem.bounce.classify import (
     BounceKind,
     BounceReport,
     classify,

@@ -19,8 +19,8 @@ import pymysql
 import pytest
 
 from sendsystem import admin, stats
-from sendsystem.bounces import BounceKind
-from sendsystem.intake import Action, IntakeOutcome, process
+from sendsystem.bounce.classify import BounceKind
+from sendsystem.bounce.intake import Action, IntakeOutcome, process
 from sendsystem.tokens import message_id_header, unsubscribe_token, verp_address
 from tests.conftest import Env, server_settings
 

@@ -17,7 +17,7 @@ import pytest
 
 from sendsystem.errors import TemporaryError
 from sendsystem.tokens import UnsubscribeTarget, unsubscribe_token
-from sendsystem.unsubscribe_app import (
+from sendsystem.unsubscribe.app import (
     UnsubscribeResult,
     make_app,
     make_wsgi_server,
@@ -255,7 +255,7 @@ def raw_request(base: str, request_line: bytes) -> bytes:
 def test_access_log_escapes_control_characters(server: Server,
                                                caplog: pytest.LogCaptureFixture) -> None:
     """A client's ESC sequences and CRs must not reach the terminal following the log."""
-    caplog.set_level(logging.INFO, logger="sendsystem.unsubscribe_app")
+    caplog.set_level(logging.INFO, logger="sendsystem.unsubscribe.app")
     # ESC (clear screen, red), a C1 CSI (0x9b) and a bare CR that would start a forged line.
     assert raw_request(server.base, b"GET /\x1b[2J\x1b[31mred\x9b1m HTTP/1.0").startswith(
         b"HTTP/1.0 404")

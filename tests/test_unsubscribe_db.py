@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from sendsystem.errors import ConfigError
-from sendsystem.intake import UnsubscribeService, create_app, unsubscribe_wsgi_app
-from sendsystem.unsubscribe_app import make_wsgi_server
+from sendsystem.unsubscribe.app import make_wsgi_server
+from sendsystem.unsubscribe.service import UnsubscribeService, create_app, unsubscribe_wsgi_app
 from tests.conftest import Env
 from tests.test_bounce_cli import closed_port, run_cli
 from tests.test_intake import send_newsletter, state

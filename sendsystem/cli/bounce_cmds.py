@@ -15,9 +15,11 @@ from pathlib import Path
 
 import click
 
-from .. import intake
+from ..bounce import intake
+from ..bounce.maildir import deliver_to_maildir, scan_maildir
 from ..errors import SendSystemError, TemporaryError, UserError
-from ..unsubscribe_app import serve
+from ..unsubscribe.app import serve
+from ..unsubscribe.service import unsubscribe_wsgi_app
 from . import Context, cli, pass_ctx, path_arg
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def receive(ctx: Context, recipient: str | None, db_wait: float,
         finally:
             database.close()
         if keep_unknown is not None and outcome.needs_human:
-            intake.deliver_to_maildir(keep_unknown, raw)
+            deliver_to_maildir(keep_unknown, raw)
     except TemporaryError:
         raise
     except SendSystemError as exc:
@@ -75,7 +77,7 @@ def scan(ctx: Context, maildir: Path, db_wait: float) -> None:
     """Process MAILDIR/new and /cur; move mail to the .processed or .unknown folder."""
     database = ctx.db(retry_for=db_wait)
     try:
-        result = intake.scan_maildir(database, ctx.config, maildir)
+        result = scan_maildir(database, ctx.config, maildir)
     finally:
         database.close()
     if result.busy:
@@ -96,6 +98,6 @@ def scan(ctx: Context, maildir: Path, db_wait: float) -> None:
 @pass_ctx
 def unsubscribe_server(ctx: Context, host: str, port: int) -> None:
     """Run the one-click unsubscribe web app (development; production: a WSGI server)."""
-    app = intake.unsubscribe_wsgi_app(ctx.config)
+    app = unsubscribe_wsgi_app(ctx.config)
     click.echo(f"Unsubscribe app on http://{host}:{port}/ (Ctrl-C stops).", err=True)
     serve(app, host, port)

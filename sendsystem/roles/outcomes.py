@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..bounce.recipients import RECIPIENT_STATEMENTS, record_bounce
 from ..config import Config
 from ..db import Database
 from ..errors import TemporaryError
 from ..journal import Journal, JournalError
-from ..recipients import RECIPIENT_STATEMENTS, record_bounce
 
 log = logging.getLogger(__name__)
 

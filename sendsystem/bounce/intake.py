@@ -1,8 +1,8 @@
 """The bounce intake: what arrives at the bounce and unsubscribe addresses, into the database.
 
-:func:`process` classifies one raw message (:mod:`sendsystem.bounces`) and
-records it; ``bounce receive`` (an MTA pipe) and ``bounce scan`` (a Maildir)
-both call it. :class:`UnsubscribeService` gives the web app its database.
+:func:`process` classifies one raw message (:mod:`sendsystem.bounce.classify`)
+and records it; ``bounce receive`` (an MTA pipe) and ``bounce scan`` (a
+Maildir, :mod:`sendsystem.bounce.maildir`) both call it.
 
 Decisions:
 
@@ -28,41 +28,25 @@ Decisions:
   human. Unattributed auto-replies are dropped: there is nothing to learn
   from them.
 * **Idempotent**: one bounce of each kind per message (see
-  :func:`sendsystem.recipients.record_bounce_once`), so re-processing the
-  same mail after exit 75 or an interrupted scan never double-counts.
-* **Maildir**: processed mail goes to the Maildir++ folder ``.processed``
-  (seen, in ``cur``), mail that needs a human to ``.unknown`` (unseen, in
-  ``new``), both with their own cur/new/tmp, so any IMAP server shows them
-  as folders. Nothing is ever deleted.
+  :func:`sendsystem.bounce.recipients.record_bounce_once`), so re-processing
+  the same mail after exit 75 or an interrupted scan never double-counts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import re
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
-from wsgiref.types import WSGIApplication
 
-from filelock import FileLock, Timeout
-
+from ..config import Config
+from ..db import Database
+from ..tokens import verify_unsubscribe_token
 from . import recipients
-from .bounces import BounceKind, BounceReport, classify
-from .config import Config, DatabaseConfig, load_config
-from .db import Database
-from .errors import TemporaryError, UserError
-from .tokens import UnsubscribeTarget, verify_unsubscribe_token
-from .unsubscribe_app import UnsubscribeResult, make_app, path_prefix_from_url
+from .classify import BounceKind, BounceReport, classify
 
 log = logging.getLogger(__name__)
 
@@ -289,163 +273,3 @@ def _mailto_unsubscribe(db: Database, config: Config, report: BounceReport) -> I
                             status_changed=row["status"] == "active")
     log.info("%s", outcome.describe())
     return outcome
-
-
-# --- Maildir ---------------------------------------------------------------------------
-
-PROCESSED = ".processed"
-UNKNOWN = ".unknown"
-
-
-def maildir_folder(root: Path, name: str) -> Path:
-    """``root/name`` with cur/new/tmp (created if missing); ``name`` "" is the root itself."""
-    folder = root / name if name else root
-    for sub in ("cur", "new", "tmp"):
-        (folder / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-    return folder
-
-
-def deliver_to_maildir(folder: Path, raw: bytes) -> Path:
-    """Write one message into ``folder/new`` the Maildir way (tmp, fsync, rename)."""
-    maildir_folder(folder, "")
-    name = f"{time.time_ns()}.P{os.getpid()}T{threading.get_ident()}.{socket.gethostname()}"
-    tmp = folder / "tmp" / name
-    with open(tmp, "wb") as fh:
-        fh.write(raw)
-        fh.flush()
-        os.fsync(fh.fileno())
-    final = folder / "new" / name
-    os.rename(tmp, final)
-    return final
-
-
-def _pending(root: Path) -> Iterator[Path]:
-    for sub in ("new", "cur"):
-        directory = root / sub
-        if directory.is_dir():
-            for name in sorted(os.listdir(directory)):
-                if not name.startswith("."):
-                    yield directory / name
-
-
-def _move(path: Path, folder: Path, seen: bool) -> None:
-    base = path.name.split(":2,", 1)[0]
-    dest = folder / "cur" / f"{base}:2,S" if seen else folder / "new" / base
-    os.rename(path, dest)
-
-
-@dataclass
-class ScanResult:
-    processed: int = 0
-    unknown: int = 0
-    failed: list[str] = field(default_factory=list)  # left in place after an unexpected error
-    stopped: str | None = None  # why the scan stopped early (database down)
-    busy: bool = False  # another scan of this Maildir holds the lock: nothing done
-    outcomes: list[IntakeOutcome] = field(default_factory=list)
-
-
-def scan_maildir(db: Database, config: Config, root: Path) -> ScanResult:
-    """Process every message in ``root``/new and /cur and move it (see the module docstring).
-
-    Stops at the first database outage, leaving the rest for the next run.
-    Only one scan of a Maildir runs at a time (a lock in ``[paths] lock_dir``).
-    """
-    if not (root / "new").is_dir():
-        raise UserError(f"{root} is not a Maildir (it has no new/ directory).")
-    config.secret()  # a missing or short secret stops the scan before any mail moves
-    config.paths.lock_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    lock = FileLock(str(config.paths.lock_dir / f"bounce-scan-{key}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return ScanResult(busy=True)
-    try:
-        return _scan(db, config, root)
-    finally:
-        lock.release()
-
-
-def _scan(db: Database, config: Config, root: Path) -> ScanResult:
-    processed, unknown = maildir_folder(root, PROCESSED), maildir_folder(root, UNKNOWN)
-    result = ScanResult()
-    for path in _pending(root):
-        try:
-            raw = path.read_bytes() if path.stat().st_size <= MAX_INPUT else b""
-        except FileNotFoundError:  # a mail client moved it meanwhile
-            continue
-        try:
-            outcome = process(db, config, raw) if raw.strip() else None
-        except TemporaryError as exc:
-            result.stopped = str(exc)
-            break
-        except Exception:
-            # A bug must not lose the mail nor stop the other messages.
-            log.exception("could not process %s; left in place", path)
-            result.failed.append(str(path))
-            continue
-        needs_human = outcome is None or outcome.needs_human
-        if outcome is None:
-            log.warning("%s is empty or larger than %d bytes: moved to unknown", path, MAX_INPUT)
-        else:
-            result.outcomes.append(outcome)
-        try:
-            _move(path, unknown if needs_human else processed, seen=not needs_human)
-        except FileNotFoundError:
-            continue
-        if needs_human:
-            result.unknown += 1
-        else:
-            result.processed += 1
-    return result
-
-
-# --- the unsubscribe web app's database side --------------------------------------------
-
-
-class UnsubscribeService:
-    """``unsubscribe`` and ``lookup`` callbacks for :func:`sendsystem.unsubscribe_app.make_app`.
-
-    One connection, used under a lock: the development server is threaded
-    and a PyMySQL connection is not. A database outage raises
-    :class:`~sendsystem.errors.DatabaseUnavailable` (a TemporaryError) after
-    ``retry_for`` seconds, which the app turns into 503 + Retry-After.
-    """
-
-    def __init__(self, database: DatabaseConfig, *, retry_for: float = 3.0) -> None:
-        self._db = Database(database, retry_for=retry_for)
-        self._lock = threading.Lock()
-
-    def unsubscribe(self, target: UnsubscribeTarget) -> UnsubscribeResult:
-        with self._lock:
-            row = recipients.unsubscribe(self._db, target.subscriber_id, target.list_id)
-        if row is None:
-            return UnsubscribeResult(ok=False, list_name=None, email=None)
-        return UnsubscribeResult(ok=True, list_name=row["list_name"], email=row["email"])
-
-    def lookup(self, target: UnsubscribeTarget) -> UnsubscribeResult:
-        with self._lock:
-            row = self._db.fetchone("subscriber_with_list", {"id": target.subscriber_id,
-                                                             "list_id": target.list_id})
-        if row is None:
-            return UnsubscribeResult(ok=False, list_name=None, email=None)
-        return UnsubscribeResult(ok=row["status"] == "active", list_name=row["list_name"],
-                                 email=row["email"])
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-def unsubscribe_wsgi_app(config: Config, service: UnsubscribeService | None = None
-                         ) -> WSGIApplication:
-    """The one-click unsubscribe WSGI app over this config's database."""
-    service = service or UnsubscribeService(config.database)
-    return make_app(config.secret(), service.unsubscribe, lookup=service.lookup,
-                    path_prefix=path_prefix_from_url(config.unsubscribe.url))
-
-
-def create_app(config_path: str | None = None) -> WSGIApplication:
-    """WSGI factory for a real server, e.g.
-    ``gunicorn -w 4 'sendsystem.intake:create_app("/etc/sendsystem/config.ini")'``."""
-    return unsubscribe_wsgi_app(load_config(config_path))

@@ -39,8 +39,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from .config import BounceConfig
-from .db import Database
+from ..config import BounceConfig
+from ..db import Database
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,69 @@
+"""The unsubscribe web app's database side, and the WSGI factory for real servers.
+
+The app (:mod:`sendsystem.unsubscribe.app`) touches no database:
+:class:`UnsubscribeService` gives it the ``unsubscribe`` and ``lookup``
+callbacks over MariaDB, through :func:`sendsystem.bounce.recipients.unsubscribe`,
+the same function a mailto unsubscribe with a valid token reaches.
+:func:`create_app` builds the whole app from a config file, for gunicorn and
+the like.
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.types import WSGIApplication
+
+from ..bounce import recipients
+from ..config import Config, DatabaseConfig, load_config
+from ..db import Database
+from ..tokens import UnsubscribeTarget
+from .app import UnsubscribeResult, make_app, path_prefix_from_url
+
+
+class UnsubscribeService:
+    """``unsubscribe`` and ``lookup`` callbacks for :func:`sendsystem.unsubscribe.app.make_app`.
+
+    One connection, used under a lock: the development server is threaded
+    and a PyMySQL connection is not. A database outage raises
+    :class:`~sendsystem.errors.DatabaseUnavailable` (a TemporaryError) after
+    ``retry_for`` seconds, which the app turns into 503 + Retry-After.
+    """
+
+    def __init__(self, database: DatabaseConfig, *, retry_for: float = 3.0) -> None:
+        self._db = Database(database, retry_for=retry_for)
+        self._lock = threading.Lock()
+
+    def unsubscribe(self, target: UnsubscribeTarget) -> UnsubscribeResult:
+        with self._lock:
+            row = recipients.unsubscribe(self._db, target.subscriber_id, target.list_id)
+        if row is None:
+            return UnsubscribeResult(ok=False, list_name=None, email=None)
+        return UnsubscribeResult(ok=True, list_name=row["list_name"], email=row["email"])
+
+    def lookup(self, target: UnsubscribeTarget) -> UnsubscribeResult:
+        with self._lock:
+            row = self._db.fetchone("subscriber_with_list", {"id": target.subscriber_id,
+                                                             "list_id": target.list_id})
+        if row is None:
+            return UnsubscribeResult(ok=False, list_name=None, email=None)
+        return UnsubscribeResult(ok=row["status"] == "active", list_name=row["list_name"],
+                                 email=row["email"])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def unsubscribe_wsgi_app(config: Config, service: UnsubscribeService | None = None
+                         ) -> WSGIApplication:
+    """The one-click unsubscribe WSGI app over this config's database."""
+    service = service or UnsubscribeService(config.database)
+    return make_app(config.secret(), service.unsubscribe, lookup=service.lookup,
+                    path_prefix=path_prefix_from_url(config.unsubscribe.url))
+
+
+def create_app(config_path: str | None = None) -> WSGIApplication:
+    """WSGI factory for a real server, e.g.
+    ``gunicorn -w 4 'sendsystem.unsubscribe.service:create_app("/etc/sendsystem/config.ini")'``.
+    Command lines that name ``sendsystem.intake:create_app`` reach this same function."""
+    return unsubscribe_wsgi_app(load_config(config_path))
