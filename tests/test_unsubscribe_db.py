@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib
 import subprocess
 import sys
 import threading
@@ -123,6 +125,26 @@ def test_unsubscribe_server_command(env: Env) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_deployed_gunicorn_app_spec_still_works(env: Env) -> None:
+    """Deployed gunicorn lines name ``sendsystem.intake:create_app(...)``: resolve it as
+    gunicorn does (import the module, call the named factory with literal arguments)."""
+    module, _, expression = f'sendsystem.intake:create_app("{env.path}")'.partition(":")
+    call = ast.parse(expression, mode="eval").body
+    assert isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+    factory = getattr(importlib.import_module(module), call.func.id)
+    app = factory(*[ast.literal_eval(arg) for arg in call.args])
+    httpd = make_wsgi_server(app, port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        [a] = send_newsletter(env, ["leaver@example.org"])
+        url = f"http://127.0.0.1:{httpd.server_port}/unsubscribe/{a.token}"
+        assert request(url, ONE_CLICK)[0] == 200
+        assert state(env, a) == ("sent", "unsubscribed")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_short_secret_stops_the_unsubscribe_app_at_start(env: Env) -> None:
