@@ -7,7 +7,7 @@ attachment parts (built once per newsletter) + the per-send headers
 (Message-ID, Date, List-Unsubscribe, List-Unsubscribe-Post, List-Id,
 Precedence), DKIM-signed when ``[dkim] key_file`` is set; the envelope
 sender is a signed VERP address and the Message-ID is signed too
-(:func:`sendsystem.signing.message_id_header`), so a bounce or complaint
+(:func:`sendsystem.tokens.message_id_header`), so a bounce or complaint
 quoting either can be tied to this message and nobody else can forge one.
 
 Nothing lost, duplicates bounded: every final outcome (a 250, a 5xx) is
