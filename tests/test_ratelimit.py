@@ -190,9 +190,13 @@ def test_limiter_rejects_bad_rate() -> None:
 
 
 def test_limiter_real_clock_smoke() -> None:
-    lim = RateLimiter(10_000.0)
+    sleeps: list[float] = []
+    lim = RateLimiter(10_000.0, sleep=sleeps.append)  # the real monotonic clock
     for _ in range(20):
         lim.acquire()  # within the burst: returns at once
+    assert sleeps == []
+    lim.acquire(20_000)  # far over the burst: must wait about a second
+    assert len(sleeps) == 1 and 0.5 < sleeps[0] <= 2.0
 
 
 # ----------------------------------------------------------------- AsyncRateLimiter
@@ -313,5 +317,12 @@ def test_domain_bad_config() -> None:
 
 
 def test_domain_empty_map_is_unlimited() -> None:
-    lim = DomainRateLimiter({})
-    asyncio.run(lim.acquire("gmail.com"))
+    clock = FakeClock()
+    lim = DomainRateLimiter({}, clock=clock, sleep=clock.asleep)
+
+    async def main() -> None:
+        for _ in range(10_000):
+            await lim.acquire("gmail.com")
+
+    asyncio.run(main())
+    assert clock.sleeps == []
