@@ -109,6 +109,10 @@ def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
                      for r in db.fetchall("stats_timeline", {"id": newsletter_id})],
         "replies": [{"code": int(r["code"]), "reply": r["reply"], "count": int(r["count"])}
                     for r in db.fetchall("stats_replies", {"id": newsletter_id})],
+        # The ten commonest reasons, so a poison message or a render limit is
+        # visible without SQL (replies alone group them under code 0).
+        "failures": [{"reason": r["reason"], "count": int(r["count"])}
+                     for r in db.fetchall("stats_failures", {"id": newsletter_id})],
         "deferrals": int(db.fetchval("stats_deferrals", {"id": newsletter_id}) or 0),
         "bounces": bounces,
         "bounce_rate": round((bounces["hard"] + bounces["soft"]) / delivered, 6)

@@ -405,6 +405,13 @@ SELECT reply_code AS code, MIN(reply) AS reply, COUNT(*) AS count
 FROM messages WHERE newsletter_id = %(id)s AND reply_code IS NOT NULL
 GROUP BY reply_code ORDER BY count DESC LIMIT 10;
 
+-- name: stats_failures
+-- Why messages failed: the relay's reply, or the merge's reason. Reads only the
+-- failed rows of the newsletter (ix_messages_pick).
+SELECT COALESCE(reply, detail, '(no reason recorded)') AS reason, COUNT(*) AS count
+FROM messages WHERE newsletter_id = %(id)s AND state = 'failed'
+GROUP BY reason ORDER BY count DESC, reason LIMIT 10;
+
 -- name: stats_deferrals
 SELECT COALESCE(SUM(deferrals), 0) AS n FROM messages WHERE newsletter_id = %(id)s;
 

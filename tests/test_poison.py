@@ -91,8 +91,12 @@ def test_corrupt_body_among_300_fails_alone_and_the_worker_goes_on(env: Env) -> 
     assert "Traceback" not in log
     assert log.count(f"message {victim['id']} failed: cannot build message") == 1
     # What the operator sees in `stats`.
-    replies = stats.newsletter_stats(env.db, nid)["replies"]
-    assert {"code": 0, "reply": row["reply"], "count": 1} in replies
+    facts = stats.newsletter_stats(env.db, nid)
+    assert {"code": 0, "reply": row["reply"], "count": 1} in facts["replies"]
+    assert facts["failures"] == [{"reason": row["reply"], "count": 1}]
+    code, out, err = env.cli("stats", str(nid))
+    assert code == 0, err
+    assert "Why messages failed" in out and "stored body is corrupt" in out
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")

@@ -358,6 +358,15 @@ def _replies_table(replies: list[Mapping[str, Any]]) -> str:
             f'</thead><tbody>{"".join(rows)}</tbody></table>')
 
 
+def _failures_table(failures: list[Mapping[str, Any]]) -> str:
+    if not failures:
+        return '<p class="muted">No message failed.</p>'
+    rows = "".join(f'<tr><td class="num">{format_count(f.get("count"))}</td>'
+                   f'<td class="reply">{_e(f.get("reason"))}</td></tr>' for f in failures)
+    return ('<table><thead><tr><th class="num">Count</th><th>Reason</th></tr>'
+            f'</thead><tbody>{rows}</tbody></table>')
+
+
 # --------------------------------------------------------------------------- page
 
 def _kpi(label: str, value: str, sub: str = "", cls: str = "") -> str:
@@ -465,6 +474,10 @@ def render_html(stats: Mapping[str, Any]) -> str:
 <section class="card">
   <h2>Top SMTP replies</h2>
   {_replies_table(list(stats.get("replies") or []))}
+</section>
+<section class="card">
+  <h2>Why messages failed</h2>
+  {_failures_table(list(stats.get("failures") or []))}
 </section>
 <footer>SendSystem report{" · generated " + generated if generated else ""}</footer>
 </main>

@@ -519,6 +519,14 @@ def format_stats(stats: Mapping[str, Any], *, ascii_only: bool = False) -> str:
                               width=100, color=False)
     else:
         lines.append("  No SMTP replies recorded yet.")
+    failures = list(stats.get("failures") or [])
+    if failures:
+        lines += ["", "Why messages failed"]
+        rows = [[(format_count(f.get("count")), None), (clean(f.get("reason")), None)]
+                for f in failures]
+        lines += render_table([Column("COUNT", ">"),
+                               Column("REASON", shrink=True, min_width=20)], rows,
+                              width=100, color=False)
 
     bounces = stats.get("bounces") or {}
     lines += ["", "Bounces: " + ", ".join(f"{k} {format_count(bounces.get(k))}"
