@@ -26,12 +26,31 @@ SECRET_RECIPE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 @dataclass(frozen=True)
+class DbHost:
+    """One database node of ``[database] host``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class DatabaseConfig:
+    # One host, or a comma-separated list of nodes (a Galera cluster):
+    # ``host[:port], host[:port]``; a node without a port uses ``port``.
     host: str = "127.0.0.1"
     port: int = 3306
     user: str = "root"
     password: str = ""
     name: str = "sendsystem"
+    # Seconds to wait for one node to answer before trying the next.
+    connect_timeout: float = 3.0
+
+    @property
+    def hosts(self) -> tuple[DbHost, ...]:
+        return parse_db_hosts(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -201,6 +220,37 @@ def parse_relays(text: str, source: str = "config") -> tuple[Relay, ...]:
     return tuple(relays)
 
 
+def parse_db_hosts(text: str, default_port: int, source: str = "config") -> tuple[DbHost, ...]:
+    """``host[:port], host[:port], ...``; IPv6 addresses in brackets (``[::1]:3306``)."""
+    hosts = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):
+            host, bracket, rest = item[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ConfigError(f"{source}: database host {item!r} must be [ipv6]:port")
+            port_text = rest[1:]
+        elif item.count(":") == 1:
+            host, _, port_text = item.partition(":")
+        elif ":" in item:
+            raise ConfigError(f"{source}: database host {item!r}: put an IPv6 address in "
+                              "brackets, e.g. [::1]:3306")
+        else:
+            host, port_text = item, ""
+        if not host or (port_text and not port_text.isdigit()):
+            raise ConfigError(f"{source}: database host {item!r} must be host or host:port")
+        port = int(port_text) if port_text else default_port
+        if not 0 < port < 65536:
+            raise ConfigError(f"{source}: database host {item!r}: port out of range")
+        hosts.append(DbHost(host, port))
+    if not hosts:
+        raise ConfigError(f"{source}: [database] host names no host "
+                          "(host[:port], host[:port], ...)")
+    return tuple(hosts)
+
+
 def parse_domain_rates(text: str, source: str = "config") -> dict[str, float]:
     rates: dict[str, float] = {}
     for item in text.split(","):
@@ -318,12 +368,20 @@ def load_config(path: str | os.PathLike[str] | None = None,
 
 
 def _validate(config: Config) -> None:
+    parse_db_hosts(config.database.host, config.database.port, config.source)
+    if config.database.connect_timeout <= 0:
+        raise ConfigError(f"{config.source}: [database] connect_timeout must be positive")
     b = config.balancer
     if b.batch_min < 1 or b.batch_max < b.batch_min:
         raise ConfigError(f"{config.source}: need 1 <= batch_min <= batch_max in [balancer]")
     if b.heartbeat_timeout <= b.heartbeat_interval:
         raise ConfigError(
             f"{config.source}: [balancer] heartbeat_timeout must exceed heartbeat_interval"
+        )
+    if b.heartbeat_timeout <= 2 * b.tick_seconds:
+        # The active balancer renews its lease (heartbeat_timeout long) every tick.
+        raise ConfigError(
+            f"{config.source}: [balancer] heartbeat_timeout must be more than twice tick_seconds"
         )
     s = config.sending
     if s.connections < 1 or s.messages_per_connection < 1:

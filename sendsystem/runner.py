@@ -182,7 +182,7 @@ class Runner:
             self.db.prepare(BASE_STATEMENTS + self.statements)
             self.worker_id = self.db.insert("worker_register", {
                 "host": self.options.hostname, "role": self.role,
-                "name": self.options.name, "pid": os.getpid(),
+                "name": self.options.name, "pid": os.getpid(), "db_node": self.db.node_name,
             })
             row = self.db.fetchone("worker_get", {"id": self.worker_id})
             if row is None or not row["enabled"]:
@@ -262,7 +262,7 @@ class Runner:
         self.db.execute("worker_heartbeat", {
             "id": self.worker_id, "state": "stopping" if self.stopping else self.heartbeat_state,
             "rate": fields.get("rate"), "backlog": fields.get("backlog", 0),
-            "processed": self.processed,
+            "processed": self.processed, "db_node": self.db.node_name,
         })
         row = self.db.fetchone("worker_get", {"id": self.worker_id})
         if row is not None and not row["enabled"]:

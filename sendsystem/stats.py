@@ -31,7 +31,24 @@ def counts(db: Database, newsletter_id: int) -> dict[str, int]:
     return {state: found.get(state, 0) for state in STATES}
 
 
+def leases(db: Database) -> dict[str, dict[str, Any]]:
+    """The balancer lease of each kind: who holds it (None when free or expired)."""
+    out = {}
+    for row in db.fetchall("leases_all"):
+        left = _num(row["expires_in"])
+        held = row["holder"] is not None and left is not None and left >= 0
+        out[row["kind"]] = {
+            "holder": int(row["holder"]) if held else None,
+            "holder_name": row["holder_name"] if held else None,
+            "holder_host": row["holder_host"] if held else None,
+            "epoch": int(row["epoch"]), "expires_in": left if held else None,
+            "taken_at": _iso(row["taken_at"]),
+        }
+    return out
+
+
 def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
+    held = {kind: lease["holder"] for kind, lease in leases(db).items()}
     workers = []
     for w in db.fetchall("workers_all"):
         age = _num(w["heartbeat_age"])
@@ -40,8 +57,11 @@ def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
             "id": w["id"], "name": w["name"], "host": w["host"], "role": w["role"],
             "pid": w["pid"], "enabled": bool(w["enabled"]), "state": w["state"],
             "alive": alive, "rate": _num(w["rate"]), "backlog": int(w["backlog"]),
-            "heartbeat_age": age, "messages": int(w["processed"]),
+            "heartbeat_age": age, "messages": int(w["processed"]), "db_node": w["db_node"],
         })
+        kind = str(w["role"]).removesuffix("-balancer")
+        if w["role"] != kind:  # a balancer: active means it holds its kind's lease now
+            workers[-1]["active"] = held.get(kind) == w["id"]
     newsletters = []
     for n in db.fetchall("newsletters_in_progress"):
         c = counts(db, n["id"])
@@ -57,7 +77,8 @@ def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
         })
     unverified = int(db.fetchval("bounces_unverified_recent", {"hours": 24}) or 0)
     return {"generated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "workers": workers, "newsletters": newsletters,
+            "workers": workers, "leases": leases(db) if held else {},
+            "newsletters": newsletters,
             # Bounce/complaint/unsubscribe mail without signed evidence: kept, changed nothing.
             "unverified_reports_24h": unverified}
 

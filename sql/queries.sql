@@ -13,6 +13,22 @@ SELECT CONNECTION_ID() AS id;
 -- name: db_now
 SELECT NOW(6) AS now;
 
+-- name: db_node_state
+-- On connect (sendsystem/db/database.py): is this a Galera node, and may it
+-- serve us (Primary component, ready, Synced)?
+SELECT @@wsrep_on AS wsrep_on,
+       (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS
+        WHERE VARIABLE_NAME = 'WSREP_READY') AS ready,
+       (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS
+        WHERE VARIABLE_NAME = 'WSREP_CLUSTER_STATUS') AS cluster_status,
+       (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS
+        WHERE VARIABLE_NAME = 'WSREP_LOCAL_STATE_COMMENT') AS local_state;
+
+-- name: db_causal_reads
+-- Galera only: reads wait until this node has applied every write committed
+-- anywhere in the cluster before they began.
+SET SESSION wsrep_sync_wait = 1;
+
 -- ==================================================================== lists
 
 -- name: list_insert
@@ -136,10 +152,10 @@ SELECT state, COUNT(*) AS n FROM messages WHERE newsletter_id = %(id)s GROUP BY 
 -- name: worker_register
 -- Re-registering the same host/role/name reuses the row; `enabled` is never
 -- touched here, so a disabled worker stays disabled across restarts.
-INSERT INTO workers (host, role, name, pid, state, started_at, heartbeat_at)
-VALUES (%(host)s, %(role)s, %(name)s, %(pid)s, 'starting', NOW(6), NOW(6))
-ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id), pid = VALUES(pid), state = 'starting',
-    started_at = NOW(6), heartbeat_at = NOW(6);
+INSERT INTO workers (host, role, name, pid, db_node, state, started_at, heartbeat_at)
+VALUES (%(host)s, %(role)s, %(name)s, %(pid)s, %(db_node)s, 'starting', NOW(6), NOW(6))
+ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id), pid = VALUES(pid), db_node = VALUES(db_node),
+    state = 'starting', started_at = NOW(6), heartbeat_at = NOW(6);
 
 -- name: worker_get
 SELECT id, host, role, name, pid, state, enabled, rate, backlog, processed,
@@ -148,7 +164,7 @@ FROM workers WHERE id = %(id)s;
 
 -- name: worker_heartbeat
 UPDATE workers SET heartbeat_at = NOW(6), state = %(state)s, rate = %(rate)s,
-    backlog = %(backlog)s, processed = %(processed)s
+    backlog = %(backlog)s, processed = %(processed)s, db_node = %(db_node)s
 WHERE id = %(id)s;
 
 -- name: worker_set_state
@@ -162,7 +178,7 @@ SELECT id, host, role, name, enabled, state FROM workers
 WHERE id = %(id)s OR name = %(name)s ORDER BY id;
 
 -- name: workers_all
-SELECT id, host, role, name, pid, state, enabled, rate, backlog, processed, started_at,
+SELECT id, host, role, name, pid, db_node, state, enabled, rate, backlog, processed, started_at,
        TIMESTAMPDIFF(MICROSECOND, heartbeat_at, NOW(6)) / 1000000 AS heartbeat_age
 FROM workers ORDER BY role, host, name;
 
@@ -173,14 +189,40 @@ FROM workers WHERE role = %(role)s;
 
 -- ================================================================ balancers
 
--- name: lock_get
-SELECT GET_LOCK(%(name)s, %(timeout)s) AS got;
+-- The balancer lease (sendsystem/roles/balancer.py): one row per kind,
+-- taken and renewed with ordinary transactional UPDATEs on the database's
+-- clock. Not GET_LOCK: that is node-local on Galera and frees only when the
+-- holder's TCP connection closes.
 
--- name: lock_held
-SELECT IS_USED_LOCK(%(name)s) = CONNECTION_ID() AS held;
+-- name: lease_seed
+INSERT IGNORE INTO leases (kind) VALUES (%(kind)s);
 
--- name: lock_release
-SELECT RELEASE_LOCK(%(name)s) AS released;
+-- name: lease_take
+-- Free, expired, or ours from a previous life (same worker row, the file
+-- lock guarantees the old process is gone): a new epoch fences the old one.
+UPDATE leases SET holder = %(holder)s, epoch = epoch + 1, taken_at = NOW(6),
+    expires_at = TIMESTAMPADD(MICROSECOND, %(length_us)s, NOW(6))
+WHERE kind = %(kind)s AND (holder IS NULL OR expires_at < NOW(6) OR holder = %(holder)s);
+
+-- name: lease_renew
+-- Matches only the holder with the current epoch of a lease not yet expired;
+-- 0 rows = the lease is lost. Runs first in every assignment transaction.
+UPDATE leases SET expires_at = TIMESTAMPADD(MICROSECOND, %(length_us)s, NOW(6))
+WHERE kind = %(kind)s AND holder = %(holder)s AND epoch = %(epoch)s AND expires_at >= NOW(6);
+
+-- name: lease_release
+UPDATE leases SET holder = NULL, expires_at = NOW(6)
+WHERE kind = %(kind)s AND holder = %(holder)s AND epoch = %(epoch)s;
+
+-- name: lease_get
+SELECT kind, holder, epoch, expires_at,
+       TIMESTAMPDIFF(MICROSECOND, NOW(6), expires_at) / 1000000 AS expires_in
+FROM leases WHERE kind = %(kind)s;
+
+-- name: leases_all
+SELECT l.kind, l.holder, l.epoch, l.taken_at, w.name AS holder_name, w.host AS holder_host,
+       TIMESTAMPDIFF(MICROSECOND, NOW(6), l.expires_at) / 1000000 AS expires_in
+FROM leases l LEFT JOIN workers w ON w.id = l.holder ORDER BY l.kind;
 
 -- name: backlog_by_worker
 SELECT b.worker_id, COUNT(m.id) AS backlog
@@ -219,7 +261,7 @@ SELECT COUNT(*) AS n FROM (
 ) AS ready;
 
 -- name: sort_assign
--- One set-based statement per batch. The balancer holds the cluster lock, and
+-- One set-based statement per batch. The balancer holds the lease, and
 -- `batch_id IS NULL` in the same statement means no message goes to two workers.
 -- FORCE INDEX: left to itself the optimizer chose an index_merge plus sort
 -- that locked every unassigned row and deadlocked with the workers (1213);

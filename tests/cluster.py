@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -25,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -146,6 +148,166 @@ class MariaDB:
         return pymysql.connect(**self.settings, database=database,  # type: ignore[arg-type]
                                autocommit=True, cursorclass=pymysql.cursors.DictCursor,
                                init_command="SET SESSION time_zone = '+00:00'")
+
+
+# ------------------------------------------------------------------- Galera
+
+
+GALERA_PROVIDER = Path("/usr/lib/galera/libgalera_smm.so")
+
+
+def galera_missing() -> str | None:
+    """Why a Galera cluster cannot run here, or None when it can."""
+    for path, package in ((GALERA_PROVIDER, "galera-4"), (Path(MARIADBD), "mariadb-server")):
+        if not path.exists():
+            return f"{path} not found: install Debian's {package} (`make test` does)"
+    if shutil.which("rsync") is None:
+        return "rsync not found (the SST method): install rsync (`make test` does)"
+    try:
+        pwd.getpwnam("mysql")
+    except KeyError:
+        return "no `mysql` user (mariadb-server creates it)"
+    return None
+
+
+class GaleraNode(MariaDB):
+    """One node of a private Galera cluster on loopback.
+
+    Runs as the ``mysql`` user, because the rsync SST daemon the joiner
+    starts serves the data directory as that user; everything lives under a
+    root directory that user owns. Four free ports: SQL, gcomm (group
+    communication), IST and SST. Small buffers and gcache: the machine is
+    shared and two cores.
+    """
+
+    def __init__(self, root: Path, index: int, peers: list[int] | None = None) -> None:
+        super().__init__(root)
+        self.index = index
+        self.name = f"node{index}"
+        self.gcomm_port = free_port()
+        self.ist_port = free_port()
+        self.sst_port = free_port()
+        self.peers: list[int] = peers or []  # every node's gcomm port, set by Galera
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def install(self) -> None:
+        if (self.datadir / "mysql").is_dir():
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        _chown_mysql(self.root)
+        installer = shutil.which(INSTALL_DB) or shutil.which("mysql_install_db")
+        if installer is None:
+            raise RuntimeError(f"{INSTALL_DB} not found: install mariadb-server")
+        out = subprocess.run(
+            [installer, "--no-defaults", f"--datadir={self.datadir}", "--user=mysql",
+             "--auth-root-authentication-method=normal", "--skip-test-db",
+             "--skip-name-resolve"],
+            capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"{installer} failed: {out.stdout}\n{out.stderr}")
+        _chown_mysql(self.root)
+
+    def start(self, timeout: float = 90, *, bootstrap: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.install()
+        cluster = ",".join(f"127.0.0.1:{p}" for p in self.peers)
+        provider_options = "; ".join((
+            f"gmcast.listen_addr=tcp://127.0.0.1:{self.gcomm_port}",
+            f"ist.recv_addr=127.0.0.1:{self.ist_port}",
+            "gcache.size=64M", "gcache.page_size=16M",
+            # A SIGKILLed peer is noticed (and the cluster goes on without
+            # it) after suspect_timeout; loopback needs no 5 s default.
+            "evs.suspect_timeout=PT2S", "evs.inactive_timeout=PT4S",
+            "evs.keepalive_period=PT0.5S", "evs.inactive_check_period=PT0.5S",
+        ))
+        args = [MARIADBD, "--no-defaults", "--user=mysql", f"--datadir={self.datadir}",
+                f"--socket={self.socket}", f"--pid-file={self.pid_file}",
+                f"--port={self.port}", "--bind-address=127.0.0.1", "--skip-name-resolve",
+                f"--log-error={self.error_log}", "--performance-schema=OFF",
+                "--innodb-buffer-pool-size=48M", "--innodb-log-file-size=16M",
+                "--key-buffer-size=8M", "--max-connections=200",
+                "--innodb-flush-log-at-trx-commit=1",
+                "--wsrep-on=ON", f"--wsrep-provider={GALERA_PROVIDER}",
+                f"--wsrep-cluster-address=gcomm://{cluster}",
+                "--wsrep-cluster-name=sendsystem_test", f"--wsrep-node-name={self.name}",
+                f"--wsrep-node-address=127.0.0.1:{self.gcomm_port}",
+                f"--wsrep-provider-options={provider_options}",
+                "--wsrep-sst-method=rsync",
+                f"--wsrep-sst-receive-address=127.0.0.1:{self.sst_port}",
+                "--binlog-format=ROW", "--innodb-autoinc-lock-mode=2",
+                "--default-storage-engine=InnoDB"]
+        if bootstrap:
+            args.append("--wsrep-new-cluster")
+        with open(self.root / "mariadbd.out", "ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(self._answers, timeout, f"Galera {self.name} on port {self.port} synced", 0.2)
+
+    def _answers(self) -> bool:
+        if not super()._answers():
+            return False
+        return self.wsrep_status().get("wsrep_local_state_comment") == "Synced"
+
+    def wsrep_status(self) -> dict[str, str]:
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW GLOBAL STATUS LIKE 'wsrep%%'")
+                return {r["Variable_name"]: str(r["Value"]) for r in cur.fetchall()}
+        finally:
+            conn.close()
+
+    def kill(self) -> None:
+        """SIGKILL: the node's machine dies; its clients' connections break."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+def _chown_mysql(path: Path) -> None:
+    user = pwd.getpwnam("mysql")
+    for folder, _dirs, files in os.walk(path):
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        for f in files:
+            os.chown(os.path.join(folder, f), user.pw_uid, user.pw_gid)
+
+
+class Galera:
+    """A private 3-node Galera cluster on loopback: ``start()``, ``stop()``, ``nodes``.
+
+    The root is a fresh directory under /tmp that the ``mysql`` user can
+    reach (pytest's own tmp folders are root-only); ``stop()`` removes it.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="sendsystem-galera-"))
+        os.chmod(self.root, 0o755)
+        self.nodes = [GaleraNode(self.root / f"node{i}", i) for i in range(1, size + 1)]
+        ports = [n.gcomm_port for n in self.nodes]
+        for n in self.nodes:
+            n.peers = ports
+
+    def start(self) -> None:
+        self.nodes[0].start(bootstrap=True)
+        for node in self.nodes[1:]:
+            node.start()
+
+    def host_list(self, first: int = 0) -> str:
+        """The [database] host value: every node, starting with node ``first``."""
+        order = self.nodes[first:] + self.nodes[:first]
+        return ", ".join(n.address for n in order)
+
+    def settings(self, first: int = 0) -> dict[str, object]:
+        return {"host": self.host_list(first), "port": 3306, "user": "root", "password": ""}
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 # -------------------------------------------------------------------- SMTP

@@ -22,7 +22,7 @@ from sendsystem.config import Config, load_config
 from sendsystem.db import Database
 
 TABLES = ("bounces", "blocklist", "messages", "batches", "workers", "attachments",
-          "newsletters", "templates", "subscribers", "lists")
+          "newsletters", "templates", "subscribers", "lists", "leases")
 
 
 def server_settings() -> dict[str, object]:

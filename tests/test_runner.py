@@ -195,6 +195,24 @@ def test_schema_upgrade_2_to_3_keeps_bounces(scratch_db) -> None:  # type: ignor
                 "bounces_unverified_recent"])
 
 
+def test_schema_upgrade_v4_to_v5_adds_leases_and_db_node(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    path, name = scratch_db
+    db = Database(load_config(path).database)
+    assert db.init_schema(up_to=4) == (0, 4)
+    conn = pymysql.connect(**server_settings(), database=name)  # type: ignore[arg-type]
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO workers (host, role, name) VALUES ('h', 'sort-balancer', 'old')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaError, match=r"version 4.*db init"):
+        db.check_schema_version()
+    assert db.init_schema() == (4, 5)
+    assert db.check_schema_version() == 5
+    db.prepare(["worker_heartbeat", "workers_all", "lease_take", "lease_renew", "leases_all"])
+    assert [r["kind"] for r in db.fetchall("leases_all")] == ["send", "sort"]
+    assert [r["db_node"] for r in db.fetchall("workers_all")] == [None]
+
+
 def test_prepare_fails_at_start_on_a_wrong_schema(scratch_db) -> None:  # type: ignore[no-untyped-def]
     path, name = scratch_db
     config = load_config(path)

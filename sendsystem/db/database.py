@@ -11,6 +11,27 @@ When MariaDB goes away, a single statement outside a transaction is retried
 after reconnecting with capped back-off (logged once per outage); inside a
 transaction the caller gets :class:`DatabaseUnavailable` and retries its
 whole unit of work.
+
+High availability: ``[database] host`` may list several nodes of a MariaDB
+Galera cluster. A connection goes to the first node that answers within
+``connect_timeout`` and is usable; when it is lost, the next attempt starts at
+the following node (round robin), at once, and the capped back-off applies
+only when every node has failed. A Galera node that is not Primary and
+Synced (a minority partition, a joiner, a donor blocked by an rsync SST)
+answers TCP but cannot serve us, so it counts as down, and so does error 1047
+("WSREP has not yet prepared node") on a live connection. Certification
+failures come back as 1213 and are retried like InnoDB deadlocks.
+
+On Galera every session sets ``wsrep_sync_wait = 1`` (causal reads): a
+SELECT first waits until the node has applied everything committed anywhere
+in the cluster before it began. Galera's replication is synchronous only up
+to certification; applying on the other nodes lags slightly, and a send
+worker's main connection must see the outcomes its writer thread committed
+(maybe through another node) or it would send those messages again. The
+cost is one cluster round trip per read. Writes need no such wait: a write
+based on a stale row conflicts at certification and is retried.
+Auto-increment ids have gaps on Galera (each node hands out its own
+residue); nothing in SendSystem assumes dense ids.
 """
 
 from __future__ import annotations
@@ -26,17 +47,21 @@ import pymysql
 import pymysql.cursors
 from pymysql.constants import CLIENT
 
-from ..config import DatabaseConfig
+from ..config import DatabaseConfig, DbHost
 from ..errors import DatabaseConflict, DatabaseUnavailable, SchemaError, UserError
 from .queries import load_queries, load_value_columns, migrations, to_server_syntax
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 Params = Mapping[str, Any] | Sequence[Any] | None
 
 # Client error codes that mean "the connection is gone", not "your SQL is wrong".
-_CONNECTION_ERRNOS = {0, 1053, 1927, 2002, 2003, 2006, 2013, 2014, 2055, 4031}
+# 1047 is Galera's "WSREP has not yet prepared node for application use": the
+# node left the Primary component, so this connection is as good as gone.
+_CONNECTION_ERRNOS = {0, 1047, 1053, 1927, 2002, 2003, 2006, 2013, 2014, 2055, 4031}
+# Refusals that every node would give alike: no point trying the next one.
+_FINAL_CONNECT_ERRNOS = {1044, 1045, 1049}
 # InnoDB gave up on a lock (deadlock, lock wait timeout): retry, do not die.
 _CONFLICT_ERRNOS = {1205, 1213}
 CONFLICT_RETRIES = 5
@@ -69,18 +94,84 @@ class Database:
         self._in_transaction = False
         self._outage_since: float | None = None
         self.reconnects = 0
+        self._hosts = config.hosts
+        self._next = 0  # the node the next connection attempt starts at
+        self.node: DbHost | None = None  # the node the open connection is on
+        self.galera = False
+
+    @property
+    def node_name(self) -> str | None:
+        """``host:port`` of the node this process talks to (the last one it reached)."""
+        return None if self.node is None else str(self.node)
 
     # -- connection ---------------------------------------------------------
 
-    def _connect(self, database: str | None) -> pymysql.connections.Connection:
+    def _connect_node(self, node: DbHost, database: str | None
+                      ) -> pymysql.connections.Connection:
         cfg = self.config
         return pymysql.connect(
-            host=cfg.host, port=cfg.port, user=cfg.user, password=cfg.password,
+            host=node.host, port=node.port, user=cfg.user, password=cfg.password,
             database=database, charset="utf8mb4", autocommit=True, binary_prefix=True,
-            cursorclass=pymysql.cursors.DictCursor, connect_timeout=5,
+            cursorclass=pymysql.cursors.DictCursor, connect_timeout=cfg.connect_timeout,
             client_flag=CLIENT.MULTI_STATEMENTS if database is None else 0,
             init_command="SET SESSION time_zone = '+00:00'",
         )
+
+    def _unusable(self, conn: pymysql.connections.Connection) -> str | None:
+        """Why this node cannot serve us (a Galera node not Primary and Synced), else None.
+
+        Also switches a Galera session to causal reads (see the module docstring).
+        """
+        with conn.cursor() as cur:
+            try:
+                cur.execute(self.sql("db_node_state"))
+            except pymysql.err.MySQLError as exc:
+                if exc.args and exc.args[0] == 1193:  # no @@wsrep_on: not MariaDB/Galera
+                    self.galera = False
+                    return None
+                raise
+            state = cur.fetchone() or {}
+            self.galera = bool(state.get("wsrep_on"))
+            if not self.galera:
+                return None
+            if state.get("cluster_status") != "Primary" or state.get("ready") != "ON":
+                return f"Galera node not in the Primary component ({state.get('cluster_status')})"
+            if state.get("local_state") != "Synced":
+                return f"Galera node is {state.get('local_state')}, not Synced"
+            cur.execute(self.sql("db_causal_reads"))
+        return None
+
+    def _connect(self, database: str | None) -> pymysql.connections.Connection:
+        """A connection to the first usable node, starting at ``_next`` (round robin)."""
+        problems = []
+        count = len(self._hosts)
+        for step in range(count):
+            index = (self._next + step) % count
+            node = self._hosts[index]
+            try:
+                conn = self._connect_node(node, database)
+            except pymysql.err.OperationalError as exc:
+                if exc.args and exc.args[0] in _FINAL_CONNECT_ERRNOS:
+                    raise
+                problems.append(f"{node}: {exc.args[-1] if exc.args else exc}")
+                continue
+            try:
+                why = self._unusable(conn)
+            except pymysql.err.MySQLError as exc:
+                why = str(exc.args[-1] if exc.args else exc)
+            if why is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                problems.append(f"{node}: {why}")
+                continue
+            if step or self.node not in (None, node):
+                log.warning("database: now on node %s%s", node,
+                            f" (skipped {'; '.join(problems)})" if problems else "")
+            self._next = index
+            self.node = node
+            return conn
+        raise pymysql.err.OperationalError(
+            2003, "no database node answers: " + "; ".join(problems))
 
     def _ensure(self) -> pymysql.connections.Connection:
         if self._conn is None:
@@ -90,7 +181,7 @@ class Database:
                 if exc.args and exc.args[0] == 1049:  # unknown database
                     raise SchemaError(
                         f"Database {self.config.name!r} does not exist on "
-                        f"{self.config.host}:{self.config.port}. Run `sendsystem db init`."
+                        f"{self.config.host}. Run `sendsystem db init`."
                     ) from None
                 if exc.args and exc.args[0] in (1044, 1045):
                     raise DatabaseUnavailable(
@@ -114,6 +205,7 @@ class Database:
         delay = 0.2
         conflicts = 0
         while True:
+            connected = self._conn is not None
             try:
                 conn = self._ensure()
                 with conn.cursor() as cur:
@@ -126,8 +218,7 @@ class Database:
             except pymysql.err.OperationalError as exc:
                 if not exc.args or exc.args[0] not in _CONFLICT_ERRNOS:
                     if _is_connection_error(exc):
-                        self._lost(exc)
-                        delay = self._wait(exc, delay)
+                        delay = self._lost(exc, connected, delay)
                         continue
                     raise
                 conflicts += 1
@@ -139,17 +230,28 @@ class Database:
             except Exception as exc:
                 if not _is_connection_error(exc):
                     raise
-                self._lost(exc)
-                delay = self._wait(exc, delay)
+                delay = self._lost(exc, connected, delay)
 
-    def _lost(self, exc: BaseException) -> None:
-        """Forget a dead connection; log once per outage."""
+    def _lost(self, exc: BaseException, connected: bool, delay: float) -> float:
+        """Forget a dead connection (log once per outage), then wait or move on.
+
+        A connection that was open and broke moves on to the next node at
+        once; a failed attempt to connect to any node backs off first.
+        Returns the next back-off delay.
+        """
+        node = self.node
         self.close()
         self.reconnects += 1
+        if connected:
+            self._next = (self._next + 1) % len(self._hosts)
         if self._outage_since is None:
             self._outage_since = time.monotonic()
-            log.warning("database %s:%s unreachable (%s); retrying",
-                        self.config.host, self.config.port, exc)
+            log.warning("database %s unreachable (%s); retrying%s",
+                        node or self.config.host, exc,
+                        " on the next node" if len(self._hosts) > 1 else "")
+        if connected and len(self._hosts) > 1 and not self._in_transaction:
+            return delay
+        return self._wait(exc, delay)
 
     def _wait(self, exc: BaseException, delay: float) -> float:
         """Back off before reconnecting, or give up; returns the next delay."""
@@ -160,8 +262,7 @@ class Database:
         waited = time.monotonic() - self._outage_since
         if (self.retry_for is not None and waited >= self.retry_for) or self.should_abort():
             raise DatabaseUnavailable(
-                f"MariaDB at {self.config.host}:{self.config.port} is unreachable "
-                f"({exc}); try again later."
+                f"MariaDB at {self.config.host} is unreachable ({exc}); try again later."
             ) from exc
         time.sleep(delay)
         return min(delay * 2, 5.0)
@@ -336,7 +437,7 @@ class Database:
             admin = self._connect(None)
         except pymysql.err.OperationalError as exc:
             raise DatabaseUnavailable(
-                f"MariaDB is not reachable at {cfg.host}:{cfg.port} as {cfg.user!r}: "
+                f"MariaDB is not reachable at {cfg.host} as {cfg.user!r}: "
                 f"{exc.args[-1]}. Start it (`make test` and `make demo` do), or set "
                 "[database] / SENDSYSTEM_DB_* to point at it."
             ) from None

@@ -333,6 +333,7 @@ def _worker_row(w: Mapping[str, Any]) -> list[Cell]:
         (format_count(w.get("backlog")), None),
         (format_age(w.get("heartbeat_age")), "red" if _is_dead(w) else None),
         (format_count(w.get("messages")), None),
+        (clean(w.get("db_node")) or "-", None),
     ]
 
 
@@ -342,7 +343,8 @@ def _format_workers(workers: list[Mapping[str, Any]], width: int, color: bool) -
     columns = [Column("ID", ">"), Column("HOST", shrink=True, min_width=6), Column("ROLE"),
                Column("NAME", shrink=True, min_width=8), Column("ENABLED", drop=2), Column("STATE"),
                Column("RATE", ">"), Column("BACKLOG", ">", drop=3),
-               Column("HEARTBEAT", ">", drop=1), Column("MESSAGES", ">", drop=4)]
+               Column("HEARTBEAT", ">", drop=1), Column("MESSAGES", ">", drop=4),
+               Column("DB NODE", shrink=True, min_width=8, drop=5)]
     ordered = sorted(workers, key=lambda w: (clean(w.get("host")), clean(w.get("role")),
                                              clean(w.get("name"))))
     return render_table(columns, [_worker_row(w) for w in ordered], width=width, color=color)
@@ -398,6 +400,22 @@ def _unverified_summary(bounces: Mapping[str, Any]) -> str:
     return format_count(bounces.get("unverified") or 0) + (f" ({detail})" if detail else "")
 
 
+def _format_leases(leases: Mapping[str, Any], width: int) -> list[str]:
+    """One line per balancer kind: who holds the lease (the active balancer)."""
+    lines = []
+    for kind in sorted(leases):
+        lease = leases[kind] or {}
+        if lease.get("holder") is None:
+            text = f"{clean(kind)} balancer lease: free (no active balancer)"
+        else:
+            text = (f"{clean(kind)} balancer lease: worker {clean(lease.get('holder'))} "
+                    f"{clean(lease.get('holder_name'))} on {clean(lease.get('holder_host'))}, "
+                    f"epoch {clean(lease.get('epoch'))}, renewed "
+                    f"(expires in {format_duration(lease.get('expires_in'))})")
+        lines.append(fit("  " + text, width).rstrip())
+    return lines
+
+
 def format_status(status: Mapping[str, Any], *, width: int = 100, color: bool = False,
                   ascii_only: bool = False) -> str:
     """The ``sendsystem status`` screen: the workers table, then newsletters in progress.
@@ -424,6 +442,7 @@ def format_status(status: Mapping[str, Any], *, width: int = 100, color: bool = 
     stamp = clean(status.get("generated_at"))
     lines = [f"SendSystem status{' at ' + stamp if stamp else ''}", "", f"Workers: {summary}"]
     lines += _format_workers(workers, width, color)
+    lines += _format_leases(status.get("leases") or {}, width)
     lines += ["", f"Newsletters in progress: {len(newsletters)}"]
     lines += _format_newsletters(newsletters, width, color, ascii_only)
     unverified = status.get("unverified_reports_24h")

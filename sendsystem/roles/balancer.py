@@ -1,11 +1,30 @@
 """What the sort and send balancers share.
 
-Each tick, the active balancer (the one holding the cluster-wide MySQL named
-lock) reclaims the batches of dead and stopped workers, measures every
+Each tick, the active balancer (the one holding the cluster-wide lease of
+its kind) reclaims the batches of dead and stopped workers, measures every
 worker's backlog, asks the pure :func:`sendsystem.balancing.balance` how
 much each live, enabled worker gets, and hands that out as batches, one
-set-based UPDATE per batch. Other balancers of the same kind wait in standby
-and take over as soon as the lock is free (the holder's connection died).
+set-based UPDATE per batch. Other balancers of the same kind wait in standby.
+
+The lease is a row of ``leases`` (holder, expires_at, epoch), taken and
+renewed with ordinary transactional UPDATEs on the database's clock; it
+lasts ``heartbeat_timeout`` and the holder renews it every tick and every
+heartbeat. Not MySQL's GET_LOCK: on a Galera cluster a named lock is local
+to one node (two balancers on two nodes both "held" it), and it is freed
+only when the holder's TCP connection closes, which a dead host may never
+do. A standby takes the lease once it has expired: within
+``heartbeat_timeout`` of the holder's last renewal (it sleeps until the
+expiry it reads, not a whole tick). On shutdown the holder expires its lease
+so a standby takes over at once.
+
+Fencing of the balancer itself: every reclaim and every batch transaction
+first renews the lease with ``holder = me AND epoch = mine`` and rolls back
+if that matched no row. So a balancer that lost the lease (it stalled past
+the expiry, its node was cut off) cannot assign or reclaim anything, and on
+Galera two nodes' concurrent writes to the one lease row conflict at
+certification, so at most one of them commits. The heartbeat reports
+``running`` only right after a successful renewal, so at most one balancer
+of a kind reports itself active while its heartbeat is fresh.
 """
 
 from __future__ import annotations
@@ -14,17 +33,23 @@ import logging
 from typing import ClassVar
 
 from ..balancing import BalanceParams, WorkerState, balance
+from ..errors import DatabaseConflict
 from ..fairshare import split_evenly
 from ..runner import Runner
 
 log = logging.getLogger(__name__)
 
 BALANCER_STATEMENTS = (
-    "lock_get", "lock_held", "lock_release", "workers_for_role", "backlog_by_worker",
+    "lease_seed", "lease_take", "lease_renew", "lease_release", "lease_get",
+    "workers_for_role", "backlog_by_worker",
     "batches_reclaimable", "batch_release_messages", "batch_mark_reclaimed", "batch_insert",
     "batch_set_size", "batch_delete_empty", "newsletters_running", "batches_outstanding",
     "pending_for_role",
 )
+
+
+class LeaseLost(Exception):
+    """The lease renewal inside a transaction matched no row: roll the tick back."""
 
 
 class BalancerRunner(Runner):
@@ -40,39 +65,86 @@ class BalancerRunner(Runner):
                                     batch_max=b.batch_max, probe_batch=b.probe_batch)
         self.idle_sleep = b.tick_seconds
         self.active = False
+        self.epoch = 0
+        self.lease_left: float | None = None  # seconds until the holder's lease expires
         self.assigned_total = 0
-
-    @property
-    def lock_name(self) -> str:
-        return f"sendsystem.{self.config.database.name}.{self.role}"
 
     @property
     def heartbeat_state(self) -> str:
         return "running" if self.active else "standby"
 
-    # -- the cluster-wide singleton -----------------------------------------------
+    # -- the cluster-wide lease ------------------------------------------------------
 
-    def _hold_lock(self) -> bool:
-        if self.active and self.db.fetchval("lock_held", {"name": self.lock_name}):
-            return True
+    def _lease(self) -> dict[str, object]:
+        return {"kind": self.worker_role, "holder": self.worker_id, "epoch": self.epoch,
+                "length_us": int(self.config.balancer.heartbeat_timeout * 1_000_000)}
+
+    def setup(self) -> None:
+        self.db.execute("lease_seed", {"kind": self.worker_role})
+
+    def hold_lease(self) -> bool:
+        """Renew the lease if we hold it, else try to take it; True when we hold it."""
         if self.active:
-            log.warning("%s %s lost the cluster lock (database restarted?)", self.role,
-                        self.options.name)
-        self.active = bool(self.db.fetchval("lock_get", {"name": self.lock_name, "timeout": 0}))
-        if self.active:
-            log.info("%s %s is the active balancer", self.role, self.options.name)
+            if self.db.execute("lease_renew", self._lease()):
+                return True
+            log.warning("%s %s lost the %s lease (epoch %d): not renewed before it expired",
+                        self.role, self.options.name, self.worker_role, self.epoch)
+            self.active = False
+        try:
+            with self.db.transaction():
+                taken = self.db.execute("lease_take", self._lease())
+                row = self.db.fetchone("lease_get", {"kind": self.worker_role})
+        except DatabaseConflict as exc:  # another node's balancer won the row
+            log.info("%s %s: lease not taken (%s)", self.role, self.options.name, exc)
+            return False
+        if taken and row is not None:
+            self.epoch = int(row["epoch"])
+            self.active = True
+            self.lease_left = None
+            log.info("%s %s is the active balancer (lease epoch %d)", self.role,
+                     self.options.name, self.epoch)
+        else:
+            left = row["expires_in"] if row is not None else None
+            self.lease_left = None if left is None else max(float(left), 0.0)
         return self.active
+
+    def renew_in_transaction(self) -> None:
+        """First statement of every reclaim and assignment: still ours, or roll back."""
+        if not self.db.execute("lease_renew", self._lease()):
+            raise LeaseLost(f"{self.worker_role} lease epoch {self.epoch} no longer ours")
+
+    def heartbeat_fields(self) -> dict[str, object]:
+        # Renew (or take) first, so the state this heartbeat reports is true now.
+        if not self.stopping:
+            self.hold_lease()
+        return super().heartbeat_fields()
 
     def shutdown(self) -> None:
         if self.active:
-            self.db.fetchval("lock_release", {"name": self.lock_name})
             self.active = False
+            if self.db.execute("lease_release", self._lease()):
+                log.info("%s %s released the %s lease", self.role, self.options.name,
+                         self.worker_role)
 
     # -- one tick ------------------------------------------------------------------
 
     def work(self) -> int:
-        if not self._hold_lock():
+        if not self.hold_lease():
+            # Standby: wake when the holder's lease expires, not a tick later.
+            if self.lease_left is None or self.lease_left >= self.idle_sleep:
+                return 0
+            self.sleep(self.lease_left + 0.005)
+            if self.stopping or not self.hold_lease():
+                return 0
+        try:
+            return self._tick()
+        except LeaseLost as exc:
+            log.warning("%s %s: %s; the tick was rolled back, back to standby", self.role,
+                        self.options.name, exc)
+            self.active = False
             return 0
+
+    def _tick(self) -> int:
         self.before_assign()
         self.reclaim()
         assigned = self.assign()
@@ -93,6 +165,7 @@ class BalancerRunner(Runner):
         for batch in self.db.fetchall("batches_reclaimable", {"role": self.worker_role,
                                                               "timeout_us": timeout_us}):
             with self.db.transaction():
+                self.renew_in_transaction()
                 n = self.db.execute("batch_release_messages", {"batch": batch["id"]})
                 self.db.execute("batch_mark_reclaimed", {"batch": batch["id"]})
             total += n
@@ -145,6 +218,7 @@ class BalancerRunner(Runner):
 
     def _new_batch(self, worker_id: int, newsletter_id: int, n: int) -> int:
         with self.db.transaction():
+            self.renew_in_transaction()
             batch = self.db.insert("batch_insert", {"role": self.worker_role,
                                                     "worker": worker_id,
                                                     "newsletter": newsletter_id})
