@@ -10,9 +10,9 @@ STAMP   = $(VENV)/.installed
 APT     = DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo venv mariadb postfix lint bench clean
+.PHONY: test demo venv mariadb postfix galera lint bench clean
 
-test: venv mariadb postfix
+test: venv mariadb postfix galera
 	$(BIN)/ruff check sendsystem tests bench
 	$(BIN)/pytest -q
 
@@ -53,6 +53,14 @@ postfix:
 		echo "Installing Postfix (for smtp-sink and real bounces)"; \
 		echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
 		$(SUDO) apt-get update -q && $(SUDO) $(APT) install postfix; \
+	fi
+
+# tests/test_galera.py runs a private 3-node Galera cluster on loopback:
+# Debian's galera-4 provider, and rsync for its state transfer (SST).
+galera:
+	@if [ ! -e /usr/lib/galera/libgalera_smm.so ] || ! command -v rsync >/dev/null 2>&1; then \
+		echo "Installing galera-4 and rsync (for the Galera cluster test)"; \
+		$(SUDO) apt-get update -q && $(SUDO) $(APT) install galera-4 rsync; \
 	fi
 
 lint: venv

@@ -47,6 +47,9 @@ class DatabaseConfig:
     name: str = "sendsystem"
     # Seconds to wait for one node to answer before trying the next.
     connect_timeout: float = 3.0
+    # The server drops a connection idle this long inside a transaction
+    # (a hung client would otherwise hold its row locks, the lease's too).
+    idle_transaction_timeout: float = 10.0
 
     @property
     def hosts(self) -> tuple[DbHost, ...]:
@@ -369,8 +372,9 @@ def load_config(path: str | os.PathLike[str] | None = None,
 
 def _validate(config: Config) -> None:
     parse_db_hosts(config.database.host, config.database.port, config.source)
-    if config.database.connect_timeout <= 0:
-        raise ConfigError(f"{config.source}: [database] connect_timeout must be positive")
+    if config.database.connect_timeout <= 0 or config.database.idle_transaction_timeout <= 0:
+        raise ConfigError(f"{config.source}: [database] connect_timeout and "
+                          "idle_transaction_timeout must be positive")
     b = config.balancer
     if b.batch_min < 1 or b.batch_max < b.batch_min:
         raise ConfigError(f"{config.source}: need 1 <= batch_min <= batch_max in [balancer]")

@@ -24,6 +24,10 @@ SELECT @@wsrep_on AS wsrep_on,
        (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS
         WHERE VARIABLE_NAME = 'WSREP_LOCAL_STATE_COMMENT') AS local_state;
 
+-- name: db_idle_transaction_timeout
+-- On connect: the server drops a connection idle inside a transaction this long.
+SET SESSION idle_transaction_timeout = %(seconds)s;
+
 -- name: db_causal_reads
 -- Galera only: reads wait until this node has applied every write committed
 -- anywhere in the cluster before they began.

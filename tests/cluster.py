@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pymysql
 import pymysql.cursors
@@ -196,13 +196,16 @@ class GaleraNode(MariaDB):
     def install(self) -> None:
         if (self.datadir / "mysql").is_dir():
             return
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Its own tmpdir: bootstraps running at once (other test runs on a
+        # shared machine) collided on temporary table names in /tmp.
+        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         _chown_mysql(self.root)
         installer = shutil.which(INSTALL_DB) or shutil.which("mysql_install_db")
         if installer is None:
             raise RuntimeError(f"{INSTALL_DB} not found: install mariadb-server")
         out = subprocess.run(
             [installer, "--no-defaults", f"--datadir={self.datadir}", "--user=mysql",
+             f"--tmpdir={self.root / 'tmp'}",
              "--auth-root-authentication-method=normal", "--skip-test-db",
              "--skip-name-resolve"],
             capture_output=True, text=True, timeout=120)
@@ -210,22 +213,46 @@ class GaleraNode(MariaDB):
             raise RuntimeError(f"{installer} failed: {out.stdout}\n{out.stderr}")
         _chown_mysql(self.root)
 
-    def start(self, timeout: float = 90, *, bootstrap: bool = False) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        self.install()
+    def recover_position(self) -> str | None:
+        """The last committed position (uuid:seqno) of a node that crashed.
+
+        A SIGKILLed node's grastate.dat says seqno -1; without its real
+        position it would need a full SST (rsync blocks the donor meanwhile)
+        instead of an IST of what it missed. So, like the galera_recovery
+        step of Debian's systemd unit, run ``mariadbd --wsrep-recover`` first.
+        """
+        grastate = self.datadir / "grastate.dat"
+        if not grastate.exists() or "seqno:   -1" not in grastate.read_text():
+            return None
+        log_path = self.root / "wsrep-recover.err"
+        log_path.unlink(missing_ok=True)
+        out = subprocess.run([*self._server_args(), "--wsrep-recover", "--skip-networking",
+                              f"--log-error={log_path}"],
+                             capture_output=True, text=True, timeout=120, check=False)
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        found = re.search(r"WSREP: Recovered position: (\S+:-?\d+)", text)
+        if found is None:
+            log.warning("wsrep-recover of %s found no position (exit %s): %s %s", self.name,
+                        out.returncode, (out.stdout + out.stderr)[-2000:], text[-2000:])
+        return found.group(1) if found else None
+
+    def _server_args(self) -> list[str]:
         cluster = ",".join(f"127.0.0.1:{p}" for p in self.peers)
         provider_options = "; ".join((
             f"gmcast.listen_addr=tcp://127.0.0.1:{self.gcomm_port}",
             f"ist.recv_addr=127.0.0.1:{self.ist_port}",
             "gcache.size=64M", "gcache.page_size=16M",
-            # A SIGKILLed peer is noticed (and the cluster goes on without
-            # it) after suspect_timeout; loopback needs no 5 s default.
-            "evs.suspect_timeout=PT2S", "evs.inactive_timeout=PT4S",
-            "evs.keepalive_period=PT0.5S", "evs.inactive_check_period=PT0.5S",
+            # A SIGKILLed peer is declared gone (and commits, which wait for
+            # it until then, go on) after suspect_timeout: 3 s instead of 5 s.
+            # The other EVS timeouts stay at their defaults: with an
+            # inactive_timeout of 4 s a slow-starting joiner on this shared
+            # machine was declared inactive mid-join, and the survivors lost
+            # the Primary component for 6 s.
+            "evs.suspect_timeout=PT3S",
         ))
-        args = [MARIADBD, "--no-defaults", "--user=mysql", f"--datadir={self.datadir}",
+        return [MARIADBD, "--no-defaults", "--user=mysql", f"--datadir={self.datadir}",
                 f"--socket={self.socket}", f"--pid-file={self.pid_file}",
+                f"--tmpdir={self.root / 'tmp'}",
                 f"--port={self.port}", "--bind-address=127.0.0.1", "--skip-name-resolve",
                 f"--log-error={self.error_log}", "--performance-schema=OFF",
                 "--innodb-buffer-pool-size=48M", "--innodb-log-file-size=16M",
@@ -240,11 +267,30 @@ class GaleraNode(MariaDB):
                 f"--wsrep-sst-receive-address=127.0.0.1:{self.sst_port}",
                 "--binlog-format=ROW", "--innodb-autoinc-lock-mode=2",
                 "--default-storage-engine=InnoDB"]
+
+    def start(self, timeout: float = 90, *, bootstrap: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.install()
+        position = None if bootstrap else self.recover_position()
+        args = self._server_args()
         if bootstrap:
             args.append("--wsrep-new-cluster")
+        if position is not None:
+            args.append(f"--wsrep-start-position={position}")
         with open(self.root / "mariadbd.out", "ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         wait_for(self._answers, timeout, f"Galera {self.name} on port {self.port} synced", 0.2)
+
+    def state_transfer(self) -> str:
+        """How the node last rejoined: 'IST' (only the missed writes), 'SST' (a full
+        copy of a donor's data directory) or '' (it never joined a running cluster)."""
+        text = self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
+        tail = text[text.rfind("State transfer required"):] if "State transfer required" \
+            in text else ""
+        if "rsync SST completed on joiner" in tail:
+            return "SST"
+        return "IST" if "IST received" in tail else ""
 
     def _answers(self) -> bool:
         if not super()._answers():
@@ -301,12 +347,32 @@ class Galera:
         order = self.nodes[first:] + self.nodes[:first]
         return ", ".join(n.address for n in order)
 
-    def settings(self, first: int = 0) -> dict[str, object]:
-        return {"host": self.host_list(first), "port": 3306, "user": "root", "password": ""}
+    @property
+    def settings(self) -> dict[str, object]:
+        """[database] keys for a Cluster's config: the whole host list."""
+        return {"host": self.host_list(0), "port": 3306, "user": "root", "password": ""}
 
-    def stop(self) -> None:
+    def connect(self, database: str | None = None) -> pymysql.connections.Connection:
+        """A connection to the first running node (the tests' look at the database)."""
+        problems = []
+        for node in self.nodes:
+            if not node.running:
+                continue
+            try:
+                return node.connect(database)
+            except pymysql.err.MySQLError as exc:
+                problems.append(f"{node.name}: {exc}")
+        raise RuntimeError(f"no Galera node answers: {problems}")
+
+    def stop(self, keep_logs: Path | None = None) -> None:
+        """Stop every node and remove the root; copy the error logs to ``keep_logs`` first."""
         for node in reversed(self.nodes):
             node.stop()
+        if keep_logs is not None:
+            keep_logs.mkdir(parents=True, exist_ok=True)
+            for node in self.nodes:
+                if node.error_log.exists():
+                    shutil.copy(node.error_log, keep_logs / f"{node.name}.err")
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -412,11 +478,20 @@ ROLE_OF = {"sort-worker": "sort", "send-worker": "send",
            "sort-balancer": "sort-balancer", "send-balancer": "send-balancer"}
 
 
+class Server(Protocol):
+    """What a Cluster needs of its database: a MariaDB, or a Galera cluster."""
+
+    @property
+    def settings(self) -> dict[str, object]: ...
+
+    def connect(self, database: str | None = None) -> pymysql.connections.Connection: ...
+
+
 @dataclass
 class Cluster:
     """One test's cluster: a fresh database on the private server, config, processes."""
 
-    server: MariaDB
+    server: Server
     tmp: Path
     db_name: str = field(default_factory=lambda: f"cluster_{secrets.token_hex(4)}")
     overrides: dict[str, dict[str, object]] = field(default_factory=dict)
@@ -453,8 +528,12 @@ class Cluster:
 
     # -- processes -----------------------------------------------------------------
 
-    def spawn(self, command: str, name: str, *args: str) -> Proc:
-        """Start ``sendsystem COMMAND --name NAME ARGS`` (as cron would) in the background."""
+    def spawn(self, command: str, name: str, *args: str,
+              env: dict[str, str] | None = None) -> Proc:
+        """Start ``sendsystem COMMAND --name NAME ARGS`` (as cron would) in the background.
+
+        ``env`` adds environment variables (e.g. SENDSYSTEM_DB_HOST: this
+        server's own order of the database nodes)."""
         log_path = self.tmp / f"{command}-{name}.log"
         with log_path.open("ab") as out:
             out.write(f"---- start {' '.join(args)} at {time.time():.3f}\n".encode())
@@ -462,7 +541,7 @@ class Cluster:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "sendsystem", "--config", str(self.path), command,
                  "--name", name, *args], stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         proc = Proc(command, name, tuple(args), popen, log_path)
         self.procs.append(proc)
         return proc

@@ -13,6 +13,7 @@ themselves, so they stay in the suite.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -315,6 +316,46 @@ def test_stopped_active_balancer_hands_its_lease_over_at_once(cluster: Cluster) 
           f"lease {b.heartbeat_timeout}s)")
     assert "released the sort lease" in first.log()
     assert after < b.heartbeat_timeout - 1
+
+
+def test_frozen_active_balancer_is_replaced_and_fenced(cluster: Cluster, sink: SmtpSink) -> None:
+    """The holder's host hangs (SIGSTOP): its TCP connections stay open, which
+    kept GET_LOCK held forever. The lease expires instead: the standby takes
+    over within heartbeat_timeout, and the old holder, woken up, assigns
+    nothing (its renewal matches no row) and goes to standby."""
+    n = 1500
+    cluster.use_relays(sink)
+    nid = newsletter(cluster, n)
+    frozen = cluster.spawn("send-balancer", "server-a")
+    wait_for(lambda: (cluster.worker("send-balancer", "server-a") or {}).get("state")
+             == "running", 20, "server-a active")
+    cluster.spawn("send-balancer", "server-b")
+    cluster.spawn("sort-balancer", "s")
+    cluster.spawn("sort-worker", "w", "--max-rate", "200")
+    cluster.spawn("send-worker", "w", "--max-rate", "150")
+    wait_for(lambda: delivered(sink) >= 200, 30, "sending under way", 0.05)
+    b_id = cluster.worker("send-balancer", "server-b")["id"]  # type: ignore[index]
+    frozen.popen.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        wait_for(lambda: (cluster.sql(LEASE_SQL, ("send",)) or [{}])[0].get("holder") == b_id,
+                 20, "server-b holds the send lease", 0.02)
+        takeover = time.monotonic() - stopped
+    finally:
+        frozen.popen.send_signal(signal.SIGCONT)
+    wait_for(lambda: "lost the send lease" in frozen.log(), 10, "server-a noticing", 0.1)
+    wait_for(lambda: (cluster.worker("send-balancer", "server-a") or {}).get("state")
+             == "standby", 10, "server-a back in standby")
+    wait_for(lambda: cluster.finished(nid), 60, "all final", 0.3)
+    holder = cluster.sql(LEASE_SQL, ("send",))[0]["holder"]
+    cluster.stop_all()
+    acc = account(cluster, nid, sink)
+    b = cluster.config.balancer
+    print(f"\n[5c] frozen holder replaced after {takeover:.2f}s (lease {b.heartbeat_timeout}s); "
+          f"woken, it went to standby; lost {acc.lost}, duplicates {acc.duplicates}")
+    assert takeover <= b.heartbeat_timeout + 0.3
+    assert holder == b_id
+    assert acc.lost == 0 and acc.duplicates == 0 and acc.strangers == 0
 
 
 # ---------------------------------------------------------- 6. disable

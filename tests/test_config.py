@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sendsystem.config import Relay, load_config
+from sendsystem.config import DbHost, Relay, load_config, parse_db_hosts
 from sendsystem.errors import ConfigError
 from sendsystem.fairshare import split_evenly
 
@@ -27,6 +27,22 @@ def test_environment_overrides_database_and_secret() -> None:
     assert (config.database.host, config.database.port) == ("db.internal", 3307)
     assert config.database.password == "s3cret"
     assert config.secret() == b"from-env-" + b"s" * 32
+
+
+def test_database_host_list() -> None:
+    assert parse_db_hosts("db1", 3306) == (DbHost("db1", 3306),)
+    assert parse_db_hosts(" db1:3307, db2 ,10.0.0.3:3310,[::1]:3311, [fd00::2] ", 3306) == (
+        DbHost("db1", 3307), DbHost("db2", 3306), DbHost("10.0.0.3", 3310),
+        DbHost("::1", 3311), DbHost("fd00::2", 3306))
+    assert str(DbHost("::1", 3311)) == "[::1]:3311" and str(DbHost("db1", 3306)) == "db1:3306"
+    env = {"SENDSYSTEM_DB_HOST": "a:3307,b:3308,c", "SENDSYSTEM_DB_PORT": "3309"}
+    assert load_config(EXAMPLE, env=env).database.hosts == (
+        DbHost("a", 3307), DbHost("b", 3308), DbHost("c", 3309))
+    for bad, why in (("", "names no host"), ("::1", "brackets"), ("db:x", "host:port"),
+                     ("[::1", r"\[ipv6\]:port"), ("db:70000", "out of range"),
+                     (":3306", "host:port")):
+        with pytest.raises(ConfigError, match=why):
+            load_config(EXAMPLE, env={"SENDSYSTEM_DB_HOST": bad})
 
 
 def test_errors_say_what_to_fix(tmp_path: Path) -> None:

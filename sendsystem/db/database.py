@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -120,9 +121,20 @@ class Database:
     def _unusable(self, conn: pymysql.connections.Connection) -> str | None:
         """Why this node cannot serve us (a Galera node not Primary and Synced), else None.
 
-        Also switches a Galera session to causal reads (see the module docstring).
+        Also sets the session up: the idle-transaction limit, and causal
+        reads on Galera (see the module docstring).
         """
         with conn.cursor() as cur:
+            try:
+                # A client that hangs or vanishes inside a transaction (a frozen
+                # host keeps its TCP connection open) would hold its row locks,
+                # the balancer lease's among them, for hours; the server drops
+                # it after this many idle seconds instead.
+                cur.execute(self.sql("db_idle_transaction_timeout"),
+                            {"seconds": max(1, math.ceil(self.config.idle_transaction_timeout))})
+            except pymysql.err.MySQLError as exc:
+                if not exc.args or exc.args[0] != 1193:  # a server without the variable
+                    raise
             try:
                 cur.execute(self.sql("db_node_state"))
             except pymysql.err.MySQLError as exc:

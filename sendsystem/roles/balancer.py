@@ -87,7 +87,7 @@ class BalancerRunner(Runner):
         if self.active:
             if self.db.execute("lease_renew", self._lease()):
                 return True
-            log.warning("%s %s lost the %s lease (epoch %d): not renewed before it expired",
+            log.warning("%s %s lost the %s lease (epoch %d): it expired or was taken over",
                         self.role, self.options.name, self.worker_role, self.epoch)
             self.active = False
         try:
