@@ -131,7 +131,9 @@ def truncate_all(db: Database) -> None:
         cur.execute("SET FOREIGN_KEY_CHECKS = 0")
         for table in TABLES:
             cur.execute(f"TRUNCATE TABLE `{table}`")
+        cur.execute("INSERT INTO leases (kind) VALUES ('sort'), ('send')")  # as db init seeds
         cur.execute("SET FOREIGN_KEY_CHECKS = 1")
+    conn.commit()
     conn.close()
 
 

@@ -134,6 +134,28 @@ def test_a_restarted_holder_takes_its_own_lease_back(env: Env) -> None:
         old.db.close()
 
 
+def test_status_json_shows_lease_holders_and_db_nodes(env: Env) -> None:
+    from sendsystem.stats import status
+    env.db.fetchval("db_now")  # connected: node_name is known (a role PREPAREs first)
+    ids = {name: env.db.insert("worker_register", {"host": "srv", "role": "sort-balancer",
+                                                   "name": name, "pid": 1,
+                                                   "db_node": env.db.node_name})
+           for name in ("a", "b")}
+    a, b = _balancer(env, "a", ids["a"]), _balancer(env, "b", ids["b"])
+    try:
+        assert a.hold_lease() and not b.hold_lease()
+        facts = status(env.db, env.config.balancer.heartbeat_timeout)
+    finally:
+        a.db.close()
+        b.db.close()
+    assert facts["leases"]["sort"]["holder"] == ids["a"]
+    assert facts["leases"]["sort"]["holder_name"] == "a"
+    assert facts["leases"]["send"]["holder"] is None
+    active = {w["name"]: w["active"] for w in facts["workers"]}
+    assert active == {"a": True, "b": False}
+    assert {w["db_node"] for w in facts["workers"]} == {env.db.node_name}
+
+
 def test_no_leases_row_is_seeded_again(env: Env) -> None:
     sql(env, "DELETE FROM leases")
     a = _balancer(env, "a", 101)

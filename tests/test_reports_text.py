@@ -133,6 +133,19 @@ def test_status_fits_width() -> None:
             assert display_width(line) <= width, (width, line)
 
 
+def test_status_shows_db_node_and_balancer_leases() -> None:
+    facts = {**STATUS,
+             "workers": [{**w, "db_node": f"db{i}:3306"} for i, w in enumerate(STATUS["workers"])],
+             "leases": {"send": {"holder": 9, "holder_name": "b", "holder_host": "srv2",
+                                 "epoch": 4, "expires_in": 12.5},
+                        "sort": {"holder": None, "epoch": 0, "expires_in": None}}}
+    text = format_status(facts, width=140)
+    assert "DB NODE" in text and "db1:3306" in text
+    assert "send balancer lease: worker 9 b on srv2, epoch 4" in text
+    assert "sort balancer lease: free (no active balancer)" in text
+    assert "DB NODE" not in format_status(facts, width=80)  # dropped first when narrow
+
+
 def test_status_colour_only_when_asked() -> None:
     assert "\x1b[" not in format_status(STATUS)
     coloured = format_status(STATUS, color=True)
