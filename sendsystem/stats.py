@@ -48,7 +48,8 @@ def leases(db: Database) -> dict[str, dict[str, Any]]:
 
 
 def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
-    held = {kind: lease["holder"] for kind, lease in leases(db).items()}
+    lease_facts = leases(db)
+    held = {kind: lease["holder"] for kind, lease in lease_facts.items()}
     workers = []
     for w in db.fetchall("workers_all"):
         age = _num(w["heartbeat_age"])
@@ -77,7 +78,7 @@ def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
         })
     unverified = int(db.fetchval("bounces_unverified_recent", {"hours": 24}) or 0)
     return {"generated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "workers": workers, "leases": leases(db) if held else {},
+            "workers": workers, "leases": lease_facts,
             "newsletters": newsletters,
             # Bounce/complaint/unsubscribe mail without signed evidence: kept, changed nothing.
             "unverified_reports_24h": unverified}
