@@ -56,11 +56,13 @@ postfix:
 	fi
 
 # tests/test_galera.py runs a private 3-node Galera cluster on loopback:
-# Debian's galera-4 provider, and rsync for its state transfer (SST).
+# Debian's galera-4 provider, rsync for its state transfer, and ss (iproute2),
+# which the rsync transfer script uses to find its daemon's port.
 galera:
-	@if [ ! -e /usr/lib/galera/libgalera_smm.so ] || ! command -v rsync >/dev/null 2>&1; then \
-		echo "Installing galera-4 and rsync (for the Galera cluster test)"; \
-		$(SUDO) apt-get update -q && $(SUDO) $(APT) install galera-4 rsync; \
+	@if [ ! -e /usr/lib/galera/libgalera_smm.so ] || ! command -v rsync >/dev/null 2>&1 \
+			|| ! command -v ss >/dev/null 2>&1; then \
+		echo "Installing galera-4, rsync and iproute2 (for the Galera cluster test)"; \
+		$(SUDO) apt-get update -q && $(SUDO) $(APT) install galera-4 rsync iproute2; \
 	fi
 
 lint: venv

@@ -161,8 +161,10 @@ def galera_missing() -> str | None:
     for path, package in ((GALERA_PROVIDER, "galera-4"), (Path(MARIADBD), "mariadb-server")):
         if not path.exists():
             return f"{path} not found: install Debian's {package} (`make test` does)"
-    if shutil.which("rsync") is None:
-        return "rsync not found (the SST method): install rsync (`make test` does)"
+    for program, package in (("rsync", "rsync"), ("ss", "iproute2")):
+        if shutil.which(program) is None:
+            return f"{program} not found (state transfer needs it): install {package} " \
+                   "(`make test` does)"
     try:
         pwd.getpwnam("mysql")
     except KeyError:
