@@ -146,6 +146,17 @@ class BounceConfig:
 
 
 @dataclass(frozen=True)
+class SortingConfig:
+    # Customer templates render in a child process of the sort worker under
+    # these limits (render_child.py): CPU seconds per render, the child's
+    # address space in MB, and how many render failures in a row pause a
+    # newsletter (0: never).
+    render_timeout: float = 2.0
+    render_memory_mb: int = 1024
+    render_failures_pause: int = 5
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = DatabaseConfig()
     paths: PathsConfig = PathsConfig()
@@ -154,6 +165,7 @@ class Config:
     unsubscribe: UnsubscribeConfig = UnsubscribeConfig()
     dkim: DkimConfig = DkimConfig()
     bounce: BounceConfig = BounceConfig()
+    sorting: SortingConfig = SortingConfig()
     source: str = "(defaults)"
 
     def secret(self) -> bytes:
@@ -364,6 +376,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         unsubscribe=UnsubscribeConfig(**unsub),  # type: ignore[arg-type]
         dkim=DkimConfig(**dkim),  # type: ignore[arg-type]
         bounce=BounceConfig(**_section(cp, "bounce", BounceConfig, source)),  # type: ignore[arg-type]
+        sorting=SortingConfig(**_section(cp, "sorting", SortingConfig, source)),  # type: ignore[arg-type]
         source=source,
     )
     _validate(config)
@@ -397,3 +410,13 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{config.source}: [bounce] scope = {config.bounce.scope!r}; use "
                           "'list' (only the list the message was for) or 'address' "
                           "(every list of the address)")
+    r = config.sorting
+    if r.render_timeout <= 0:
+        raise ConfigError(f"{config.source}: [sorting] render_timeout must be above 0 seconds")
+    if 0 < r.render_memory_mb < 256:
+        raise ConfigError(f"{config.source}: [sorting] render_memory_mb must be at least 256 "
+                          "(a healthy render process needs ~80 MB of address space), or 0 "
+                          "for no limit")
+    if r.render_failures_pause < 0:
+        raise ConfigError(f"{config.source}: [sorting] render_failures_pause must be 0 (never "
+                          "pause) or more")

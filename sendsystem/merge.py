@@ -33,14 +33,42 @@ Template decisions (README material):
   unsubscribe link.
 - Jinja's default whitespace handling is kept (no trim_blocks), so
   templates behave as Jinja users expect.
+
+Hostile templates (README "Hostile input"). Three layers, cheapest first:
+
+1. ``template add`` refuses what it can already see in the syntax tree
+   (:func:`check_template`): a literal width over :data:`MAX_WIDTH` in a
+   filter, a str method, a ``%`` or ``.format()`` spec; a literal repetition
+   over :data:`MAX_REPEAT`; nested ``for`` loops over literal ranges that
+   run more than :data:`MAX_LOOP_ITERATIONS` times.
+2. In the sandbox, the operations that build big strings from small inputs
+   are capped with a reason naming the part and line: widths/precisions
+   (``center``, ``indent``, ``wordwrap``, ``tojson`` indent, the ``format``
+   filter and ``%``, ``str.format``/``format_map`` specs, ``ljust``/
+   ``rjust``/``center``/``zfill``/``expandtabs``), result sizes (``*``,
+   ``**``, ``replace``, ``join``, ``batch``/``slice`` fill), and each part's
+   output is counted while it streams (``generate()``) and stops at
+   :data:`MAX_PART_CHARS`. Jinja folds constant filter calls at compile
+   time, so the caps also keep ``template add`` itself small.
+3. What no cap can see (a loop that never ends, a concatenation that
+   doubles, big-integer arithmetic in C) is stopped by the render child
+   (``render_child.py``): CPU-time and address-space limits per render and a
+   wall-clock watchdog. :class:`RenderTimeout` is what its CPU alarm raises;
+   it is a BaseException so no ``except Exception`` in Jinja or a filter can
+   swallow it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import operator
+import re
+import string
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from email.utils import parseaddr
 from types import MappingProxyType, TracebackType
@@ -48,7 +76,15 @@ from typing import Any
 
 import jinja2
 from jinja2 import meta, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.filters import FILTERS
+from jinja2.sandbox import (
+    MAX_RANGE,
+    ImmutableSandboxedEnvironment,
+    SandboxedEscapeFormatter,
+    SandboxedFormatter,
+    SecurityError,
+)
+from markupsafe import Markup
 
 from sendsystem import mime
 from sendsystem.errors import TemplateError
@@ -58,9 +94,16 @@ log = logging.getLogger(__name__)
 PARTS = ("subject", "html", "text")
 # Rendered output bigger than this is a runaway loop, not a newsletter.
 MAX_PART_CHARS = 5_000_000
-# Results of `*` on sequences and of `**` are capped (see module docstring).
-_MAX_REPEAT = 1_000_000
+# Results of `*` on sequences, `replace`, `join` ... are capped (module docstring).
+MAX_REPEAT = 1_000_000
 _MAX_EXPONENT = 1_000
+# `**` and `*` on integers: no result over this many bits (10**30000 is ~100,000).
+_MAX_POW_BITS = 100_000
+# A width or precision in a format spec, or a padding width: more is a bomb,
+# not a layout (a newsletter line is ~80 characters).
+MAX_WIDTH = 10_000
+# `template add` refuses nested loops over literal ranges that run more often.
+MAX_LOOP_ITERATIONS = 10_000_000
 _ZLIB_WINDOW = 32 * 1024
 # Level 6 / memLevel 8: measured on the bench newsletter, level 3 is 2x
 # faster but 30 % bigger, level 9 saves 8 % for 30 % more time.
@@ -90,7 +133,63 @@ class NewsletterInfo:
 
 
 class MergeError(Exception):
-    """One recipient's message could not be rendered; the message says why."""
+    """One recipient's message could not be rendered; the message says why.
+
+    ``kind``: ``"render"`` (the template failed: an error or a cap),
+    ``"limit"`` (a CPU, memory or output limit stopped it) or
+    ``"recipient"`` (this recipient's data, e.g. the address, is unusable).
+    Render and limit failures count towards a newsletter's pause.
+    """
+
+    def __init__(self, reason: str, kind: str = "render") -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+class RenderTimeout(BaseException):
+    """A render used up its CPU time (raised by the render child's alarm)."""
+
+
+def _width(what: str, width: Any) -> None:
+    if isinstance(width, int) and width > MAX_WIDTH:
+        raise SecurityError(f"width {width} in {what} is over the limit of {MAX_WIDTH:,}")
+
+
+def _size(what: str, size: int) -> None:
+    if size > MAX_REPEAT:
+        raise SecurityError(f"{what} would build {size:,} characters or items, over the "
+                            f"limit of {MAX_REPEAT:,}")
+
+
+# %-format conversion specs: flags, width, precision, length, type.
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d*))?[hlL]?(.|$)", re.S)
+# The start of a str.format spec: [[fill]align][sign][z][#][0][width][,_][.precision]
+_FORMAT_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d*))?", re.S)
+
+
+def _check_number(what: str, number: str | None) -> None:
+    if number == "*":
+        raise SecurityError(f"a '*' width in {what} is not allowed; write the width as a "
+                            f"number (at most {MAX_WIDTH:,})")
+    if number and (len(number) > 9 or int(number) > MAX_WIDTH):
+        raise SecurityError(f"width {number} in {what} is over the limit of {MAX_WIDTH:,}")
+
+
+def check_percent_format(fmt: str, what: str = "a % format") -> None:
+    """Refuse widths/precisions over MAX_WIDTH in a printf-style format."""
+    if "%" not in fmt:
+        return
+    for m in _PERCENT_SPEC.finditer(fmt):
+        _check_number(what, m.group(1))
+        _check_number(what, m.group(2))
+
+
+def check_format_spec(spec: str, what: str = "a format spec") -> None:
+    """Refuse widths/precisions over MAX_WIDTH in one str.format spec."""
+    m = _FORMAT_SPEC.match(spec)
+    if m:
+        _check_number(what, m.group(1))
+        _check_number(what, m.group(2))
 
 
 def _capped_mul(left: Any, right: Any) -> Any:
@@ -98,16 +197,133 @@ def _capped_mul(left: Any, right: Any) -> Any:
         if (
             isinstance(seq, str | bytes | list | tuple)
             and isinstance(n, int)
-            and len(seq) * n > _MAX_REPEAT
+            and len(seq) * n > MAX_REPEAT
         ):
-            raise SecurityError(f"repetition result too large (over {_MAX_REPEAT} items)")
+            raise SecurityError(f"repetition result too large (over {MAX_REPEAT} items)")
+    if isinstance(left, int) and isinstance(right, int) \
+            and left.bit_length() + right.bit_length() > _MAX_POW_BITS:
+        # Squaring in a loop reaches multiplications that run in C for minutes.
+        raise SecurityError(f"product too large (over {_MAX_POW_BITS:,} bits)")
     return operator.mul(left, right)
 
 
 def _capped_pow(left: Any, right: Any) -> Any:
     if isinstance(right, int) and abs(right) > _MAX_EXPONENT:
         raise SecurityError(f"exponent too large (over {_MAX_EXPONENT})")
+    if isinstance(left, int) and isinstance(right, int) and right > 0 \
+            and left.bit_length() * right > _MAX_POW_BITS:
+        # (10**1000)**1000 runs in C for minutes, out of reach of the CPU alarm.
+        raise SecurityError(f"power result too large (over {_MAX_POW_BITS:,} bits)")
     return operator.pow(left, right)
+
+
+def _capped_mod(left: Any, right: Any) -> Any:
+    if isinstance(left, str):
+        check_percent_format(left, "a % format")
+    return operator.mod(left, right)
+
+
+def _replace_size(s: Any, old: Any, new: Any, count: Any) -> int:
+    text, old, new = str(s), str(old), str(new)
+    n = text.count(old) if old else len(text) + 1
+    if isinstance(count, int) and count >= 0:
+        n = min(n, count)
+    return len(text) + n * max(len(new) - len(old), 0)
+
+
+def _guarded_filter(name: str, check: Callable[..., None]) -> Callable[..., Any]:
+    """Jinja's filter ``name`` with ``check`` run first on its arguments."""
+    original = FILTERS[name]
+    skip = 1 if hasattr(original, "jinja_pass_arg") else 0
+
+    @functools.wraps(original)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        check(*args[skip:], **kwargs)
+        return original(*args, **kwargs)
+
+    return guarded
+
+
+def _check_indent(s: Any, width: Any = 4, *_: Any, **__: Any) -> None:
+    w = width if isinstance(width, int) else len(str(width))
+    _width("indent", w)
+    _size("indent", len(str(s)) + (str(s).count("\n") + 1) * max(w, 0))
+
+
+def _check_fill(what: str) -> Callable[..., None]:
+    def check(_value: Any, n: Any, fill_with: Any = None, *_: Any, **__: Any) -> None:
+        if isinstance(n, int) and (fill_with is not None or what == "slice") and n > MAX_WIDTH:
+            raise SecurityError(f"{what} count {n} is over the limit of {MAX_WIDTH:,}")
+    return check
+
+
+def _capped_join_filter() -> Callable[..., Any]:
+    original = FILTERS["join"]
+
+    @functools.wraps(original)
+    def join(eval_ctx: Any, value: Any, d: Any = "", attribute: Any = None) -> Any:
+        items = value if isinstance(value, list | tuple) else list(value)
+        _size("join", len(str(d)) * max(len(items) - 1, 0))
+        return original(eval_ctx, items, d, attribute)
+
+    return join
+
+
+_CAPPED_FILTERS: dict[str, Callable[..., Any]] = {
+    "center": _guarded_filter("center", lambda _v, width=80, *a, **k: _width("center", width)),
+    "indent": _guarded_filter("indent", _check_indent),
+    "wordwrap": _guarded_filter("wordwrap",
+                                lambda _s, width=79, *a, **k: _width("wordwrap", width)),
+    "format": _guarded_filter("format", lambda value, *a, **k: check_percent_format(
+        str(value), "the format filter")),
+    "replace": _guarded_filter("replace", lambda s, old, new, count=None, *a, **k: _size(
+        "replace", _replace_size(s, old, new, count))),
+    "tojson": _guarded_filter("tojson", lambda _v, indent=None, *a, **k: _width(
+        "tojson indent", indent)),
+    "batch": _guarded_filter("batch", _check_fill("batch")),
+    "slice": _guarded_filter("slice", _check_fill("slice")),
+    "join": _capped_join_filter(),
+}
+
+
+def _str_join_check(owner: str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not args:
+        return args
+    items = args[0] if isinstance(args[0], list | tuple) else list(args[0])
+    _size("str.join()", len(owner) * max(len(items) - 1, 0))
+    return (items, *args[1:])
+
+
+def _str_call_check(owner: str, name: str, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Checks for the str methods that can build big strings; may return new args."""
+    if name in ("ljust", "rjust", "center", "zfill"):
+        _width(f"str.{name}()", args[0] if args else kwargs.get("width"))
+    elif name == "expandtabs":
+        tab = args[0] if args else kwargs.get("tabsize", 8)
+        _width("str.expandtabs()", tab)
+        if isinstance(tab, int):
+            _size("str.expandtabs()", len(owner) + owner.count("\t") * tab)
+    elif name == "replace" and len(args) >= 2:
+        _size("str.replace()", _replace_size(owner, args[0], args[1],
+                                             args[2] if len(args) > 2 else kwargs.get("count")))
+    elif name == "join":
+        return _str_join_check(owner, args)
+    return args
+
+
+class _SpecCheck(string.Formatter):
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        check_format_spec(format_spec, "a format field")
+        return super().format_field(value, format_spec)
+
+
+class _CappedFormatter(_SpecCheck, SandboxedFormatter):
+    pass
+
+
+class _CappedEscapeFormatter(_SpecCheck, SandboxedEscapeFormatter):
+    pass
 
 
 class _RefusingLoader(jinja2.BaseLoader):
@@ -127,7 +343,7 @@ _MAPPING_ATTRS = {dict: frozenset(dir(dict)), MappingProxyType: frozenset(dir(Ma
 
 
 class _Environment(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         """``a.url`` on a plain dict without the failed getattr() round trip.
@@ -155,6 +371,36 @@ class _Environment(ImmutableSandboxedEnvironment):
         self.globals.pop("lipsum", None)
         self.binop_table["*"] = _capped_mul
         self.binop_table["**"] = _capped_pow
+        self.binop_table["%"] = _capped_mod
+        self.filters.update(_CAPPED_FILTERS)
+
+    def call(__self, __context: jinja2.runtime.Context, __obj: Any,
+             *args: Any, **kwargs: Any) -> Any:
+        """Every call in a template; str methods that can build big strings are checked."""
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):
+            args = _str_call_check(owner, getattr(__obj, "__name__", ""), args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """The sandbox's ``str.format`` wrapper, with width/precision caps per field."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        f_self: str = value.__self__
+        is_format_map = value.__name__ == "format_map"
+        formatter: SandboxedFormatter = (
+            _CappedEscapeFormatter(self, escape=f_self.escape)  # type: ignore[attr-defined]
+            if isinstance(f_self, Markup) else _CappedFormatter(self))
+
+        def capped(*args: Any, **kwargs: Any) -> str:
+            if is_format_map:
+                if kwargs or len(args) != 1:
+                    return wrapped(*args, **kwargs)  # the sandbox's own TypeError
+                kwargs, args = args[0], ()
+            return type(f_self)(formatter.vformat(f_self, args, kwargs))
+
+        return functools.update_wrapper(capped, value)
 
 
 def _sources(src: TemplateSource) -> Iterator[tuple[str, str]]:
@@ -195,10 +441,152 @@ def _compile(env: _Environment, part: str, source: str) -> jinja2.Template:
     return env.template_class.from_code(env, code, env.make_globals(None), None)
 
 
+def _const(node: nodes.Node) -> Any:
+    """The value of a literal expression (constants, +, *, ** of them), else None.
+
+    Jinja itself does not fold the sandbox's intercepted operators, so
+    ``'x' * 10**7`` is worked out here, with the same caps.
+    """
+    if isinstance(node, nodes.Const):
+        return node.value
+    if isinstance(node, nodes.List | nodes.Tuple):
+        items = [_const(i) for i in node.items]
+        return None if any(i is None for i in items) else items
+    if isinstance(node, nodes.Neg):
+        value = _const(node.node)
+        return -value if isinstance(value, int) else None
+    if isinstance(node, nodes.Mul | nodes.Pow | nodes.Add):
+        left, right = _const(node.left), _const(node.right)
+        if left is None or right is None:
+            return None
+        op = {nodes.Mul: _capped_mul, nodes.Pow: _capped_pow, nodes.Add: operator.add}
+        try:
+            return op[type(node)](left, right)
+        except SecurityError as exc:
+            raise _Refused(node, exc.message or str(exc)) from None
+        except Exception:
+            return None
+    return None
+
+
+class _Refused(Exception):
+    def __init__(self, node: nodes.Node, reason: str) -> None:
+        super().__init__(reason)
+        self.node = node
+        self.reason = reason
+
+
+_WIDTH_FILTERS = {"center": ("width", 0), "indent": ("width", 0), "wordwrap": ("width", 0),
+                  "tojson": ("indent", 0)}
+_FILL_FILTERS = {"batch": ("linecount", 0), "slice": ("slices", 0)}
+_WIDTH_METHODS = {"ljust", "rjust", "center", "zfill", "expandtabs"}
+
+
+def _arg(node: nodes.Filter | nodes.Call, name: str, index: int) -> Any:
+    for kw in node.kwargs:
+        if kw.key == name:
+            return _const(kw.value)
+    return _const(node.args[index]) if len(node.args) > index else None
+
+
+def _check_node(node: nodes.Node) -> None:
+    """Raise _Refused for a literal that would trip a render-time cap."""
+    try:
+        if isinstance(node, nodes.Filter):
+            if node.name in _WIDTH_FILTERS:
+                _width(f"the {node.name} filter", _arg(node, *_WIDTH_FILTERS[node.name]))
+            elif node.name in _FILL_FILTERS:
+                n = _arg(node, *_FILL_FILTERS[node.name])
+                if isinstance(n, int) and n > MAX_WIDTH:
+                    raise SecurityError(f"{node.name} count {n} is over the limit of "
+                                        f"{MAX_WIDTH:,}")
+            elif node.name == "format" and node.node is not None:
+                fmt = _const(node.node)
+                if isinstance(fmt, str):
+                    check_percent_format(fmt, "the format filter")
+        elif isinstance(node, nodes.Mod):
+            fmt = _const(node.left)
+            if isinstance(fmt, str):
+                check_percent_format(fmt, "a % format")
+        elif isinstance(node, nodes.Call) and isinstance(node.node, nodes.Getattr):
+            attr = node.node.attr
+            if attr in _WIDTH_METHODS:
+                _width(f"str.{attr}()", _arg(node, "width" if attr != "expandtabs"
+                                             else "tabsize", 0))
+            elif attr in ("format", "format_map"):
+                fmt = _const(node.node.node)
+                if isinstance(fmt, str):
+                    for _, field, spec, _ in string.Formatter().parse(fmt):
+                        if field is not None and spec:
+                            check_format_spec(spec, "a format field")
+        elif isinstance(node, nodes.Mul | nodes.Pow):
+            _const(node)
+    except SecurityError as exc:
+        raise _Refused(node, exc.message or str(exc)) from None
+
+
+def _range_length(node: nodes.Node) -> int | None:
+    """Iterations of ``for x in range(<literals>)`` or a literal list, else None."""
+    if isinstance(node, nodes.Call) and isinstance(node.node, nodes.Name) \
+            and node.node.name == "range" and not node.kwargs and node.args:
+        args = [_const(a) for a in node.args]
+        if all(isinstance(a, int) for a in args) and len(args) <= 3:
+            try:
+                return len(range(*args))
+            except ValueError:
+                return None
+    value = _const(node)
+    return len(value) if isinstance(value, list) else None
+
+
+def _check_loops(node: nodes.Node, runs: int) -> None:
+    """Refuse nested loops over literal ranges that multiply past MAX_LOOP_ITERATIONS.
+
+    ``runs``: how often the enclosing loops run ``node`` (literal ranges
+    multiply; a loop over data counts once, as nothing is known of it).
+    """
+    if not isinstance(node, nodes.For):
+        _check_node(node)
+        for child in node.iter_child_nodes():
+            _check_loops(child, runs)
+        return
+    n = _range_length(node.iter)
+    if n is not None and n > MAX_RANGE:
+        raise _Refused(node, f"range of {n:,} items is over the sandbox's limit of {MAX_RANGE:,}")
+    inner = runs * (n if n is not None else 1)
+    if inner > MAX_LOOP_ITERATIONS:
+        raise _Refused(node, f"nested loops would run {inner:,} times, over the limit of "
+                             f"{MAX_LOOP_ITERATIONS:,}")
+    for body in node.body:
+        _check_loops(body, inner)
+    for other in (node.target, node.iter, node.test, *node.else_):
+        if other is not None:
+            _check_loops(other, runs)
+
+
+def _refuse_oversized(part: str, ast: nodes.Template) -> None:
+    """Refuse at add time what the render-time caps would refuse for every recipient."""
+    try:
+        _check_loops(ast, 1)
+    except _Refused as exc:
+        raise TemplateError(
+            f"{part} template, line {exc.node.lineno}: {exc.reason}; templates are limited "
+            "so one newsletter cannot stall the others (see README, Hostile input)"
+        ) from None
+
+
 def check_template(src: TemplateSource) -> None:
-    """Compile every part in the sandbox; TemplateError names the part and line."""
+    """Compile every part in the sandbox; TemplateError names the part and line.
+
+    Also refuses what the syntax tree already shows to be too big (literal
+    widths, repetitions and nested literal loops over the limits).
+    """
     env = _Environment(jinja2.StrictUndefined)
     for part, source in _sources(src):
+        try:
+            _refuse_oversized(part, env.parse(source, name=part))
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(f"{part} template, line {exc.lineno}: {exc.message}") from None
         _compile(env, part, source)
 
 
@@ -229,20 +617,66 @@ def _template_line(part: str, tb: TracebackType | None) -> int | None:
     return line
 
 
+def _generated_line(template: jinja2.Template, part: str,
+                    tb: TracebackType | None) -> int | None:
+    """The template line of an exception Jinja did not rewrite (a BaseException)."""
+    line = None
+    filename = f"<{part} template>"
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = template.get_corresponding_lineno(tb.tb_lineno)
+        tb = tb.tb_next
+    return line
+
+
+def _suspended_line(gen: Any, template: jinja2.Template, part: str) -> int | None:
+    """The template line a streaming render is paused at (for the output cap)."""
+    line = None
+    filename = f"<{part} template>"
+    while gen is not None:
+        frame = getattr(gen, "gi_frame", None)
+        if frame is not None and frame.f_code.co_filename == filename:
+            line = template.get_corresponding_lineno(frame.f_lineno)
+        gen = getattr(gen, "gi_yieldfrom", None)
+    return line
+
+
+def _where(part: str, line: int | None) -> str:
+    return f"{part} template, line {line}" if line else f"{part} template"
+
+
 def _render(template: jinja2.Template, part: str, context: dict[str, Any]) -> str:
+    """One part, streamed so the output cap stops a runaway loop as it happens."""
+    out: list[str] = []
+    size = 0
+    gen = template.generate(context)
     try:
-        out = template.render(context)
+        for piece in gen:
+            size += len(piece)
+            if size > MAX_PART_CHARS:
+                line = _suspended_line(gen, template, part)
+                raise MergeError(f"{_where(part, line)}: output over {MAX_PART_CHARS:,} "
+                                 "characters", "limit")
+            out.append(piece)
+    except MergeError:
+        raise
+    except RenderTimeout as exc:
+        line = _generated_line(template, part, exc.__traceback__)
+        raise MergeError(f"{_where(part, line)}: {exc}", "limit") from None
+    except MemoryError as exc:
+        line = _template_line(part, exc.__traceback__)
+        raise MergeError(f"{_where(part, line)}: ran out of memory (over the render "
+                         "memory limit)", "limit") from None
     except Exception as exc:
         # Anything a customer template can raise (undefined name, sandbox
         # violation, a filter's TypeError, ZeroDivisionError ...) fails this
         # recipient only.
         line = _template_line(part, exc.__traceback__)
-        where = f"{part} template, line {line}" if line else f"{part} template"
         reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        raise MergeError(f"{where}: {reason}") from None
-    if len(out) > MAX_PART_CHARS:
-        raise MergeError(f"{part} template: output over {MAX_PART_CHARS} characters")
-    return out
+        raise MergeError(f"{_where(part, line)}: {reason}") from None
+    finally:
+        gen.close()
+    return "".join(out)
 
 
 def _list_object(info: NewsletterInfo) -> Mapping[str, Any]:
@@ -261,14 +695,19 @@ def _check_address(email: str) -> bytes:
     if not email.isascii() or "@" not in email:
         raise MergeError(
             f"recipient address {email!r} is not a plain ASCII address "
-            "(internationalised addresses are not supported; use the punycode domain)"
+            "(internationalised addresses are not supported; use the punycode domain)",
+            "recipient",
         )
     if any(c <= " " or c == "\x7f" or c in '<>,;"()' for c in email):
-        raise MergeError(f"recipient address {email!r} contains a space, control or special char")
+        raise MergeError(f"recipient address {email!r} contains a space, control or special char",
+                         "recipient")
     return email.encode("ascii")
 
 
-def compression_dictionary(src: TemplateSource) -> bytes:
+Limit = Callable[[], AbstractContextManager[object]]
+
+
+def compression_dictionary(src: TemplateSource, limit: Limit = contextlib.nullcontext) -> bytes:
     """The zlib preset dictionary for messages of this template.
 
     Deterministic from the template alone (and the installed Jinja2), so the
@@ -279,6 +718,11 @@ def compression_dictionary(src: TemplateSource) -> bytes:
     render that way contributes its raw source instead. Decompressing with a
     different dictionary fails loudly (zlib checks the dictionary's Adler-32),
     never silently.
+
+    Rendering customer code: the sort worker's render child computes it once
+    per newsletter with each part under ``limit`` (its CPU-time alarm) and
+    stores it in ``newsletters.zdict``; a part that hits a limit also
+    contributes its raw source.
     """
     env = _Environment(jinja2.ChainableUndefined)
     context: dict[str, Any] = {
@@ -288,8 +732,9 @@ def compression_dictionary(src: TemplateSource) -> bytes:
     rendered: dict[str, str] = {}
     for part, source in _sources(src):
         try:
-            rendered[part] = _compile(env, part, source).render(context)
-        except Exception:
+            with limit():
+                rendered[part] = _render(_compile(env, part, source), part, context)
+        except (Exception, RenderTimeout):
             rendered[part] = source
     # Newsletter id 0 and no From: the dictionary must not depend on them.
     skeleton = mime.build_skeleton(0, None, src.text is not None, False)
@@ -344,11 +789,14 @@ def decompress(blob: bytes, zdict: bytes) -> bytes:
 class Merger:
     """Everything constant for one newsletter, prepared once; ``render`` per recipient."""
 
-    def __init__(self, src: TemplateSource, info: NewsletterInfo) -> None:
+    def __init__(self, src: TemplateSource, info: NewsletterInfo, *,
+                 zdict: bytes | None = None, limit: Limit = contextlib.nullcontext) -> None:
+        """``zdict``: the stored dictionary, else it is computed (each part under ``limit``)."""
         env = _Environment(jinja2.StrictUndefined)
-        self._subject = _compile(env, "subject", src.subject)
-        self._html = _compile(env, "html", src.html)
-        self._text = _compile(env, "text", src.text) if src.text is not None else None
+        with limit():  # compiling folds constants: customer code runs here too
+            self._subject = _compile(env, "subject", src.subject)
+            self._html = _compile(env, "html", src.html)
+            self._text = _compile(env, "text", src.text) if src.text is not None else None
         self._info = info
         self._list = _list_object(info)
         try:
@@ -357,7 +805,7 @@ class Merger:
             )
         except ValueError as exc:
             raise TemplateError(f"cannot build messages: {exc}") from None
-        self.zdict: bytes = compression_dictionary(src)
+        self.zdict: bytes = zdict if zdict is not None else compression_dictionary(src, limit)
         self._compressor = Compressor(self.zdict)
 
     def render(self, email: str, fields: Mapping[str, str], unsubscribe_url: str) -> bytes:

@@ -91,12 +91,25 @@ VALUES (%(newsletter_id)s, %(filename)s, %(content_type)s, %(size)s, %(data)s);
 SELECT id, filename, content_type, size, data FROM attachments WHERE newsletter_id = %(id)s ORDER BY id;
 
 -- name: newsletter_get
-SELECT n.id, n.list_id, n.subject, n.html, n.text, n.state, n.send_at, n.total, n.pause_reason,
-       n.created_at, n.released_at, n.finished_at,
+SELECT n.id, n.list_id, n.subject, n.html, n.text, n.zdict, n.state, n.send_at, n.total,
+       n.pause_reason, n.render_failures, n.created_at, n.released_at, n.finished_at,
        l.name AS list_name, l.from_name, l.from_address,
        (SELECT COUNT(*) FROM attachments a WHERE a.newsletter_id = n.id) AS attachment_count
 FROM newsletters n JOIN lists l ON l.id = n.list_id
 WHERE n.id = %(id)s;
+
+-- name: newsletter_set_zdict
+-- First writer wins: every worker then uses the stored one.
+UPDATE newsletters SET zdict = %(zdict)s WHERE id = %(id)s AND zdict IS NULL;
+
+-- name: newsletter_zdict
+SELECT zdict FROM newsletters WHERE id = %(id)s;
+
+-- name: newsletter_render_state
+SELECT state, render_failures FROM newsletters WHERE id = %(id)s;
+
+-- name: newsletter_set_render_failures
+UPDATE newsletters SET render_failures = %(n)s WHERE id = %(id)s;
 
 -- name: newsletters_due
 SELECT id, list_id FROM newsletters
@@ -127,7 +140,9 @@ UPDATE newsletters SET state = 'paused', pause_reason = %(reason)s
 WHERE id = %(id)s AND state IN ('scheduled', 'running');
 
 -- name: newsletter_resume
-UPDATE newsletters SET state = IF(released_at IS NULL, 'scheduled', 'running'), pause_reason = NULL
+-- Resuming also forgets a render-failure streak: the next failures count anew.
+UPDATE newsletters SET state = IF(released_at IS NULL, 'scheduled', 'running'), pause_reason = NULL,
+    render_failures = 0
 WHERE id = %(id)s AND state = 'paused';
 
 -- name: newsletter_cancel
@@ -331,6 +346,11 @@ UPDATE batches SET state = 'done', finished_at = NOW(6) WHERE id = %(batch)s AND
 -- name: my_batches_hand_back_messages
 UPDATE messages m JOIN batches b ON b.id = m.batch_id SET m.batch_id = NULL
 WHERE b.worker_id = %(worker)s AND b.state = 'assigned';
+
+-- name: batch_hand_back_messages
+-- A worker gives back what it has not done of one batch (its newsletter paused
+-- itself); the rows stay queued for when the newsletter is resumed.
+UPDATE messages SET batch_id = NULL WHERE batch_id = %(batch)s AND state = 'queued';
 
 -- name: my_batches_mark_reclaimed
 UPDATE batches SET state = 'reclaimed', finished_at = NOW(6)

@@ -206,12 +206,41 @@ def test_schema_upgrade_v4_to_v5_adds_leases_and_db_node(scratch_db) -> None:  #
     conn.close()
     with pytest.raises(SchemaError, match=r"version 4.*db init"):
         db.check_schema_version()
-    assert db.init_schema() == (4, 5)
+    assert db.init_schema(up_to=5) == (4, 5)
     assert db.check_schema_version() == 5
     db.prepare(["worker_heartbeat", "workers_all", "lease_take", "lease_renew", "leases_all"])
     assert [r["kind"] for r in db.fetchall("leases_all")] == ["send", "sort"]
     assert [r["db_node"] for r in db.fetchall("workers_all")] == [None]
 
+
+def test_schema_upgrade_v5_to_v6_keeps_newsletters(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    """Version 6 (render limits) adds newsletters.zdict/render_failures; old rows keep
+    working: no stored dictionary (the send worker derives it as before), no streak."""
+    path, name = scratch_db
+    db = Database(load_config(path).database)
+    assert db.init_schema(up_to=5) == (0, 5)
+    lid = db.insert("list_insert", {"name": "old", "from_name": "Old",
+                                    "from_address": "o@example.com"})
+    conn = pymysql.connect(**server_settings(), database=name, autocommit=True)  # type: ignore[arg-type]
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO templates (name, subject, html) VALUES ('t', 's', '<p>x</p>')")
+        cur.execute("INSERT INTO newsletters (list_id, template_id, subject, html, state, "
+                    "pause_reason) VALUES (%s, LAST_INSERT_ID(), 's', '<p>{{ x }}</p>', "
+                    "'paused', 'by hand')", (lid,))
+    conn.close()
+    with pytest.raises(SchemaError, match=r"version 5.*db init"):
+        db.check_schema_version()
+    assert db.init_schema() == (5, 6)
+    assert db.check_schema_version() == 6 == SCHEMA_VERSION
+    row = db.fetchone("newsletter_get", {"id": 1})
+    assert row is not None
+    assert (row["html"], row["state"], row["pause_reason"]) == ("<p>{{ x }}</p>", "paused",
+                                                                "by hand")
+    assert row["zdict"] is None and row["render_failures"] == 0
+    db.prepare(["newsletter_set_zdict", "newsletter_render_state", "batch_hand_back_messages"])
+    assert db.execute("newsletter_set_zdict", {"id": 1, "zdict": b"z"}) == 1
+    assert db.execute("newsletter_set_zdict", {"id": 1, "zdict": b"other"}) == 0
+    assert db.fetchval("newsletter_zdict", {"id": 1}) == b"z"
 
 def test_prepare_fails_at_start_on_a_wrong_schema(scratch_db) -> None:  # type: ignore[no-untyped-def]
     path, name = scratch_db

@@ -4,7 +4,8 @@ Besides assigning, it finishes newsletters (state `done` once no message
 is queued, merged or deferred) and pauses a newsletter whose failure rate
 crosses ``[sending] failure_pause_ratio`` (after ``failure_pause_min``
 final outcomes), saying why in `pause_reason`, so a broken list or a
-blacklisted relay does not burn the sender's reputation.
+blacklisted relay does not burn the sender's reputation (the rule lives in
+brakes.py, next to the sort worker's render-failure brake).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ..brakes import failure_rate_reason
 from .balancer import BALANCER_STATEMENTS, BalancerRunner
 
 log = logging.getLogger(__name__)
@@ -49,12 +51,11 @@ class SendBalancer(BalancerRunner):
                   for r in self.db.fetchall("newsletter_counts", {"id": newsletter_id})}
         failed = counts.get("failed", 0)
         attempted = failed + counts.get("sent", 0) + counts.get("bounced", 0)
-        if attempted >= s.failure_pause_min and failed / attempted >= s.failure_pause_ratio:
-            reason = (f"paused automatically: {failed} of {attempted} deliveries failed "
-                      f"({failed / attempted:.0%} >= {s.failure_pause_ratio:.0%}); check "
-                      "`sendsystem stats` for the replies, then resume or cancel")
-            if self.db.execute("newsletter_pause", {"id": newsletter_id, "reason": reason}):
-                log.warning("newsletter %s %s", newsletter_id, reason)
+        reason = failure_rate_reason(failed, attempted, s.failure_pause_ratio,
+                                     s.failure_pause_min)
+        if reason is not None and \
+                self.db.execute("newsletter_pause", {"id": newsletter_id, "reason": reason}):
+            log.warning("newsletter %s %s", newsletter_id, reason)
 
     def ready_counts(self, cap: int) -> dict[int, int]:
         ready = {}

@@ -87,6 +87,20 @@ class BuildError(Exception):
     """One message cannot be built; ``str()`` is the reason recorded for it."""
 
 
+def newsletter_zdict(row: Mapping[str, Any]) -> bytes:
+    """The stored compression dictionary (computed once by a sort worker's render child).
+
+    A newsletter merged before schema version 3 has none stored: its
+    messages were compressed with the dictionary derived from the template,
+    so derive it the same way (renders customer code in this process, as
+    before; only such old newsletters take this path).
+    """
+    if row["zdict"] is not None:
+        return bytes(row["zdict"])
+    return compression_dictionary(TemplateSource(subject=row["subject"], html=row["html"],
+                                                 text=row["text"]))
+
+
 def retry_delay(attempts: int, retry_min: float, retry_max: float) -> float:
     """Exponential back-off with +-20 % jitter, so retries of one batch spread out."""
     base = min(retry_max, retry_min * (2 ** min(attempts, 30)))
@@ -332,8 +346,7 @@ class SendWorker(Runner):
         parts = NewsletterParts(newsletter_id=nid, list_id=int(row["list_id"]),
                                 list_name=str(row["list_name"]), zdict=b"", tail=b"")
         try:
-            src = TemplateSource(subject=row["subject"], html=row["html"], text=row["text"])
-            parts.zdict = compression_dictionary(src)
+            parts.zdict = newsletter_zdict(row)
             for a in atts:
                 data = a["data"]
                 if data is None or len(data) != int(a["size"]):
