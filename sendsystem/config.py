@@ -415,7 +415,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{config.source}: [sorting] render_timeout must be above 0 seconds")
     if 0 < r.render_memory_mb < 256:
         raise ConfigError(f"{config.source}: [sorting] render_memory_mb must be at least 256 "
-                          "(a healthy render process needs ~80 MB of address space), or 0 "
+                          "(a healthy render process needs ~30 MB of address space), or 0 "
                           "for no limit")
     if r.render_failures_pause < 0:
         raise ConfigError(f"{config.source}: [sorting] render_failures_pause must be 0 (never "

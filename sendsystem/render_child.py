@@ -29,18 +29,25 @@ Shape (one child per sort worker, kept alive across chunks):
 - The parent sends a newsletter's template once per child, then chunks of
   rows; the child sends back each message's result as soon as it is done.
   The parent waits in short polls and heartbeats in between, and keeps a
-  wall-clock watchdog per message (2 x render_timeout + 1 s) for a child
-  stuck where the alarm cannot reach: it kills the child, fails the message
-  in progress with the reason, starts a new child and goes on with the rest
-  of the chunk. A child that dies (EOF) fails only the message in progress
-  the same way.
+  watchdog per message for a child stuck where the alarm cannot reach (C
+  code): it kills the child, fails the message in progress with the reason,
+  starts a new child and goes on with the rest of the chunk. A child that
+  dies (EOF) fails only the message in progress the same way.
+- The watchdog counts the child's CPU time (/proc/PID/stat), 2 x
+  render_timeout + 1 s per message, not wall time: measured on the shared
+  2-core test machine at load 4.7, a render stopped by its 0.5 s CPU alarm
+  took over 2 s of wall time, and a wall-clock watchdog of 2 s killed a
+  healthy child and blamed the template for the machine's load. A wall-clock
+  backstop of 5x that catches a child that does not run at all (stopped,
+  swapped out); where /proc is missing the wall-clock watchdog is used.
 - The consumer may stop reading a chunk (a newsletter paused itself): the
   parent sends ``cancel``, which the child reads between two messages, and
   discards what was still in flight.
 
 Measured (bench/merge_bench.py --child, README): the pipe costs a few
 percent of a core at ~2-4k messages/s; a healthy child's address space is
-~60-80 MB, far under the default limit of 1024 MB.
+~30 MB (VmPeak, the 18 KB bench newsletter), far under the default limit of
+1024 MB.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import contextlib
 import json
 import logging
 import multiprocessing
+import os
 import resource
 import signal
 import sys
@@ -77,8 +85,13 @@ class RenderLimits:
 
     @property
     def watchdog(self) -> float:
-        """Wall-clock seconds one message may take before the child is killed."""
+        """CPU seconds the child may spend on one message before it is killed."""
         return 2 * self.timeout + 1.0
+
+    @property
+    def backstop(self) -> float:
+        """Wall-clock seconds one message may take whatever the CPU (a stopped child)."""
+        return 5 * self.watchdog
 
 
 @dataclass
@@ -106,6 +119,19 @@ class RendererUnavailable(SendSystemError):
 
 def _seconds(t: float) -> str:
     return f"{t:g}"
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None when unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------- the child
@@ -273,7 +299,7 @@ class RenderProcess:
         child.close()
         self._proc, self._conn = proc, parent
         self._loaded.clear()
-        reply = self._receive(START_TIMEOUT)
+        reply = self._receive(START_TIMEOUT, START_TIMEOUT)
         if reply is None or reply[0] != "ready":
             self._kill()
             raise RendererUnavailable(
@@ -313,18 +339,30 @@ class RenderProcess:
 
     _death: str | None = None
 
-    def _receive(self, timeout: float) -> tuple[Any, ...] | None:
-        """The child's next reply, or None when it timed out or died (reason in _death)."""
+    def _receive(self, cpu_limit: float, wall_limit: float | None = None
+                 ) -> tuple[Any, ...] | None:
+        """The child's next reply, or None when it died or the watchdog fired (see _death).
+
+        ``cpu_limit``: CPU seconds the child may use meanwhile; ``wall_limit``
+        (default 5x that) bounds the wait whatever the CPU. Without /proc,
+        ``cpu_limit`` is a wall-clock limit.
+        """
         assert self._conn is not None
-        deadline = time.monotonic() + timeout
+        pid = self.pid
+        cpu0 = process_cpu_seconds(pid) if pid is not None else None
+        start = time.monotonic()
+        if cpu0 is None:
+            wall_limit = cpu_limit
+        elif wall_limit is None:
+            wall_limit = 5 * cpu_limit
         self._death = None
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._death = "timeout"
+            now = time.monotonic()
+            if now - start >= wall_limit:
+                self._death = "wall"
                 return None
             try:
-                if self._conn.poll(min(POLL, left)):
+                if self._conn.poll(min(POLL, start + wall_limit - now)):
                     reply: tuple[Any, ...] = self._conn.recv()
                     return reply
             except (EOFError, OSError):
@@ -335,6 +373,11 @@ class RenderProcess:
                 self._death = (f"killed by signal {-code}" if code is not None and code < 0
                                else f"exit code {code}")
                 return None
+            if cpu0 is not None and pid is not None:
+                cpu = process_cpu_seconds(pid)
+                if cpu is not None and cpu - cpu0 > cpu_limit:
+                    self._death = "cpu"
+                    return None
             self.heartbeat()
 
     def _send(self, msg: tuple[Any, ...]) -> None:
@@ -357,7 +400,7 @@ class RenderProcess:
         # Compile + up to three dictionary renders, each under the CPU limit.
         reply = self._receive(4 * self.limits.watchdog)
         if reply is None:
-            reason = self._lost("loading the template")
+            reason = self._lost("loading the template", 4 * self.limits.watchdog)
             self._kill()
             return reason
         _, _nid, computed, error = reply
@@ -366,10 +409,13 @@ class RenderProcess:
         self._loaded.add(job.newsletter_id)
         return error  # type: ignore[no-any-return]
 
-    def _lost(self, doing: str) -> str:
-        if self._death == "timeout":
-            return (f"{doing} took more than {_seconds(self.limits.watchdog)} s; the render "
-                    "process was stopped (stuck outside the CPU limit)")
+    def _lost(self, doing: str, limit: float) -> str:
+        if self._death == "cpu":
+            return (f"{doing} used more than {_seconds(limit)} s of CPU without stopping; "
+                    "the render process was stopped (stuck outside the render time limit)")
+        if self._death == "wall":
+            return (f"{doing} made no progress in {_seconds(5 * limit)} s; the render "
+                    "process was stopped")
         return f"the render process died while {doing} ({self._death})"
 
     # -- the API -----------------------------------------------------------------
@@ -410,7 +456,7 @@ class RenderProcess:
                     reply = self._receive(self.limits.watchdog)
                     if reply is None:
                         mid = pending.pop(0)[0]
-                        reason = self._lost("rendering")
+                        reason = self._lost("rendering", self.limits.watchdog)
                         log.warning("newsletter %s message %s: %s; starting a new render "
                                     "process", job.newsletter_id, mid, reason)
                         self._kill()

@@ -77,6 +77,24 @@ def test_template_syntax_error_is_refused_with_line(news: Env) -> None:
     assert news.db.fetchone("template_by_name", {"name": "t"}) is None
 
 
+@pytest.mark.parametrize(("html", "reason"), [
+    ("{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+     "nested loops would run 10,000,000,000 times"),
+    ("{{ 'x'|center(999999999) }}", "width 999999999 in the center filter"),
+    ("{{ 'x'.ljust(10**9) }}", "width 1000000000 in str.ljust()"),
+    ("{{ '%999999999s'|format(1) }}", "width 999999999 in the format filter"),
+    ("{{ '{:>999999999}'.format(1) }}", "width 999999999 in a format field"),
+    ("{{ 'x' * 10**7 }}", "repetition result too large"),
+])
+def test_template_add_refuses_hostile_literals_and_stores_nothing(news: Env, html: str,
+                                                                  reason: str) -> None:
+    path = write(news.tmp / "t.html", f"<p>Hej</p>\n{html}\n")
+    code, out, err = news.cli("template", "add", "bomb", "--subject", "Hi", "--html", str(path))
+    assert code == 1, (out, err)
+    assert "html template, line 2: " in err and reason in err, err
+    assert news.db.fetchone("template_by_name", {"name": "bomb"}) is None
+
+
 def test_enqueue_validation_creates_nothing(news: Env) -> None:
     html = write(news.tmp / "t.html", "<p>Hi {{ email }}</p>")
     admin.add_template(news.db, "t", "Hi", html, None)

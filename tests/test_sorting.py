@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import signal
 import time
 
@@ -156,3 +157,71 @@ def test_pause_resume_and_cancel(env: Env) -> None:
     assert admin.cancel(env.db, nid) == 30
     assert states(env, nid) == {"cancelled": 30}
     assert sql(env, "SELECT COUNT(*) AS n FROM messages WHERE body IS NOT NULL")[0]["n"] == 0
+
+
+# A never-ending template and a memory-hungry one that `template add` cannot see
+# through (the loop bounds and the growth are not literals).
+NEVER_ENDS = ("<p>Hej {{ first_name }}</p>\n{% set n = 100000 %}{% for a in range(n) %}"
+              "{% for b in range(n) %}{% endfor %}{% endfor %}")
+EATS_MEMORY = ("<p>Hej {{ first_name }}</p>\n{% set ns = namespace(s='x') %}"
+               "{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}")
+
+
+def test_hostile_templates_fail_alone_and_pause_while_others_flow(env: Env) -> None:
+    """Isolation: A never ends, B eats memory, C is healthy. Two real sort workers
+    with a 0.5 s render limit: C is merged, A and B pause themselves with the
+    reason after `render_failures_pause` failures, their other rows are handed back
+    still queued, and no worker ever misses a heartbeat (nothing is reclaimed)."""
+    env.configure(sorting={"render_timeout": 0.5, "render_memory_mb": 512,
+                           "render_failures_pause": 5})
+    a = make_newsletter(env, 60, list_name="A", domain="a.example", html=NEVER_ENDS, text=None)
+    b = make_newsletter(env, 60, list_name="B", domain="b.example", html=EATS_MEMORY, text=None)
+    c = make_newsletter(env, 400, list_name="C", domain="c.example")
+    started = time.monotonic()
+    balancer = env.spawn("sort-balancer", "--name", "b")
+    workers = [env.spawn("sort-worker", "--name", w, log_name=w) for w in ("w1", "w2")]
+    ages: list[float] = []
+
+    def progress() -> bool:
+        ages.extend(float(r["age"]) for r in sql(
+            env, "SELECT TIMESTAMPDIFF(MICROSECOND, heartbeat_at, NOW(6)) / 1e6 AS age "
+                 "FROM workers WHERE role = 'sort' AND state = 'running'"))
+        states_ab = [admin.get_newsletter(env.db, n)["state"] for n in (a, b)]
+        return states(env, c).get("merged", 0) == 400 and states_ab == ["paused", "paused"]
+
+    try:
+        wait_for(progress, 120, "C merged, A and B paused", 0.2)
+        elapsed = time.monotonic() - started
+        # Nothing was reclaimed from a worker (checked before the workers stop:
+        # stopping hands batches back as 'reclaimed' on purpose).
+        reclaimed = sql(env, "SELECT COUNT(*) AS n FROM batches WHERE state = 'reclaimed'")
+        assert reclaimed[0]["n"] == 0
+        assert all(p.poll() is None for p in (balancer, *workers)), "no role process died"
+        assert max(ages) < env.config.balancer.heartbeat_timeout, max(ages)
+        # The paused newsletters' rows are no worker's any more.
+        held = sql(env, "SELECT COUNT(*) AS n FROM messages WHERE newsletter_id IN (%s, %s) "
+                        "AND batch_id IS NOT NULL", (a, b))
+        assert held[0]["n"] == 0
+    finally:
+        stop_all(balancer, *workers)
+    print(f"\nC merged and A, B paused after {elapsed:.1f}s; max heartbeat age {max(ages):.2f}s")
+    assert states(env, c) == {"merged": 400}
+    for nid, reason in ((a, "render took more than 0.5 s of CPU"),
+                        (b, "ran out of memory (over the render memory limit of 512 MB)")):
+        s = states(env, nid)
+        assert 5 <= s.get("failed", 0) <= 10, s       # 5 in a row, per worker at most
+        assert s.get("failed", 0) + s.get("queued", 0) == 60, s
+        facts = json.loads(env.cli("stats", str(nid), "--json")[1])
+        assert facts["state"] == "paused"
+        assert facts["pause_reason"].startswith("paused automatically: ")
+        assert "messages in a row failed to render" in facts["pause_reason"]
+        assert f"html template, line 2: {reason}" in facts["pause_reason"], facts
+        detail = sql(env, "SELECT detail FROM messages WHERE newsletter_id = %s "
+                          "AND state = 'failed' LIMIT 1", (nid,))[0]["detail"]
+        assert detail == f"html template, line 2: {reason}"
+    balancer_log = (env.tmp / "sort-balancer.log").read_text()
+    assert "reclaimed batch" not in balancer_log
+    # Resume: the streak starts anew, so the newsletter fails 5 more and pauses again
+    # (the template is copied into the newsletter; cancel is the way out).
+    admin.resume(env.db, a)
+    assert admin.get_newsletter(env.db, a)["render_failures"] == 0
