@@ -1,7 +1,7 @@
 # ruff: noqa: E501  (the newsletter HTML has the long lines real ones have)
 """Merge throughput on one core: render + compress, as the sort worker does it.
 
-    .venv/bin/python bench/merge_bench.py [--recipients 20000] [--profile] [--send-side]
+    .venv/bin/python bench/merge_bench.py [--recipients 20000] [--profile] [--send-side] [--child]
 
 A realistic ~20 KB newsletter (HTML with a 10-article loop defined by
 ``{% set %}``, a text version, 5 merge fields) merged for N recipients with
@@ -9,12 +9,17 @@ distinct field values. Prints messages/s, mean stored (compressed) bytes per
 message and peak RSS. Targets: >= 1,000 msgs/s and <= 8 KB stored per message.
 ``--send-side`` also times what the send worker does per message:
 decompress + finalize + DKIM sign (2048-bit key from ``sendsystem.dkim.generate_key``).
+``--child`` also runs the sort worker's path: the same recipients rendered in
+its render child (render_child.py, under the default limits) in chunks of 200
+over the pipe, timed from the parent; prints msgs/s, the parent's and the
+child's peak RSS, and the child's CPU seconds per message.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import resource
 import sys
@@ -158,6 +163,7 @@ def main() -> None:
     parser.add_argument("--recipients", type=int, default=20_000)
     parser.add_argument("--profile", action="store_true", help="cProfile the loop")
     parser.add_argument("--send-side", action="store_true", help="time decompress+finalize+DKIM")
+    parser.add_argument("--child", action="store_true", help="also through the render child")
     args = parser.parse_args()
 
     src = TemplateSource(subject=SUBJECT, html=HTML, text=TEXT)
@@ -205,6 +211,46 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
     if args.send_side:
         send_side(blobs, merger.zdict)
+    if args.child:
+        child_side(src, info, people)
+
+
+def child_side(src: TemplateSource, info: NewsletterInfo,
+               people: list[tuple[str, dict[str, str], str]]) -> None:
+    import json
+
+    from sendsystem.render_child import (
+        NewsletterJob,
+        RenderLimits,
+        RenderProcess,
+        process_cpu_seconds,
+    )
+
+    def vm_hwm(pid: int) -> float:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    rp = RenderProcess(RenderLimits(), lambda: None)
+    job = NewsletterJob(info.newsletter_id, src, info)
+    rp.dictionary(job)
+    rows = [(i, e, json.dumps(f), u) for i, (e, f, u) in enumerate(people)]
+    assert rp.pid is not None
+    cpu0 = process_cpu_seconds(rp.pid) or 0.0
+    merged = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), 200):
+        merged += sum(r.state == "merged" for r in rp.render(job, rows[start:start + 200]))
+    elapsed = time.perf_counter() - t0
+    child_cpu = (process_cpu_seconds(rp.pid) or 0.0) - cpu0
+    n = len(rows)
+    assert merged == n
+    print(f"via render child       {n / elapsed:,.0f} msgs/s ({elapsed:.2f} s), child CPU "
+          f"{child_cpu / n * 1e6:,.0f} us/message")
+    print(f"peak RSS parent/child  {vm_hwm(os.getpid()):.1f} MB / {vm_hwm(rp.pid):.1f} MB")
+    rp.close()
 
 
 def send_side(blobs: list[bytes], zdict: bytes) -> None:

@@ -333,6 +333,11 @@ class RenderProcess:
             self._proc = None
         self._loaded.clear()
 
+    def start(self) -> None:
+        """Start the child now (else at the first render), so the first batch does not wait."""
+        if self._conn is None:
+            self._start()
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None

@@ -101,6 +101,10 @@ class SortWorker(Runner):
         self.renderer = RenderProcess(RenderLimits(s.render_timeout, s.render_memory_mb),
                                       self.heartbeat, name=f"sendsystem-render {self.options.name}")
 
+    def setup(self) -> None:
+        # A new interpreter takes ~0.5-1 s to start: not while a batch waits.
+        self.renderer.start()
+
     def heartbeat_fields(self) -> dict[str, object]:
         backlog = int(self.db.fetchval("my_backlog", {"worker": self.worker_id}) or 0)
         return {"rate": self.meter.rate(), "backlog": backlog}
