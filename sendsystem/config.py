@@ -293,6 +293,7 @@ SECTIONS: Mapping[str, type] = {
     "unsubscribe": UnsubscribeConfig,
     "dkim": DkimConfig,
     "bounce": BounceConfig,
+    "sorting": SortingConfig,
 }
 
 

@@ -108,7 +108,7 @@ class NewsletterJob:
 class Rendered:
     message_id: int
     state: str                   # merged | failed
-    kind: str | None = None      # for failed: render | limit | recipient
+    kind: str | None = None      # for failed: render | limit | recipient | data
     body: bytes | None = None
     detail: str | None = None
 
@@ -197,8 +197,12 @@ def _render_one(merger: Merger, alarm: _CpuAlarm, row: tuple[int, str, str, str]
     except MemoryError:
         return ("r", mid, "failed", "limit",
                 f"ran out of memory (over the render memory limit of {memory_mb} MB)")
-    except Exception as exc:  # bad stored fields, anything not the template's
-        return ("r", mid, "failed", "render", f"{type(exc).__name__}: {exc}"[:500])
+    except Exception as exc:
+        # This row's data (fields that are not JSON, or that make render raise
+        # something else): it fails alone, and it is not the template's fault.
+        what = ("subscriber fields are not valid JSON" if isinstance(exc, json.JSONDecodeError)
+                else "cannot merge")
+        return ("r", mid, "failed", "data", f"{what}: {type(exc).__name__}: {exc}"[:500])
 
 
 def child_main(conn: Connection, limits: RenderLimits) -> None:
@@ -475,7 +479,7 @@ class RenderProcess:
                     if state == "merged":
                         yield Rendered(mid, "merged", body=payload)
                     else:
-                        if kind == "limit":
+                        if kind in ("limit", "data"):
                             log.warning("newsletter %s message %s: %s", job.newsletter_id,
                                         mid, payload)
                         yield Rendered(mid, "failed", kind, detail=payload)

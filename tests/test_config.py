@@ -18,6 +18,8 @@ def test_example_parses_with_every_section() -> None:
     assert config.sending.relays == (Relay("127.0.0.1", 25),)
     assert config.sending.domain_rates == {"gmail.com": 50.0, "yahoo.com": 20.0}
     assert config.bounce.soft_limit == 3 and not config.dkim.enabled
+    assert (config.sorting.render_timeout, config.sorting.render_memory_mb,
+            config.sorting.render_failures_pause) == (2.0, 1024, 5)
 
 
 def test_environment_overrides_database_and_secret() -> None:

@@ -219,7 +219,9 @@ class SortWorker(Runner):
                         results.append(MergeResult(r.message_id, "merged", body=r.body))
                         continue
                     results.append(MergeResult(r.message_id, "failed", detail=r.detail))
-                    if r.kind != "recipient" and streak.failure(r.detail or "?"):
+                    # Only the template's failures count; a recipient's bad
+                    # address or data does not say the template is broken.
+                    if r.kind in ("render", "limit") and streak.failure(r.detail or "?"):
                         break
                     if self.stopping:
                         break
