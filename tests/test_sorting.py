@@ -97,6 +97,10 @@ def test_load_aware_shares_with_two_speeds(env: Env) -> None:
     try:
         wait_for(lambda: states(env, nid).get("merged", 0) == 4000, 60, "all merged", 0.5)
         elapsed = time.monotonic() - started
+        # Capped workers wait on their limiter, not on the render process: they
+        # must heartbeat anyway (checked before stopping, which hands back).
+        reclaimed = sql(env, "SELECT COUNT(*) AS n FROM batches WHERE state = 'reclaimed'")
+        assert reclaimed[0]["n"] == 0
     finally:
         stop_all(balancer, slow, fast)
     shares = {r["name"]: int(r["n"]) for r in sql(

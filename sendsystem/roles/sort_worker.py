@@ -208,6 +208,9 @@ class SortWorker(Runner):
                 last = time.monotonic()
                 for r in rendered:
                     self.limiter.acquire()
+                    # Results that are already in the pipe never make the
+                    # renderer wait (where it heartbeats): beat here too.
+                    self.heartbeat()
                     now = time.monotonic()
                     if r.kind == "limit":
                         # Not this worker's speed: see the rate note in process().
