@@ -207,7 +207,8 @@ def test_schema_upgrade_v4_to_v5_adds_leases_and_db_node(scratch_db) -> None:  #
     with pytest.raises(SchemaError, match=r"version 4.*db init"):
         db.check_schema_version()
     assert db.init_schema(up_to=5) == (4, 5)
-    assert db.check_schema_version() == 5
+    assert db.init_schema() == (5, SCHEMA_VERSION)
+    assert db.check_schema_version() == SCHEMA_VERSION
     db.prepare(["worker_heartbeat", "workers_all", "lease_take", "lease_renew", "leases_all"])
     assert [r["kind"] for r in db.fetchall("leases_all")] == ["send", "sort"]
     assert [r["db_node"] for r in db.fetchall("workers_all")] == [None]
