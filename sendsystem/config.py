@@ -50,6 +50,11 @@ class DatabaseConfig:
     # The server drops a connection idle this long inside a transaction
     # (a hung client would otherwise hold its row locks, the lease's too).
     idle_transaction_timeout: float = 10.0
+    # Seconds a role process waits for one reply (or to send one request)
+    # before it treats its connection as dead. A dead host or a partition
+    # sends nothing, not even a reset, so without this a query would wait for
+    # ever. Admin commands do not use it (db init may run long ALTERs).
+    read_timeout: float = 10.0
 
     @property
     def hosts(self) -> tuple[DbHost, ...]:

@@ -98,7 +98,8 @@ class Runner:
         self._signals = 0
         self.worker_id = 0
         self.processed = 0
-        self.db = Database(config.database, retry_for=None, should_abort=self._abort_db_wait)
+        self.db = Database(config.database, retry_for=None, should_abort=self._abort_db_wait,
+                           read_timeout=config.database.read_timeout)
         self._last_heartbeat = 0.0
         self._started = time.monotonic()
 
@@ -120,6 +121,9 @@ class Runner:
 
     def heartbeat_fields(self) -> dict[str, object]:
         return {"rate": None, "backlog": 0}
+
+    def heartbeat_done(self, started: float) -> None:
+        """A heartbeat that started at ``started`` (time.monotonic) is committed."""
 
     @property
     def heartbeat_state(self) -> str:
@@ -252,6 +256,9 @@ class Runner:
         except Exception:  # a forced stop must not hang on a dead database
             log.debug("could not mark worker stopped", exc_info=True)
 
+    def heartbeat_due(self) -> bool:
+        return time.monotonic() - self._last_heartbeat >= self.config.balancer.heartbeat_interval
+
     def heartbeat(self, *, force: bool = False) -> None:
         """Report liveness, rate and backlog; read the enabled flag. Cheap when not due."""
         now = time.monotonic()
@@ -267,6 +274,7 @@ class Runner:
         row = self.db.fetchone("worker_get", {"id": self.worker_id})
         if row is not None and not row["enabled"]:
             self.request_stop("disabled by an admin")
+        self.heartbeat_done(now)
 
     def sleep(self, seconds: float) -> None:
         """Sleep, but wake for a stop request and keep heartbeating."""

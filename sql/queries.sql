@@ -258,10 +258,21 @@ WHERE b.role = %(role)s AND b.state = 'assigned'
        OR w.heartbeat_at < TIMESTAMPADD(MICROSECOND, -%(timeout_us)s, NOW(6)));
 
 -- name: batch_release_messages
+-- Run after batch_mark_reclaimed, in the same transaction, only when it changed the batch.
 UPDATE messages SET batch_id = NULL WHERE batch_id = %(batch)s;
 
 -- name: batch_mark_reclaimed
-UPDATE batches SET state = 'reclaimed', finished_at = NOW(6) WHERE id = %(batch)s AND state = 'assigned';
+-- The ownership token of a batch is its id while its state is 'assigned': a
+-- reclaimed batch never becomes assigned again, and its messages go out under
+-- new batch ids. The heartbeat is read again here, under lock (a multi-table
+-- UPDATE locks the worker row it reads), so a worker whose heartbeat commits
+-- first keeps its batch, and a worker that heartbeats and then checks
+-- ownership can never be overtaken by a reclaim decided on its old heartbeat.
+UPDATE batches b JOIN workers w ON w.id = b.worker_id
+SET b.state = 'reclaimed', b.finished_at = NOW(6)
+WHERE b.id = %(batch)s AND b.state = 'assigned'
+  AND (w.state = 'stopped'
+       OR w.heartbeat_at < TIMESTAMPADD(MICROSECOND, -%(timeout_us)s, NOW(6)));
 
 -- name: batch_insert
 INSERT INTO batches (role, worker_id, newsletter_id) VALUES (%(role)s, %(worker)s, %(newsletter)s);
@@ -389,7 +400,11 @@ ORDER BY m.id LIMIT %(limit)s;
 -- name: send_mark_sent
 -- values: id, code, reply, message_id
 -- A 250 is the truth: it wins over any state but sent/bounced (even a cancel
--- that came while the message was on the wire).
+-- that came while the message was on the wire), and it is the one outcome
+-- written whether or not the row is still ours: a fenced worker's late 250
+-- for a reclaimed row records what happened, with this worker as the sender,
+-- and puts the row in no batch (it is final), so it steals nothing back; if
+-- a peer has not sent it yet, the peer's next fetch no longer sees it.
 UPDATE messages m JOIN (%(values)s) AS v ON v.id = m.id
 SET m.state = 'sent', m.body = NULL, m.batch_id = NULL, m.send_worker_id = %(worker)s,
     m.finished_at = NOW(6), m.attempts = m.attempts + 1, m.reply_code = v.code,
@@ -398,7 +413,11 @@ WHERE m.state NOT IN ('sent', 'bounced');
 
 -- name: send_mark_failed
 -- values: id, code, reply, message_id
+-- Every outcome but a 250 is written only for rows still ours (in a batch of
+-- this worker that is still assigned): a 5xx or 4xx that a fenced worker got
+-- for a reclaimed row is dropped, and the row's new owner gets its own answer.
 UPDATE messages m JOIN (%(values)s) AS v ON v.id = m.id
+JOIN batches b ON b.id = m.batch_id AND b.worker_id = %(worker)s AND b.state = 'assigned'
 SET m.state = 'failed', m.body = NULL, m.batch_id = NULL, m.send_worker_id = %(worker)s,
     m.finished_at = NOW(6), m.attempts = m.attempts + 1, m.reply_code = v.code,
     m.reply = v.reply, m.message_id = COALESCE(v.message_id, m.message_id)
@@ -407,6 +426,7 @@ WHERE m.state IN ('merged', 'deferred');
 -- name: send_mark_deferred
 -- values: id, code, reply, delay_us
 UPDATE messages m JOIN (%(values)s) AS v ON v.id = m.id
+JOIN batches b ON b.id = m.batch_id AND b.worker_id = %(worker)s AND b.state = 'assigned'
 SET m.state = 'deferred', m.batch_id = NULL, m.send_worker_id = %(worker)s,
     m.attempts = m.attempts + 1, m.deferrals = m.deferrals + 1, m.reply_code = v.code,
     m.reply = v.reply, m.next_attempt_at = TIMESTAMPADD(MICROSECOND, v.delay_us, NOW(6))
@@ -415,6 +435,7 @@ WHERE m.state IN ('merged', 'deferred');
 -- name: send_mark_skipped
 -- values: id, detail
 UPDATE messages m JOIN (%(values)s) AS v ON v.id = m.id
+JOIN batches b ON b.id = m.batch_id AND b.worker_id = %(worker)s AND b.state = 'assigned'
 SET m.state = 'skipped', m.body = NULL, m.batch_id = NULL, m.send_worker_id = %(worker)s,
     m.finished_at = NOW(6), m.detail = v.detail
 WHERE m.state IN ('merged', 'deferred');

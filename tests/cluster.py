@@ -9,9 +9,9 @@
   ``--name``s (each name stands for a server: its own lock file and journal).
 * :class:`SmtpSink`: the tests' aiosmtpd server plus a switch that refuses
   every recipient with 421 for as long as a test wants (a relay in trouble).
-* :func:`account`: the final accounting of a newsletter: lost messages (no
-  final state, or marked sent but never received) and duplicates (deliveries
-  beyond one per recipient).
+* :func:`account`: the final accounting of a newsletter, counted at the
+  relays: lost recipients (never received, whatever state the database
+  claims) and duplicates (deliveries beyond one per recipient).
 """
 
 from __future__ import annotations
@@ -518,6 +518,16 @@ class Cluster:
             self.overrides.setdefault(section, {}).update(values)
         self._write()
 
+    def variant(self, label: str, **overrides: dict[str, object]) -> Path:
+        """A config file like this cluster's with some keys changed (e.g. one server's
+        database port behind a proxy, or its own relay), for spawn(..., config=)."""
+        settings = {k: dict(v) for k, v in self.overrides.items()}
+        for section, values in overrides.items():
+            settings.setdefault(section, {}).update(values)
+        db = {**self.server.settings, **settings.pop("database", {})}
+        return write_config(self.tmp / f"config-{label}.ini", self.db_name,
+                            overrides=settings, db=db)
+
     def use_relays(self, *sinks: SmtpSink, **sending: object) -> None:
         relays = ", ".join(f"{s.host}:{s.port}" for s in sinks)
         self.configure(sending={"relays": relays, "relay_backoff_min": 0.5,
@@ -531,17 +541,19 @@ class Cluster:
     # -- processes -----------------------------------------------------------------
 
     def spawn(self, command: str, name: str, *args: str,
-              env: dict[str, str] | None = None) -> Proc:
+              env: dict[str, str] | None = None, config: Path | None = None) -> Proc:
         """Start ``sendsystem COMMAND --name NAME ARGS`` (as cron would) in the background.
 
         ``env`` adds environment variables (e.g. SENDSYSTEM_DB_HOST: this
-        server's own order of the database nodes)."""
+        server's own order of the database nodes); ``config``: another config
+        file for this process (see :meth:`variant`)."""
         log_path = self.tmp / f"{command}-{name}.log"
         with log_path.open("ab") as out:
             out.write(f"---- start {' '.join(args)} at {time.time():.3f}\n".encode())
             out.flush()
             popen = subprocess.Popen(
-                [sys.executable, "-m", "sendsystem", "--config", str(self.path), command,
+                [sys.executable, "-m", "sendsystem", "--config", str(config or self.path),
+                 command,
                  "--name", name, *args], stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         proc = Proc(command, name, tuple(args), popen, log_path)
@@ -636,12 +648,20 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Accounting:
-    """What became of one newsletter, from the database and from the relays."""
+    """What became of one newsletter, counted at the relays.
+
+    ``lost`` is a recipient no relay ever received, whatever the database
+    says about it: a message wrongly marked failed, skipped or cancelled is
+    as lost as one stuck in no final state. (Every cluster scenario expects
+    every recipient delivered; the database states are kept for diagnosis.)
+    """
 
     recipients: int
     states: dict[str, int]
-    not_final: int  # message rows in no final state
-    never_delivered: int  # marked sent, but no relay ever received it
+    undelivered: int  # recipients no relay ever received: the lost ones
+    not_final: int  # message rows in no final state (diagnosis)
+    never_delivered: int  # marked sent, but no relay ever received it (diagnosis)
+    wrongly_final: int  # failed/skipped/cancelled/bounced, never received (diagnosis)
     duplicates: int  # deliveries beyond one per recipient
     duplicate_message_ids: int  # the same, counted by Message-ID header
     strangers: int  # deliveries to addresses that are not recipients of the newsletter
@@ -649,12 +669,13 @@ class Accounting:
 
     @property
     def lost(self) -> int:
-        return self.not_final + self.never_delivered
+        return self.undelivered
 
     def summary(self) -> str:
         return (f"recipients={self.recipients} delivered={self.delivered} lost={self.lost} "
                 f"(not final {self.not_final}, sent but never received "
-                f"{self.never_delivered}) duplicates={self.duplicates} "
+                f"{self.never_delivered}, other final state but never received "
+                f"{self.wrongly_final}) duplicates={self.duplicates} "
                 f"(by Message-ID {self.duplicate_message_ids}) states={self.states}")
 
 
@@ -668,11 +689,14 @@ def account(cluster: Cluster, newsletter_id: int, *sinks: SmtpSink) -> Accountin
         by_rcpt.update(sink.count_by_recipient())
         by_id.update(sink.count_by_message_id())
     emails = {r["email"] for r in rows}
+    unseen = [r for r in rows if by_rcpt[r["email"]] == 0]
     result = Accounting(
         recipients=len(rows),
         states=dict(Counter(r["state"] for r in rows)),
+        undelivered=len(unseen),
         not_final=sum(r["state"] not in FINAL_STATES for r in rows),
-        never_delivered=sum(r["state"] == "sent" and by_rcpt[r["email"]] == 0 for r in rows),
+        never_delivered=sum(r["state"] == "sent" for r in unseen),
+        wrongly_final=sum(r["state"] in FINAL_STATES and r["state"] != "sent" for r in unseen),
         duplicates=sum(n - 1 for e, n in by_rcpt.items() if e in emails and n > 1),
         duplicate_message_ids=sum(n - 1 for n in by_id.values() if n > 1),
         strangers=sum(n for e, n in by_rcpt.items() if e not in emails),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ class ReceivedMessage:
     rcpt_tos: tuple[str, ...]
     data: bytes
     connection: int  # ordinal of the SMTP session (1 = first EHLO/HELO seen)
+    at: float = 0.0  # time.time() when the message was accepted (comparable with logs)
 
 
 @dataclass
@@ -108,7 +110,7 @@ class RecordingHandler:
         with self.lock:
             self.messages.append(ReceivedMessage(
                 envelope.mail_from or "", tuple(envelope.rcpt_tos), bytes(data),
-                getattr(session, "sendsystem_connection", 0)))
+                getattr(session, "sendsystem_connection", 0), time.time()))
             queue_id = f"T{len(self.messages):06d}"
         return f"250 2.0.0 Ok: queued as {queue_id}"
 

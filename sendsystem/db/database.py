@@ -32,6 +32,13 @@ cost is one cluster round trip per read. Writes need no such wait: a write
 based on a stale row conflicts at certification and is retried.
 Auto-increment ids have gaps on Galera (each node hands out its own
 residue); nothing in SendSystem assumes dense ids.
+
+Dead hosts and partitions: a blackholed connection sends nothing, not even a
+reset, so the long-running roles open theirs with ``read_timeout`` (and the
+same write timeout): a request with no answer within it counts as a lost
+connection. ``reconnects`` counts lost connections; it is the connection
+*generation* the send worker's fence compares, since whatever it verified
+before a loss may have changed while it was away.
 """
 
 from __future__ import annotations
@@ -85,15 +92,18 @@ class Database:
     """
 
     def __init__(self, config: DatabaseConfig, *, retry_for: float | None = 10.0,
-                 should_abort: Callable[[], bool] = lambda: False) -> None:
+                 should_abort: Callable[[], bool] = lambda: False,
+                 read_timeout: float | None = None) -> None:
         self.config = config
         self.retry_for = retry_for
         self.should_abort = should_abort
+        self.read_timeout = read_timeout
         self._conn: pymysql.connections.Connection | None = None
         self._queries = load_queries()
         self._value_columns = load_value_columns()
         self._in_transaction = False
         self._outage_since: float | None = None
+        # Lost connections so far: the connection generation (see module docstring).
         self.reconnects = 0
         self._hosts = config.hosts
         self._next = 0  # the node the next connection attempt starts at
@@ -116,6 +126,8 @@ class Database:
             cursorclass=pymysql.cursors.DictCursor, connect_timeout=cfg.connect_timeout,
             client_flag=CLIENT.MULTI_STATEMENTS if database is None else 0,
             init_command="SET SESSION time_zone = '+00:00'",
+            read_timeout=self.read_timeout if database is not None else None,
+            write_timeout=self.read_timeout if database is not None else None,
         )
 
     def _unusable(self, conn: pymysql.connections.Connection) -> str | None:

@@ -164,10 +164,18 @@ class BalancerRunner(Runner):
         total = 0
         for batch in self.db.fetchall("batches_reclaimable", {"role": self.worker_role,
                                                               "timeout_us": timeout_us}):
+            # batch_mark_reclaimed re-reads the heartbeat under lock: a worker
+            # that heartbeated since the SELECT above keeps its batch (fencing).
             with self.db.transaction():
                 self.renew_in_transaction()
-                n = self.db.execute("batch_release_messages", {"batch": batch["id"]})
-                self.db.execute("batch_mark_reclaimed", {"batch": batch["id"]})
+                marked = self.db.execute("batch_mark_reclaimed", {"batch": batch["id"],
+                                                                  "timeout_us": timeout_us})
+                n = self.db.execute("batch_release_messages", {"batch": batch["id"]}) \
+                    if marked else 0
+            if not marked:
+                log.info("batch %s of %s worker %s kept: its heartbeat came back",
+                         batch["id"], self.worker_role, batch["name"])
+                continue
             total += n
             log.warning("reclaimed batch %s (%d messages) from %s worker %s (dead or stopped)",
                         batch["id"], n, self.worker_role, batch["name"])

@@ -77,13 +77,17 @@ class OutcomeWriter:
 
     def __init__(self, config: Config, worker_id: int, name: str,
                  should_abort: Callable[[], bool],
-                 on_journal_error: Callable[[JournalError], None] | None = None) -> None:
+                 on_journal_error: Callable[[JournalError], None] | None = None,
+                 on_written: Callable[[list[int]], None] | None = None) -> None:
         self.config = config
         self.on_journal_error = on_journal_error
         # The first failure to write the journal; from then on it is not written.
         self.journal_error: JournalError | None = None
         self.worker_id = worker_id
-        self.db = Database(config.database, retry_for=None, should_abort=should_abort)
+        self.db = Database(config.database, retry_for=None, should_abort=should_abort,
+                           read_timeout=config.database.read_timeout)
+        # Called from the writer thread with the ids of each committed write.
+        self.on_written = on_written
         directory = config.paths.journal_dir
         self.journals = (Journal(directory, f"send-{name}"), Journal(directory, f"send-{name}.b"))
         self._current = 0
@@ -201,6 +205,8 @@ class OutcomeWriter:
                 self._written.extend(batch.ids())
                 self._writing = False
                 self._cond.notify_all()
+            if self.on_written is not None:
+                self.on_written(batch.ids())
 
     def _journal_failed(self, exc: JournalError) -> None:
         log.error("%s Outcomes still go to the database; this worker stops.", exc)

@@ -39,23 +39,46 @@ the worker through :meth:`Runner.fail`: no new message is handed to the
 pool, the ones on the wire finish, every outcome held in memory is
 committed, then the batches are handed back and it exits with status 1
 and the journal's message, which says what to fix.
+
+Fenced: a worker sends only rows it currently owns (sendsystem/fencing.py
+for the rule and why it holds).
+
+* A row is ours while its batch is assigned to this worker (the batch id is
+  the ownership token: a reclaimed batch is never assigned again and its
+  rows go out under new batch ids). Fetching a chunk by batch id reads it;
+  after a heartbeat gap or a reconnect the worker re-reads its batches
+  before anything more goes to the relay, and drops what it holds for a
+  batch that is gone: queued envelopes are discarded, not sent.
+* The database calls of the batch loop run in a thread, so the event loop
+  keeps deciding while a query hangs on a partition; the senders check the
+  fence right before ``pool.deliver``: no completed heartbeat for
+  ``heartbeat_timeout / 2`` (monotonic clock) and nothing new is handed to
+  the relay. The balancer reclaims only after ``heartbeat_timeout``.
+* The unconfirmed window: a 250 the database does not know yet is a
+  duplicate if the batch is reclaimed (a peer cannot read this server's
+  journal). So messages on the wire plus 250s not yet committed are at most
+  ``connections`` x relays: a sender's slot is freed when the outcome writer
+  has committed its 250. Cut off from the database, a worker therefore stops
+  after at most that many, and those are its only possible duplicates.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import random
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..addresses import domain_of
 from ..delivery import MAX_REPLY, DeliveryPool, Envelope, Outcome, Result
-from ..errors import SendSystemError
+from ..errors import SendSystemError, TemporaryError
+from ..fencing import Fence
 from ..journal import JournalError
 from ..merge import TemplateSource, compression_dictionary, decompress
 from ..mime import Attachment, attachment_tail, finalize, safe_header_value
@@ -68,6 +91,7 @@ from .outcomes import OUTCOME_STATEMENTS, OutcomeWriter
 log = logging.getLogger(__name__)
 
 CHUNK = 500
+T = TypeVar("T")
 
 
 @dataclass
@@ -135,12 +159,23 @@ class SendWorker(Runner):
         self.pool: DeliveryPool | None = None
         self.concurrency = s.connections * len(s.relays)
         self._date = ("", 0)
+        # Fencing (module docstring).
+        self.fence = Fence(self.config.balancer.heartbeat_timeout)
+        self.owned: set[int] = set()        # batch ids last verified as ours
+        self.batch_of: dict[int, int] = {}  # message id -> batch, for rows in `unflushed`
+        self.fenced_since: float | None = None
+        self.discarded = 0                  # queued messages dropped for reclaimed batches
+        self._window: asyncio.Semaphore | None = None
+        self._db_lock: asyncio.Lock | None = None
+        self._awaiting_commit: set[int] = set()  # 250s holding a window slot
+
 
     # -- lifecycle ----------------------------------------------------------------
 
     def setup(self) -> None:
         self.writer = OutcomeWriter(self.config, self.worker_id, self.options.name,
-                                    self._abort_db_wait, self._journal_failed)
+                                    self._abort_db_wait, self._journal_failed,
+                                    on_written=self._on_written)
         self.writer.replay()
         self.writer.start()
 
@@ -171,12 +206,111 @@ class SendWorker(Runner):
             not self.db.fetchval("pending_for_role",
                                  {"states": ("queued", "merged", "deferred")})
 
+    # -- fencing -----------------------------------------------------------------
+
+    def heartbeat_done(self, started: float) -> None:
+        # Heartbeat first, then the ownership check (sendsystem/fencing.py).
+        if self.fence.heartbeat_done(started):
+            self._verify_ownership()
+        self._note_fence()
+
+    def _verify_ownership(self) -> None:
+        """Re-read which batches are ours; what we hold for any other is dropped."""
+        generation = self.db.reconnects
+        owned = {int(b["id"]) for b in self.db.fetchall("my_batches", {"worker": self.worker_id})}
+        held = set(self.batch_of.values()) | self.owned
+        self.owned = owned
+        self.fence.verified(generation)
+        lost = sorted(held - owned)
+        if lost:
+            n = sum(1 for b in self.batch_of.values() if b in lost)
+            log.warning("send worker %s: batches %s were reclaimed while it was cut off from "
+                        "the database; dropping what it still held for them (%d rows in hand; "
+                        "250s already received are still recorded as sent)", self.options.name,
+                        ", ".join(map(str, lost)), n)
+
+    def _note_fence(self) -> None:
+        """Log when the fence shuts and opens (for operators; the gate decides alone)."""
+        generation = self.db.reconnects
+        if self.fence.is_open(generation):
+            if self.fenced_since is not None:
+                log.warning("send worker %s: fence lifted after %.1fs (heartbeat and batch "
+                            "ownership verified); sending again", self.options.name,
+                            time.monotonic() - self.fenced_since)
+                self.fenced_since = None
+        elif self.fenced_since is None:
+            self.fenced_since = time.monotonic()
+            log.warning("send worker %s: self-fenced: %s; handing nothing to the relay "
+                        "until the database answers", self.options.name,
+                        self.fence.reason(generation))
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a call that uses ``self.db`` in a thread, one at a time: the event loop
+        (and the fence in front of the relay) keeps going while a query hangs."""
+        assert self._db_lock is not None
+        async with self._db_lock:
+            return await asyncio.to_thread(fn, *args)
+
+    async def _keep_alive(self, done: asyncio.Event) -> None:
+        """Heartbeat when due and re-verify after a reconnect; log fence changes.
+        Its own task, so it never waits behind a full queue or a fenced sender.
+        Ends when ``done`` is set, never in the middle of a database call (the
+        thread would go on using the connection)."""
+        while not done.is_set():
+            try:
+                if self.heartbeat_due():
+                    await self._db(self.heartbeat)
+                if self.fence.needs_verification(self.db.reconnects):
+                    await self._db(self._verify_ownership)
+            except TemporaryError as exc:
+                log.warning("send worker %s: heartbeat failed (%s); retrying",
+                            self.options.name, exc)
+            except Exception:
+                # Without heartbeats the fence stays shut: stop rather than hang.
+                log.exception("send worker %s: heartbeat failed", self.options.name)
+                self.request_stop("heartbeat failed")
+                raise
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.05)
+
+    async def _watch_fence(self, done: asyncio.Event) -> None:
+        """Log fence changes as they happen, even while a heartbeat hangs."""
+        while not done.is_set():
+            self._note_fence()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.05)
+
+    async def _gate(self, env: Envelope) -> bool:
+        """Wait until ``env`` may go to the relay; False: drop it (its batch is not ours,
+        or we are stopping while fenced). No await may follow a True before deliver()."""
+        while True:
+            if self.batch_of.get(env.key) not in self.owned:
+                return False
+            if self.fence.is_open(self.db.reconnects):
+                return True
+            if self.stopping:
+                return False
+            await asyncio.sleep(0.02)
+
+    def _on_written(self, ids: list[int]) -> None:
+        """Outcome-writer thread: these outcomes are committed."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: on the way out
+            self.loop.call_soon_threadsafe(self._confirm, ids)
+
+    def _confirm(self, ids: list[int]) -> None:
+        assert self._window is not None
+        for mid in ids:
+            if mid in self._awaiting_commit:
+                self._awaiting_commit.discard(mid)
+                self._window.release()
+
     # -- the work ----------------------------------------------------------------
 
     def work(self) -> int:
         batches = self.db.fetchall("my_batches", {"worker": self.worker_id})
         if not batches:
             return 0
+        self.owned = {int(b["id"]) for b in batches}
         return self.loop.run_until_complete(self._send_batches(batches))
 
     def make_pool(self) -> DeliveryPool:
@@ -194,50 +328,64 @@ class SendWorker(Runner):
             self.pool = self.make_pool()
             self.rate_limit = AsyncRateLimiter(self.options.max_rate, burst=1)
             self.domain_limit = DomainRateLimiter(s.domain_rates)
+            self._window = asyncio.Semaphore(self.concurrency)
         queue: asyncio.Queue[Envelope | None] = asyncio.Queue(maxsize=self.concurrency * 2)
         rows_by_id = self.unflushed
         writer = self.writer
         assert writer is not None
         senders = [asyncio.create_task(self._sender(queue, rows_by_id))
                    for _ in range(self.concurrency)]
-        done = 0
+        self._db_lock = asyncio.Lock()
+        finished = asyncio.Event()
+        keep_alive = asyncio.create_task(self._keep_alive(finished))
+        watch = asyncio.create_task(self._watch_fence(finished))
+        queued = 0
+        discarded = self.discarded
         started = time.monotonic()
+
+        def forget_written() -> None:
+            for mid in writer.take_written():
+                rows_by_id.pop(mid, None)
+                self.batch_of.pop(mid, None)
+
         try:
             for batch in batches:
-                while not self.stopping:
-                    for mid in writer.take_written():
-                        rows_by_id.pop(mid, None)
-                    rows = self.db.fetchall("send_batch_messages",
-                                            {"batch": batch["id"], "limit": CHUNK})
+                bid = int(batch["id"])
+                while not self.stopping and bid in self.owned:
+                    forget_written()
+                    rows = await self._db(self.db.fetchall, "send_batch_messages",
+                                          {"batch": bid, "limit": CHUNK})
                     rows = [r for r in rows if int(r["id"]) not in rows_by_id]
                     if not rows:
                         # Everything fetched is delivered or in flight; once the
                         # queue drains and outcomes are written, the batch is done.
                         await queue.join()
-                        writer.drain()
-                        for mid in writer.take_written():
-                            rows_by_id.pop(mid, None)
-                        if not self.db.fetchall("send_batch_messages",
-                                                {"batch": batch["id"], "limit": 1}):
-                            self.db.execute("batch_mark_done", {"batch": batch["id"]})
+                        await asyncio.to_thread(writer.drain)
+                        forget_written()
+                        if not await self._db(self.db.fetchall, "send_batch_messages",
+                                              {"batch": bid, "limit": 1}):
+                            await self._db(self.db.execute, "batch_mark_done", {"batch": bid})
                             break
                         continue
+                    for nid in {int(r["newsletter_id"]) for r in rows} - self.parts.keys():
+                        await self._db(self._parts, nid)
                     for row in rows:
+                        if self.stopping or bid not in self.owned:
+                            break
                         mid = int(row["id"])
                         rows_by_id[mid] = row
+                        self.batch_of[mid] = bid
                         try:
                             env = self._build(row)
                         except BaseException:
                             # Database trouble: no outcome was recorded, so the row
                             # must be fetched again when the work is retried.
                             rows_by_id.pop(mid, None)
+                            self.batch_of.pop(mid, None)
                             raise
                         if env is not None:
                             await queue.put(env)
-                            done += 1
-                        self.heartbeat()
-                        if self.stopping:
-                            break
+                            queued += 1
                 if self.stopping:
                     break
             await queue.join()
@@ -245,25 +393,42 @@ class SendWorker(Runner):
             for _ in senders:
                 await queue.put(None)
             await asyncio.gather(*senders, return_exceptions=True)
-            writer.drain()
-            self.meter.busy(done, time.monotonic() - started)
-        return done
+            finished.set()
+            await asyncio.gather(keep_alive, watch, return_exceptions=True)
+            await asyncio.to_thread(writer.drain)
+            discarded = self.discarded - discarded
+            if discarded:
+                log.warning("send worker %s: discarded %d queued messages of reclaimed "
+                            "batches (not sent)", self.options.name, discarded)
+            self.meter.busy(queued - discarded, time.monotonic() - started)
+        return queued - discarded
 
     async def _sender(self, queue: asyncio.Queue[Envelope | None],
                       rows: dict[int, dict[str, Any]]) -> None:
-        assert self.pool is not None
+        assert self.pool is not None and self._window is not None
         while True:
             env = await queue.get()
+            slot = False
             try:
                 if env is None:
                     return
                 if self.failure is None:
                     await self.rate_limit.acquire()
                     await self.domain_limit.acquire(domain_of(env.recipient))
+                    await self._window.acquire()
+                    slot = True
                 if self.failure is not None:
                     # Stopping because it is unsafe to go on: not handed to the relay;
                     # the row stays merged/deferred and goes back with the batch.
                     rows.pop(env.key, None)
+                    self.batch_of.pop(env.key, None)
+                    continue
+                if not await self._gate(env):
+                    # Reclaimed (its row belongs to another worker now) or
+                    # stopping while fenced (handed back at shutdown).
+                    rows.pop(env.key, None)
+                    self.batch_of.pop(env.key, None)
+                    self.discarded += 1
                     continue
                 try:
                     result = await self.pool.deliver(env)
@@ -275,6 +440,10 @@ class SendWorker(Runner):
                     result = Result(env.key, Outcome.DEFERRED, 0,
                                     _reason("unexpected error in delivery", exc,
                                             "(delivery status unknown)"), "", False)
+                if result.outcome is Outcome.SENT:
+                    # The slot stays taken until the writer has committed the 250.
+                    self._awaiting_commit.add(env.key)
+                    slot = False
                 # The row stays in `rows` until its outcome is in the database,
                 # so the next fetch of the batch does not send it again.
                 self._record(result, rows[env.key])
@@ -284,6 +453,9 @@ class SendWorker(Runner):
                 log.exception("message %s: cannot record its outcome; deferred",
                               getattr(env, "key", "?"))
                 if env is not None:
+                    if env.key in self._awaiting_commit:  # its 250 never reached the writer
+                        self._awaiting_commit.discard(env.key)
+                        slot = True
                     try:
                         self._defer_plainly(env.key, _reason("cannot record outcome", exc))
                     except Exception as again:
@@ -295,6 +467,8 @@ class SendWorker(Runner):
                             "this is a bug: report it with this log."),
                             "an outcome cannot be recorded")
             finally:
+                if slot:
+                    self._window.release()
                 queue.task_done()
 
     def _defer_plainly(self, mid: int, reason: str) -> None:

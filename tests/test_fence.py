@@ -1,0 +1,182 @@
+"""Fencing, piece by piece: the self-fence decision (pure, injectable clock) and
+the ownership rules in SQL (the guarded reclaim, outcome writes conditional on
+ownership, a late 250 still recorded). The cluster scenarios with a real
+partition are in tests/test_fencing.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sendsystem.db import Database
+from sendsystem.fencing import Fence
+
+from .conftest import Env
+from .helpers import make_newsletter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ------------------------------------------------------------ the decision
+
+
+def test_shut_until_the_first_heartbeat_and_verification() -> None:
+    clock = Clock()
+    fence = Fence(3.0, clock)
+    assert not fence.is_open(0) and fence.reason(0) == "no heartbeat yet"
+    assert fence.heartbeat_done(clock.now) is True  # must verify before sending
+    assert not fence.is_open(0)
+    fence.verified(0)
+    assert fence.is_open(0)
+
+
+def test_shuts_at_half_the_timeout_after_the_start_of_the_last_heartbeat() -> None:
+    clock = Clock()
+    fence = Fence(3.0, clock)
+    started = clock.now
+    clock.now += 0.4  # the heartbeat took 0.4 s
+    fence.heartbeat_done(started)
+    fence.verified(0)
+    clock.now = started + 1.49
+    assert fence.is_open(0)
+    clock.now = started + 1.5  # measured from the start, not the end
+    assert not fence.is_open(0)
+    assert "no heartbeat completed for 1.5s" in fence.reason(0)
+
+
+def test_regular_heartbeats_keep_it_open_without_reverifying() -> None:
+    clock = Clock()
+    fence = Fence(3.0, clock)
+    fence.heartbeat_done(clock.now)
+    fence.verified(0)
+    for _ in range(20):
+        clock.now += 0.5
+        assert fence.heartbeat_done(clock.now) is False
+        assert fence.is_open(0)
+
+
+def test_a_heartbeat_after_a_gap_needs_verification_before_opening() -> None:
+    clock = Clock()
+    fence = Fence(3.0, clock)
+    fence.heartbeat_done(clock.now)
+    fence.verified(0)
+    clock.now += 25  # partition: the heartbeat hung
+    started = clock.now - 24.9  # it started long ago and only now completed
+    assert fence.heartbeat_done(started) is True
+    assert not fence.is_open(0)  # still stale, and unverified
+    clock.now += 0.1
+    fence.heartbeat_done(clock.now)  # the next one, fresh
+    assert not fence.is_open(0)
+    assert "ownership not verified" in fence.reason(0)
+    fence.verified(0)
+    assert fence.is_open(0)
+
+
+def test_a_reconnect_shuts_it_until_verified_again() -> None:
+    clock = Clock()
+    fence = Fence(3.0, clock)
+    fence.heartbeat_done(clock.now)
+    fence.verified(4)
+    assert fence.is_open(4)
+    assert not fence.is_open(5)  # the connection was lost since the check
+    assert fence.needs_verification(5)
+    fence.verified(5)
+    assert fence.is_open(5)
+
+
+def test_an_older_heartbeat_completing_late_does_not_move_the_start_back() -> None:
+    clock = Clock()
+    fence = Fence(4.0, clock)
+    fence.heartbeat_done(clock.now)
+    fence.verified(0)
+    clock.now += 1
+    fence.heartbeat_done(clock.now - 1.5)
+    assert fence.heartbeat_age() == pytest.approx(1.0)
+
+
+# --------------------------------------------------------- ownership in SQL
+
+
+def _sql(db: Database, statement: str, params: Any = None) -> list[dict[str, Any]]:
+    # Test set-up only: the product's SQL goes through named statements.
+    conn = db._ensure()
+    with conn.cursor() as cur:
+        cur.execute(statement, params)
+        return list(cur.fetchall())
+
+
+def _world(env: Env) -> tuple[int, int, list[int]]:
+    """Two send workers, a merged newsletter of 4, all in a batch of worker A."""
+    db = env.db
+    nid = make_newsletter(env, 4)
+    _sql(db, "UPDATE messages SET state = 'merged', body = 'x' WHERE newsletter_id = %s",
+         (nid,))
+    ids = [int(r["id"]) for r in _sql(db, "SELECT id FROM messages WHERE newsletter_id = %s "
+                                          "ORDER BY id", (nid,))]
+    workers = []
+    for name in ("a", "b"):
+        workers.append(db.insert("worker_register", {"host": "h", "role": "send",
+                                                     "name": name, "pid": 1}))
+    batch = db.insert("batch_insert", {"role": "send", "worker": workers[0], "newsletter": nid})
+    _sql(db, "UPDATE messages SET batch_id = %s WHERE newsletter_id = %s", (batch, nid))
+    return workers[0], batch, ids
+
+
+def test_reclaim_rereads_the_heartbeat(env: Env) -> None:
+    db = env.db
+    worker, batch, ids = _world(env)
+    timeout_us = 3_000_000
+    # The balancer saw a stale heartbeat, but the worker heartbeated since.
+    db.execute("worker_heartbeat", {"id": worker, "state": "running", "rate": None,
+                                    "backlog": 0, "processed": 0})
+    assert db.execute("batch_mark_reclaimed", {"batch": batch, "timeout_us": timeout_us}) == 0
+    _sql(db, "UPDATE workers SET heartbeat_at = NOW(6) - INTERVAL 4 SECOND WHERE id = %s",
+         (worker,))
+    assert db.execute("batch_mark_reclaimed", {"batch": batch, "timeout_us": timeout_us}) == 1
+    assert db.execute("batch_release_messages", {"batch": batch}) == len(ids)
+
+
+def test_outcomes_for_a_reclaimed_row_only_a_250_is_written(env: Env) -> None:
+    db = env.db
+    worker, batch, ids = _world(env)
+    _sql(db, "UPDATE workers SET heartbeat_at = NOW(6) - INTERVAL 4 SECOND WHERE id = %s",
+         (worker,))
+    db.execute("batch_mark_reclaimed", {"batch": batch, "timeout_us": 3_000_000})
+    db.execute("batch_release_messages", {"batch": batch})
+    # A peer gets the rows under a new batch id.
+    peer = int(_sql(db, "SELECT id FROM workers WHERE name = 'b'")[0]["id"])
+    nid = int(_sql(db, "SELECT newsletter_id FROM messages WHERE id = %s", (ids[0],))[0]
+              ["newsletter_id"])
+    new_batch = db.insert("batch_insert", {"role": "send", "worker": peer, "newsletter": nid})
+    _sql(db, "UPDATE messages SET batch_id = %s WHERE id IN %s", (new_batch, ids))
+    me = {"worker": worker}
+    # The fenced worker's late answers: 4xx, 5xx and a skip are dropped ...
+    assert db.execute_values("send_mark_deferred", [(ids[0], 451, "451 later", 1000)], me) == 0
+    assert db.execute_values("send_mark_failed", [(ids[1], 550, "550 no", None)], me) == 0
+    assert db.execute_values("send_mark_skipped", [(ids[2], "blocked")], me) == 0
+    # ... a 250 is the truth and is recorded, leaving the row in no batch.
+    assert db.execute_values("send_mark_sent", [(ids[3], 250, "250 ok", "<m>")], me) == 1
+    rows = {int(r["id"]): r for r in _sql(
+        db, "SELECT id, state, batch_id, send_worker_id FROM messages WHERE id IN %s", (ids,))}
+    assert [rows[i]["state"] for i in ids] == ["merged", "merged", "merged", "sent"]
+    assert [rows[i]["batch_id"] for i in ids[:3]] == [new_batch] * 3
+    assert rows[ids[3]]["batch_id"] is None and rows[ids[3]]["send_worker_id"] == worker
+    # The new owner's own outcomes are written.
+    assert db.execute_values("send_mark_failed", [(ids[1], 550, "550 no", None)],
+                             {"worker": peer}) == 1
+
+
+def test_outcomes_for_rows_still_ours_are_written(env: Env) -> None:
+    db = env.db
+    worker, _batch, ids = _world(env)
+    me = {"worker": worker}
+    assert db.execute_values("send_mark_deferred", [(ids[0], 451, "451 later", 1000)], me) == 1
+    assert db.execute_values("send_mark_failed", [(ids[1], 550, "550 no", None)], me) == 1
+    assert db.execute_values("send_mark_skipped", [(ids[2], "blocked")], me) == 1
