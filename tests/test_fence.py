@@ -180,3 +180,24 @@ def test_outcomes_for_rows_still_ours_are_written(env: Env) -> None:
     assert db.execute_values("send_mark_deferred", [(ids[0], 451, "451 later", 1000)], me) == 1
     assert db.execute_values("send_mark_failed", [(ids[1], 550, "550 no", None)], me) == 1
     assert db.execute_values("send_mark_skipped", [(ids[2], "blocked")], me) == 1
+
+
+def test_a_zombie_sort_worker_cannot_write_a_reclaimed_batch(env: Env) -> None:
+    """The sort worker needs no self-fence: it has no side effect outside the
+    database, and sort_mark writes only rows still in the batch it names, so a
+    merge finished after a reclaim is dropped (the new owner merges again)."""
+    db = env.db
+    nid = make_newsletter(env, 3)
+    worker = db.insert("worker_register", {"host": "h", "role": "sort", "name": "s", "pid": 1})
+    batch = db.insert("batch_insert", {"role": "sort", "worker": worker, "newsletter": nid})
+    _sql(db, "UPDATE messages SET batch_id = %s WHERE newsletter_id = %s", (batch, nid))
+    ids = [int(r["id"]) for r in _sql(db, "SELECT id FROM messages WHERE newsletter_id = %s",
+                                      (nid,))]
+    _sql(db, "UPDATE workers SET heartbeat_at = NOW(6) - INTERVAL 4 SECOND WHERE id = %s",
+         (worker,))
+    assert db.execute("batch_mark_reclaimed", {"batch": batch, "timeout_us": 3_000_000}) == 1
+    db.execute("batch_release_messages", {"batch": batch})
+    rows = [(i, "merged", b"body", None) for i in ids]
+    assert db.execute_values("sort_mark", rows, {"batch": batch, "worker": worker}) == 0
+    assert {r["state"] for r in _sql(db, "SELECT state FROM messages WHERE newsletter_id = %s",
+                                     (nid,))} == {"queued"}

@@ -22,6 +22,12 @@ Render failures in a row pause the newsletter (brakes.py): the worker then
 writes what it did, hands back the rest of its batches of that newsletter
 (still queued, for a resume) and renders none of it. A pause by an admin
 keeps its old meaning: in-flight batches finish.
+
+Fencing: unlike the send worker, a sort worker cut off from the database
+needs no self-fence. Its only effect is its write, and sort_mark writes only
+rows still in the batch it names (a reclaimed batch's rows have left it), so
+a zombie's late merge is dropped and the new owner's stands. Its connection
+has the role processes' read timeout, so a dead host does not hang it.
 """
 
 from __future__ import annotations
