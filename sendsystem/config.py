@@ -116,6 +116,11 @@ class SendingConfig:
     # relay_backoff_min seconds, doubling up to relay_backoff_max.
     relay_backoff_min: float = 5.0
     relay_backoff_max: float = 300.0
+    # Most messages one send worker may have whose outcome the database does
+    # not know yet: on the wire, or accepted (250) and not yet committed. Cut
+    # off from the database, a worker stops once this many are out; they are
+    # the only ones a peer can send again. 0 = connections x relays.
+    unconfirmed_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -407,6 +412,9 @@ def _validate(config: Config) -> None:
             f"{config.source}: [balancer] heartbeat_timeout must be more than twice tick_seconds"
         )
     s = config.sending
+    if s.unconfirmed_window < 0:
+        raise ConfigError(f"{config.source}: [sending] unconfirmed_window must be 0 "
+                          "(connections x relays) or a positive number of messages")
     if s.connections < 1 or s.messages_per_connection < 1:
         raise ConfigError(f"{config.source}: [sending] connections and "
                           "messages_per_connection must be at least 1")
