@@ -122,8 +122,8 @@ def _world(env: Env) -> tuple[int, int, list[int]]:
                                           "ORDER BY id", (nid,))]
     workers = []
     for name in ("a", "b"):
-        workers.append(db.insert("worker_register", {"host": "h", "role": "send",
-                                                     "name": name, "pid": 1}))
+        workers.append(db.insert("worker_register", {"host": "h", "role": "send", "name": name,
+                                                     "pid": 1, "db_node": None}))
     batch = db.insert("batch_insert", {"role": "send", "worker": workers[0], "newsletter": nid})
     _sql(db, "UPDATE messages SET batch_id = %s WHERE newsletter_id = %s", (batch, nid))
     return workers[0], batch, ids
@@ -135,7 +135,7 @@ def test_reclaim_rereads_the_heartbeat(env: Env) -> None:
     timeout_us = 3_000_000
     # The balancer saw a stale heartbeat, but the worker heartbeated since.
     db.execute("worker_heartbeat", {"id": worker, "state": "running", "rate": None,
-                                    "backlog": 0, "processed": 0})
+                                    "backlog": 0, "processed": 0, "db_node": None})
     assert db.execute("batch_mark_reclaimed", {"batch": batch, "timeout_us": timeout_us}) == 0
     _sql(db, "UPDATE workers SET heartbeat_at = NOW(6) - INTERVAL 4 SECOND WHERE id = %s",
          (worker,))
@@ -188,7 +188,8 @@ def test_a_zombie_sort_worker_cannot_write_a_reclaimed_batch(env: Env) -> None:
     merge finished after a reclaim is dropped (the new owner merges again)."""
     db = env.db
     nid = make_newsletter(env, 3)
-    worker = db.insert("worker_register", {"host": "h", "role": "sort", "name": "s", "pid": 1})
+    worker = db.insert("worker_register", {"host": "h", "role": "sort", "name": "s", "pid": 1,
+                                           "db_node": None})
     batch = db.insert("batch_insert", {"role": "sort", "worker": worker, "newsletter": nid})
     _sql(db, "UPDATE messages SET batch_id = %s WHERE newsletter_id = %s", (batch, nid))
     ids = [int(r["id"]) for r in _sql(db, "SELECT id FROM messages WHERE newsletter_id = %s",
