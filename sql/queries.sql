@@ -268,8 +268,10 @@ UPDATE messages SET batch_id = NULL WHERE batch_id = %(batch)s;
 -- UPDATE locks the worker row it reads), so a worker whose heartbeat commits
 -- first keeps its batch, and a worker that heartbeats and then checks
 -- ownership can never be overtaken by a reclaim decided on its old heartbeat.
+-- Writing w.reclaimed_at makes the same hold on Galera (node-local locks): a
+-- concurrent heartbeat on another node conflicts at certification.
 UPDATE batches b JOIN workers w ON w.id = b.worker_id
-SET b.state = 'reclaimed', b.finished_at = NOW(6)
+SET b.state = 'reclaimed', b.finished_at = NOW(6), w.reclaimed_at = NOW(6)
 WHERE b.id = %(batch)s AND b.state = 'assigned'
   AND (w.state = 'stopped'
        OR w.heartbeat_at < TIMESTAMPADD(MICROSECOND, -%(timeout_us)s, NOW(6)));
