@@ -231,8 +231,9 @@ def test_schema_upgrade_v5_to_v6_keeps_newsletters(scratch_db) -> None:  # type:
     conn.close()
     with pytest.raises(SchemaError, match=r"version 5.*db init"):
         db.check_schema_version()
-    assert db.init_schema() == (5, 6)
-    assert db.check_schema_version() == 6 == SCHEMA_VERSION
+    assert db.init_schema(up_to=6) == (5, 6)
+    assert db.init_schema() == (6, SCHEMA_VERSION)  # and on to 7 (fencing)
+    assert db.check_schema_version() == SCHEMA_VERSION
     row = db.fetchone("newsletter_get", {"id": 1})
     assert row is not None
     assert (row["html"], row["state"], row["pause_reason"]) == ("<p>{{ x }}</p>", "paused",
