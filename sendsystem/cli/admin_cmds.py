@@ -24,7 +24,7 @@ def db() -> None:
 @db.command("init")
 @pass_ctx
 def db_init(ctx: Context) -> None:
-    """Create or upgrade the schema from sql/ (idempotent)."""
+    """Create or upgrade the schema from the package's sql/migrations (idempotent)."""
     before, after = ctx.db().init_schema()
     name = ctx.config.database.name
     if before == after:

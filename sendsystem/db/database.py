@@ -1,6 +1,6 @@
 """The database layer: the only place that opens connections and cursors.
 
-Statements are looked up by name from sql/queries.sql. At start-up a role
+Statements are looked up by name from sendsystem/sql/queries.sql. At start-up a role
 calls :meth:`Database.prepare` with the statements it will run: the server
 PREPAREs each one, so a schema that does not match fails at start with a
 message naming the statement, not in the middle of a batch. The statements
@@ -297,7 +297,8 @@ class Database:
         try:
             return self._queries[name]
         except KeyError:
-            raise SchemaError(f"no statement named {name!r} in sql/queries.sql") from None
+            raise SchemaError(f"no statement named {name!r} in sendsystem/sql/queries.sql"
+                              ) from None
 
     def execute(self, name: str, params: Params = None) -> int:
         """Run a statement; the number of rows it changed."""

@@ -1,4 +1,4 @@
-"""Load the named SQL statements from sql/queries.sql.
+"""Load the named SQL statements from sendsystem/sql/queries.sql.
 
 Every statement SendSystem runs lives in that one file under a
 ``-- name: <name>`` header, like procrastinate's queries.sql. Placeholders are
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
 from ..errors import SchemaError
 
@@ -17,13 +18,9 @@ _NAME_RE = re.compile(r"^--\s*name:\s*([a-z0-9_]+)\s*$", re.MULTILINE)
 _VALUES_RE = re.compile(r"^--\s*values:\s*(.+?)\s*$", re.MULTILINE)
 
 
-def sql_dir() -> Path:
-    """The sql/ directory: inside the installed wheel, or beside the source tree."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "sql", here.parent / "sql"):
-        if (candidate / "queries.sql").exists():
-            return candidate
-    raise SchemaError("Cannot find sql/queries.sql; reinstall the sendsystem package.")
+def sql_dir() -> Traversable:
+    """The package's sql/ directory (queries.sql and migrations/), as package data."""
+    return files("sendsystem") / "sql"
 
 
 def parse_queries(text: str) -> dict[str, str]:
@@ -59,12 +56,11 @@ def load_value_columns() -> dict[str, tuple[str, ...]]:
     return parse_value_columns((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
 
 
-def migrations() -> list[tuple[int, Path]]:
+def migrations() -> list[tuple[int, Traversable]]:
     """(version, file) for every sql/migrations/NNN_*.sql, in order."""
-    found = []
-    for path in sorted((sql_dir() / "migrations").glob("[0-9][0-9][0-9]_*.sql")):
-        found.append((int(path.name[:3]), path))
-    return found
+    found = [(int(path.name[:3]), path) for path in (sql_dir() / "migrations").iterdir()
+             if re.fullmatch(r"[0-9]{3}_\w+\.sql", path.name)]
+    return sorted(found, key=lambda item: item[0])
 
 
 _PARAM_RE = re.compile(r"%\((\w+)\)s|%s")
