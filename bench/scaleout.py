@@ -8,7 +8,7 @@ Each capped worker stands for a server of that speed (messages/s). The other
 stage runs two uncapped workers so it never limits the capped one. Prints each
 capped worker's share of the messages against its share of the total speed,
 its measured rate, and the capped stage's finish time against the ideal
-(total / sum of speeds). DESIGN.md's promise: shares proportional to speed,
+(total / sum of speeds). The load-aware promise (ARCHITECTURE.md): shares proportional to speed,
 finish close to the ideal.
 """
 

@@ -1,7 +1,7 @@
 """The SendSystemError family.
 
 Every error the user can meet says what went wrong and what to do next. The
-CLI maps the family onto the exit codes of DESIGN.md: user errors exit 1,
+CLI maps the family onto the exit codes the README documents: user errors exit 1,
 temporary failures (database or relay unreachable) exit 75 (EX_TEMPFAIL) so
 an MTA or cron simply tries again later.
 """

@@ -1,7 +1,7 @@
 """The facts behind `status` and `stats`, as plain dicts (JSON-ready).
 
 reports/text.py and reports/html.py turn these into text and HTML; `--json` prints them
-as they are, with the fields DESIGN.md promises.
+as they are, with the fields the README documents.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The `sendsystem` command line (click).
 
-Command names are fixed by DESIGN.md. Every command parses the config once
-and passes it down; errors from the SendSystemError family print one clear
-line and exit with their code (1 user error, 75 try again later); click's
-usage errors exit 2.
+Command names are a stable interface (crontabs and scripts call them).
+Every command parses the config once and passes it down; errors from the
+SendSystemError family print one clear line and exit with their code (1 user
+error, 75 try again later); click's usage errors exit 2.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def cli(ctx: click.Context, config_path: str | None, log_level: str) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the command line; the exit status (DESIGN.md: 0, 1, 2 or 75)."""
+    """Run the command line; the exit status (0, 1, 2 or 75; see the README)."""
     from . import (  # noqa: F401 - registers commands
         admin_cmds,
         bounce_cmds,

@@ -1,4 +1,4 @@
--- SendSystem schema, version 1: the tables of DESIGN.md.
+-- SendSystem schema, version 1: the tables of ARCHITECTURE.md.
 -- InnoDB, utf8mb4. Times are DATETIME(6) in the database server's clock
 -- (every process compares against NOW(6), so server clocks need not agree).
 
