@@ -17,9 +17,16 @@ from pathlib import Path
 
 import pymysql
 import pytest
+from hypothesis import settings
 
 from sendsystem.config import Config, load_config
 from sendsystem.db import Database
+
+# CI runs the property tests with a fixed seed, so a red CI run is reproducible;
+# on a developer's machine they explore new examples every run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 TABLES = ("bounces", "blocklist", "messages", "batches", "workers", "attachments",
           "newsletters", "templates", "subscribers", "lists", "leases")
