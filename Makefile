@@ -2,6 +2,11 @@
 # a virtual environment, the package with its test extras, a MariaDB that
 # answers (started, or installed from the distribution's packages when
 # missing) and, for the tests that need a C-speed or real MTA peer, Postfix.
+#
+# Tests come in three tiers (tests/unit, tests/integration, tests/cluster).
+# `make unit` is the inner loop: the venv and the pure tests only, no MariaDB
+# or Postfix set-up, in seconds. `make test` runs ruff, then the tiers fastest
+# first, so a broken pure function fails the run before any server starts.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,11 +15,22 @@ STAMP   = $(VENV)/.installed
 APT     = DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo venv mariadb postfix galera lint bench clean
+.PHONY: test unit integration cluster demo venv mariadb postfix galera lint bench clean
 
 test: venv mariadb postfix galera
 	$(BIN)/ruff check sendsystem tests bench
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q tests/integration
+	$(BIN)/pytest -q tests/cluster
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+integration: venv mariadb postfix
+	$(BIN)/pytest -q tests/integration
+
+cluster: venv mariadb galera
+	$(BIN)/pytest -q tests/cluster
 
 demo: venv mariadb
 	$(BIN)/sendsystem demo
@@ -55,7 +71,7 @@ postfix:
 		$(SUDO) apt-get update -q && $(SUDO) $(APT) install postfix; \
 	fi
 
-# tests/test_galera.py runs a private 3-node Galera cluster on loopback:
+# tests/cluster/test_galera.py runs a private 3-node Galera cluster on loopback:
 # Debian's galera-4 provider, rsync for its state transfer, and ss (iproute2),
 # which the rsync transfer script uses to find its daemon's port.
 galera:

@@ -1,6 +1,6 @@
 """DESIGN.md's promises, each proved with real processes on a simulated cluster.
 
-A private MariaDB (tests/cluster.py) that a test may stop and start, role
+A private MariaDB (tests/harness/cluster.py) that a test may stop and start, role
 processes with distinct ``--name``s standing for servers, and SMTP sinks that
 count every delivery. Each test prints its figures (run with ``-s``);
 bench/README.md keeps a table of them ("Fault-injection scenarios").
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import Cluster, MariaDB, SmtpSink, account
-from .helpers import make_newsletter, wait_for
+from tests.harness.cluster import Cluster, MariaDB, SmtpSink, account
+from tests.harness.helpers import make_newsletter, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 Two send workers, each with its own relay (so every delivery is attributable),
 one balancer; the victim's database traffic goes through a TcpProxy
-(tests/proxy.py) that the test cuts (connections closed, new ones refused) or
+(tests/harness/proxy.py) that the test cuts (connections closed, new ones refused) or
 blackholes (connections stay open, every byte is dropped) for longer than
 ``heartbeat_timeout`` while the victim's relay stays up, then heals. The
 balancer reclaims the victim's batches and the peer delivers them; the victim
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import Cluster, MariaDB, SmtpSink, account
-from .helpers import make_newsletter, wait_for
-from .proxy import TcpProxy
+from tests.harness.cluster import Cluster, MariaDB, SmtpSink, account
+from tests.harness.helpers import make_newsletter, wait_for
+from tests.harness.proxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """The highly available database, proved on a private 3-node Galera cluster.
 
 Every Galera test lives in this one module so a developer can run it alone:
-``.venv/bin/pytest -s -q tests/test_galera.py``. The cluster (tests/cluster.py,
+``.venv/bin/pytest -s -q tests/cluster/test_galera.py``. The cluster (tests/harness/cluster.py,
 :class:`Galera`) is three ``mariadbd`` processes on loopback with Debian's
 galera-4 provider; `make test` installs galera-4 and rsync, so this runs in CI.
 It is skipped, saying why, only when the provider is not installed.
@@ -38,8 +38,8 @@ from typing import Any
 import pymysql
 import pytest
 
-from .cluster import Cluster, Galera, SmtpSink, account, galera_missing
-from .helpers import make_newsletter, wait_for
+from tests.harness.cluster import Cluster, Galera, SmtpSink, account, galera_missing
+from tests.harness.helpers import make_newsletter, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -42,7 +42,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sendsystem.config import Config, load_config
 from sendsystem.db import Database
 
-from .conftest import Env, write_config
+from .env import Env, write_config
 from .helpers import wait_for
 from .smtp_server import RecordingHandler, Rule, SmtpServer
 

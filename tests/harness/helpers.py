@@ -12,7 +12,7 @@ import pymysql
 
 from sendsystem import admin
 
-from .conftest import Env, server_settings
+from .env import Env, server_settings
 
 HTML = """<html><body><h1>Hej {{ first_name }}!</h1>
 {% set greeting = "Kære " ~ first_name %}<p>{{ greeting }} fra {{ city }}</p>

@@ -8,9 +8,8 @@ import pytest
 
 from sendsystem import admin
 from sendsystem.errors import ImportRowsError, TemplateError, UserError
-
-from .conftest import Env
-from .helpers import sql
+from tests.harness.env import Env
+from tests.harness.helpers import sql
 
 
 def write(path: Path, text: str) -> Path:

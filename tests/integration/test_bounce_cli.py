@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from sendsystem.bounce.maildir import deliver_to_maildir
-from tests.conftest import Env
-from tests.test_intake import DATA, bounce_rows, dsn, send_newsletter, state
+from tests.harness.env import Env
+from tests.integration.test_intake import DATA, bounce_rows, dsn, send_newsletter, state
 
 
 def closed_port() -> int:

@@ -1,6 +1,6 @@
 """The database host list and the balancer lease, on the test MariaDB.
 
-The Galera cluster itself is exercised in tests/test_galera.py; these are
+The Galera cluster itself is exercised in tests/cluster/test_galera.py; these are
 the mechanics underneath, against the machine's server: connecting past a
 dead node, moving on when a connection dies, giving up when every node is
 down, and the lease (take, renew, fence, release).
@@ -20,10 +20,9 @@ from sendsystem.errors import DatabaseUnavailable
 from sendsystem.roles.balancer import LeaseLost
 from sendsystem.roles.sort_balancer import SortBalancer
 from sendsystem.runner import RunOptions
-
-from .cluster import free_port
-from .conftest import Env, server_settings
-from .helpers import sql
+from tests.harness.cluster import free_port
+from tests.harness.env import Env, server_settings
+from tests.harness.helpers import sql
 
 
 def _hosts(env: Env, *hosts: str) -> DatabaseConfig:

@@ -22,9 +22,9 @@ from sendsystem import admin, stats
 from sendsystem.bounce.classify import BounceKind
 from sendsystem.bounce.intake import Action, IntakeOutcome, process
 from sendsystem.tokens import message_id_header, unsubscribe_token, verp_address
-from tests.conftest import Env, server_settings
+from tests.harness.env import Env, server_settings
 
-DATA = Path(__file__).parent / "data" / "bounces"
+DATA = Path(__file__).resolve().parents[1] / "data" / "bounces"
 SAMPLE_SECRET = b"test-secret-for-bounce-samples"  # as in test_bounces.py
 SAMPLE_DOMAIN = "bounces.example.com"
 

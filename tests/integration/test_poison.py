@@ -25,11 +25,10 @@ from sendsystem.delivery import DeliveryPool, Envelope, Result
 from sendsystem.merge import TemplateSource, compress, compression_dictionary
 from sendsystem.roles.send_worker import SendWorker
 from sendsystem.runner import RunOptions
-from tests.smtp_server import SmtpServer
-
-from .conftest import Env
-from .helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
-from .test_sending import relay_config, run_pipeline_once
+from tests.harness.env import Env
+from tests.harness.helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
+from tests.harness.smtp_server import SmtpServer
+from tests.integration.test_sending import relay_config, run_pipeline_once
 
 
 def sort_all(env: Env) -> None:

@@ -36,14 +36,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Env
-from tests.test_bounce_cli import closed_port, run_cli
-from tests.test_intake import Sent, bounce_rows, send_newsletter, state
+from tests.harness.env import Env
+from tests.integration.test_bounce_cli import closed_port, run_cli
+from tests.integration.test_intake import Sent, bounce_rows, send_newsletter, state
 
 POSTFIX = Path("/usr/sbin/postfix")
 SMTP_SINK = Path("/usr/sbin/smtp-sink")
 DAEMONS = Path("/usr/lib/postfix/sbin")
-ENVELOPE_DOMAIN = "bounces.test.example"  # as in tests/conftest.py
+ENVELOPE_DOMAIN = "bounces.test.example"  # as in tests/harness/env.py
 
 MAIN_CF = """\
 compatibility_level = 3.6

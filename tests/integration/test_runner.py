@@ -14,9 +14,8 @@ from sendsystem.config import load_config
 from sendsystem.db import Database
 from sendsystem.db.database import SCHEMA_VERSION
 from sendsystem.errors import SchemaError
-
-from .conftest import Env, server_settings, write_config
-from .helpers import sql, wait_exit, wait_for, worker_row
+from tests.harness.env import Env, server_settings, write_config
+from tests.harness.helpers import sql, wait_exit, wait_for, worker_row
 
 
 def test_second_copy_exits_zero_at_once(env: Env) -> None:

@@ -23,10 +23,9 @@ from sendsystem.tokens import (
     decode_verp,
     verify_unsubscribe_token,
 )
-from tests.smtp_server import SmtpServer
-
-from .conftest import Env
-from .helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
+from tests.harness.env import Env
+from tests.harness.helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
+from tests.harness.smtp_server import SmtpServer
 
 
 def relay_config(env: Env, *servers: SmtpServer | str, **sending: object) -> None:

@@ -12,9 +12,8 @@ import time
 
 from sendsystem import admin
 from sendsystem.merge import TemplateSource, compression_dictionary, decompress
-
-from .conftest import Env
-from .helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
+from tests.harness.env import Env
+from tests.harness.helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
 
 
 def run_sort_once(env: Env, *workers: str) -> None:

@@ -18,9 +18,9 @@ import pytest
 from sendsystem.errors import ConfigError
 from sendsystem.unsubscribe.app import make_wsgi_server
 from sendsystem.unsubscribe.service import UnsubscribeService, create_app, unsubscribe_wsgi_app
-from tests.conftest import Env
-from tests.test_bounce_cli import closed_port, run_cli
-from tests.test_intake import send_newsletter, state
+from tests.harness.env import Env
+from tests.integration.test_bounce_cli import closed_port, run_cli
+from tests.integration.test_intake import send_newsletter, state
 
 
 def request(url: str, data: bytes | None = None) -> tuple[int, str, dict[str, str]]:

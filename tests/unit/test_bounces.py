@@ -23,7 +23,7 @@ from sendsystem.tokens import (
     verp_address,
 )
 
-DATA = Path(__file__).parent / "data" / "bounces"
+DATA = Path(__file__).resolve().parents[1] / "data" / "bounces"
 # The VERP addresses, signed Message-IDs (newsletter 3) and tokens in the
 # sample files were made with this secret.
 SECRET = b"test-secret-for-bounce-samples"

@@ -8,9 +8,8 @@ import pytest
 
 from sendsystem.config import DbHost, Relay, load_config, parse_db_hosts
 from sendsystem.errors import ConfigError
-from sendsystem.fairshare import split_evenly
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config.ini.example"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.ini.example"
 
 
 def test_example_parses_with_every_section() -> None:
@@ -108,16 +107,3 @@ def test_default_paths_are_not_world_writable_places(tmp_path: Path,
         assert not path.is_relative_to("/dev/shm")
     # The example documents the defaults.
     assert load_config(EXAMPLE, env={}).paths == paths
-
-
-@pytest.mark.parametrize(("amount", "ready", "expected"), [
-    (10, {1: 100, 2: 100}, {1: 5, 2: 5}),
-    (10, {1: 2, 2: 100}, {1: 2, 2: 8}),
-    (11, {1: 100, 2: 100, 3: 100}, {1: 4, 2: 4, 3: 3}),
-    (10, {1: 3, 2: 3}, {1: 3, 2: 3}),
-    (5, {1: 0, 2: 9}, {2: 5}),
-    (0, {1: 5}, {}),
-])
-def test_newsletters_share_a_worker_evenly(amount: int, ready: dict[int, int],
-                                           expected: dict[int, int]) -> None:
-    assert split_evenly(amount, ready) == expected
