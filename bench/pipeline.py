@@ -1,7 +1,6 @@
 """The whole pipeline on this machine: both balancers, K sort and M send workers, a sink.
 
     .venv/bin/python bench/pipeline.py                          # 20,000 x 22 KB, 2+2, smtp-sink
-    .venv/bin/python bench/pipeline.py --sink aiosmtpd          # aiosmtpd (counting only)
     .venv/bin/python bench/pipeline.py --sink counting          # the demo's sink (counts)
     .venv/bin/python bench/pipeline.py --sort 1 --send 1 -n 50000
     .venv/bin/python bench/pipeline.py --send-only --cpu 0      # ONE send worker, one core
@@ -32,9 +31,7 @@ import logging
 import pstats
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,37 +61,9 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------ sinks
 
 @contextlib.contextmanager
-def aiosmtpd_counting_sink() -> Iterator[Relay]:
-    """Real aiosmtpd in a thread; the handler counts recipients and keeps no body."""
-    from aiosmtpd.controller import Controller
-
-    class Handler:
-        def __init__(self) -> None:
-            self.counts: Counter[str] = Counter()
-            self.lock = threading.Lock()
-
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-            with self.lock:
-                self.counts.update(a.lower() for a in envelope.rcpt_tos)
-            return "250 2.0.0 Ok"
-
-    port = free_port()
-    controller = Controller(Handler(), hostname="127.0.0.1", port=port,
-                            data_size_limit=64 * 1024 * 1024)
-    controller.start()
-    try:
-        yield Relay("127.0.0.1", port)
-    finally:
-        controller.stop()
-
-
-@contextlib.contextmanager
 def open_sink(kind: str) -> Iterator[tuple[Relay, CountingSink | None]]:
     if kind == "smtp-sink":
         with smtp_sink(free_port()) as relay:
-            yield relay, None
-    elif kind == "aiosmtpd":
-        with aiosmtpd_counting_sink() as relay:
             yield relay, None
     else:
         with CountingSink() as sink:
@@ -379,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("-n", "--recipients", type=int, default=20_000)
     ap.add_argument("--sort", type=int, default=2, help="sort workers (K)")
     ap.add_argument("--send", type=int, default=2, help="send workers (M)")
-    ap.add_argument("--sink", choices=("smtp-sink", "aiosmtpd", "counting"),
+    ap.add_argument("--sink", choices=("smtp-sink", "counting"),
                     default="smtp-sink")
     ap.add_argument("--send-only", action="store_true",
                     help="merge first, then ONE send worker alone against the sink")

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="comma-separated --max-rate caps, one worker each")
     ap.add_argument("-n", "--recipients", type=int, default=0,
                     help="default: 30 s of work at the summed speed")
-    ap.add_argument("--sink", choices=("smtp-sink", "aiosmtpd", "counting"),
+    ap.add_argument("--sink", choices=("smtp-sink", "counting"),
                     default="smtp-sink")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--keep", action="store_true")

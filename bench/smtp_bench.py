@@ -1,12 +1,13 @@
-"""Throughput of the DeliveryPool in ONE process against Postfix's smtp-sink (or aiosmtpd).
+"""Throughput of the DeliveryPool in ONE process against Postfix's smtp-sink (or the demo's sink).
 
     .venv/bin/python bench/smtp_bench.py                      # 20,000 x 22 KB to smtp-sink
     .venv/bin/python bench/smtp_bench.py --cpu 0                # this process on one core
     .venv/bin/python bench/smtp_bench.py -n 5000 --connections 8 --profile
-    .venv/bin/python bench/smtp_bench.py --sink aiosmtpd -n 2000
+    .venv/bin/python bench/smtp_bench.py --sink counting -n 2000
 
 Prints messages/s and the peak RSS of this process (the sink runs apart: smtp-sink
-as a subprocess, aiosmtpd in its own thread, which then shares our CPU and RSS).
+as a subprocess, the demo's CountingSink in its own thread, which then shares our
+CPU and RSS).
 Targets: >= 900 msg/s on one core to smtp-sink, RSS <= 100 MB.
 """
 
@@ -20,17 +21,15 @@ import pstats
 import resource
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from sendsystem.config import Relay
 from sendsystem.delivery import DeliveryPool, Envelope
+from sendsystem.demo import CountingSink
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 
@@ -75,12 +74,10 @@ def smtp_sink(port: int) -> Iterator[Relay]:
 
 
 @contextmanager
-def aiosmtpd_sink() -> Iterator[Relay]:
-    from tests.smtp_server import SmtpServer
-
-    # The recording server keeps every message: its memory counts in our RSS.
-    with SmtpServer() as srv:
-        yield srv.relay
+def counting_sink() -> Iterator[Relay]:
+    """The demo's sink (sendsystem.demo.CountingSink) in a thread of this process."""
+    with CountingSink() as sink:
+        yield sink.relay
 
 
 def make_message(size: int) -> bytes:
@@ -128,14 +125,14 @@ def main() -> None:
     ap.add_argument("--per-connection", type=int, default=1000)
     ap.add_argument("--tasks", type=int, default=0,
                     help="concurrent deliver() callers (default: 2 x connections)")
-    ap.add_argument("--sink", choices=("smtp-sink", "aiosmtpd"), default="smtp-sink")
+    ap.add_argument("--sink", choices=("smtp-sink", "counting"), default="smtp-sink")
     ap.add_argument("--cpu", type=int, default=None,
                     help="pin this process to one CPU (after starting the sink, which stays free)")
     ap.add_argument("--profile", action="store_true", help="cProfile the run, print top 25")
     args = ap.parse_args()
     tasks = args.tasks or 2 * args.connections
 
-    sink = smtp_sink(free_port()) if args.sink == "smtp-sink" else aiosmtpd_sink()
+    sink = smtp_sink(free_port()) if args.sink == "smtp-sink" else counting_sink()
     with sink as relay:
         if args.cpu is not None:
             os.sched_setaffinity(0, {args.cpu})

@@ -29,6 +29,7 @@ from .cluster import (
     ROLE_COMMANDS,
     Cluster,
     Restart,
+    RoleProcess,
     RoleSpec,
     default_roles,
     peak_rss_kb,
@@ -51,7 +52,7 @@ from .newsletter import (
 )
 from .progress import Progress
 from .run import DemoInterrupted, DemoOptions, install_sample, run_demo
-from .settings import cluster_settings, write_config
+from .settings import cluster_settings, with_overrides, write_config
 from .sink import CountingSink, SinkTally
 from .subscribers import MERGE_FIELDS, fake_subscribers, write_subscribers_csv
 from .summary import DemoResult
@@ -71,6 +72,7 @@ __all__ = [
     "DemoResult",
     "Progress",
     "Restart",
+    "RoleProcess",
     "RoleSpec",
     "SampleNewsletter",
     "SinkTally",
@@ -86,6 +88,7 @@ __all__ = [
     "sample_newsletter",
     "sample_pdf",
     "wait_registered",
+    "with_overrides",
     "write_config",
     "write_subscribers_csv",
 ]

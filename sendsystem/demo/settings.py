@@ -1,4 +1,8 @@
-"""The config.ini of a one-machine cluster: the demo's, and the benches' with overrides."""
+"""The config.ini of a one-machine cluster: the demo's, and the benches' with overrides.
+
+The tests write theirs with the same two functions (tests/harness/env.py), from
+settings of their own (a short heartbeat, a fixed secret per database).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,15 @@ def write_config(path: Path, settings: Mapping[str, Mapping[str, object]]) -> Pa
     return path
 
 
+def with_overrides(settings: Mapping[str, Mapping[str, object]],
+                   overrides: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, object]]:
+    """A copy of ``settings`` with ``overrides`` replacing keys section by section."""
+    merged = {section: dict(values) for section, values in settings.items()}
+    for section, values in overrides.items():
+        merged.setdefault(section, {}).update(values)
+    return merged
+
+
 def cluster_settings(db: DatabaseConfig, work_dir: Path, relays: Sequence[Relay],
                      **overrides: Mapping[str, object]) -> dict[str, dict[str, object]]:
     """config.ini sections for a one-machine cluster (tuned with bench/pipeline.py)."""
@@ -41,6 +54,4 @@ def cluster_settings(db: DatabaseConfig, work_dir: Path, relays: Sequence[Relay]
                         "mailto": "unsubscribe@bounces.example.com",
                         "secret": os.urandom(24).hex()},
     }
-    for section, values in overrides.items():
-        settings.setdefault(section, {}).update(values)
-    return settings
+    return with_overrides(settings, overrides)

@@ -3,14 +3,22 @@
 A minimal asyncio SMTP server, not aiosmtpd: aiosmtpd reads DATA one line per
 await (~300 awaits for 22 KB) and, sharing two cores with MariaDB and six
 role processes, it became the bottleneck. This one finds the end of DATA
-with one ``bytes.find`` per chunk, keeps no bodies, and counts by recipient,
-which is all the demo's check needs.
+with one ``bytes.find`` per chunk, keeps no bodies, and counts by recipient
+and by Message-ID (a resend of the same message is a duplicate even when it
+goes to a second relay), which is all the demo's check needs.
+
+It is also the relay of the benchmarks and of the fault-injection tests
+(tests/harness/cluster.py), which answer some RCPTs otherwise through
+:meth:`CountingSink.rcpt_reply` (a ``421`` reply also closes the
+connection, as a real MTA does) and note when each message arrived through
+:meth:`CountingSink.accepted`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +31,7 @@ class SinkTally:
     """What the sink accepted; updated in the sink's thread, read under ``lock``."""
 
     by_recipient: Counter[str] = field(default_factory=Counter)
+    by_message_id: Counter[str] = field(default_factory=Counter)  # "(none)": no header
     messages: int = 0
     bytes: int = 0
     connections: int = 0
@@ -32,13 +41,22 @@ class SinkTally:
 _EHLO = (b"250-sendsystem-demo-sink\r\n250-SIZE 104857600\r\n250-8BITMIME\r\n"
          b"250 SMTPUTF8\r\n")
 _MAX_LINE = 4096
+_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(\S+)", re.IGNORECASE | re.MULTILINE)
+
+
+def message_id(data: bytes | bytearray, end: int) -> str:
+    """The Message-ID header of the message in ``data[:end]`` ("(none)" without one)."""
+    head_end = data.find(b"\r\n\r\n", 0, end)
+    found = _MESSAGE_ID.search(data, 0, end if head_end < 0 else head_end)
+    return found.group(1).decode("ascii", "replace") if found else "(none)"
 
 
 class _SinkProtocol(asyncio.Protocol):
     """Just enough ESMTP for a sending client: accept everything, count, keep nothing."""
 
-    def __init__(self, tally: SinkTally) -> None:
-        self.tally = tally
+    def __init__(self, sink: CountingSink) -> None:
+        self.sink = sink
+        self.tally = sink.tally
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.in_data = False
@@ -78,12 +96,15 @@ class _SinkProtocol(asyncio.Protocol):
                 self.scan = max(0, len(buf) - 4)
                 return False
             end, size = found + 5, found + 2
+        mid = message_id(buf, size)
         del buf[:end]
         self.in_data, self.scan = False, 0
         with self.tally.lock:
             self.tally.messages += 1
             self.tally.bytes += size
             self.tally.by_recipient.update(self.rcpts)
+            self.tally.by_message_id[mid] += 1
+        self.sink.accepted(self.rcpts, mid)
         self.rcpts = []
         self._reply(b"250 2.0.0 Ok: queued\r\n")
         return True
@@ -99,9 +120,14 @@ class _SinkProtocol(asyncio.Protocol):
             self._reply(b"250 2.1.0 Ok\r\n")
         elif verb == b"RCPT":
             start, stop = line.find(b"<"), line.find(b">")
-            address = line[start + 1:stop] if 0 <= start < stop else line[8:].strip()
-            self.rcpts.append(address.decode("utf-8", "replace").lower())
-            self._reply(b"250 2.1.5 Ok\r\n")
+            raw = line[start + 1:stop] if 0 <= start < stop else line[8:].strip()
+            address = raw.decode("utf-8", "replace").lower()
+            refusal = self.sink.rcpt_reply(address)
+            if refusal is not None:
+                self._reply(refusal.encode("utf-8") + b"\r\n", close=refusal.startswith("421"))
+            else:
+                self.rcpts.append(address)
+                self._reply(b"250 2.1.5 Ok\r\n")
         elif verb == b"DATA":
             if not self.rcpts:
                 self._reply(b"503 5.5.1 Need RCPT first\r\n")
@@ -141,7 +167,7 @@ class CountingSink:
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._server = loop.run_until_complete(loop.create_server(
-            lambda: _SinkProtocol(self.tally), "127.0.0.1", self._port, backlog=1000))
+            lambda: _SinkProtocol(self), "127.0.0.1", self._port, backlog=1000))
         self._port = int(self._server.sockets[0].getsockname()[1])
         self._thread = threading.Thread(target=loop.run_forever, name="demo-smtp-sink",
                                         daemon=True)
@@ -170,6 +196,15 @@ class CountingSink:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def rcpt_reply(self, address: str) -> str | None:
+        """The reply to ``RCPT TO:<address>`` other than ``250`` (None: accept it).
+
+        Called in the sink's thread for every recipient; subclasses refuse some."""
+        return None
+
+    def accepted(self, recipients: list[str], message_id: str) -> None:
+        """Called in the sink's thread after each message is counted; for subclasses."""
+
     @property
     def relay(self) -> Relay:
         return Relay("127.0.0.1", self._port)
@@ -179,5 +214,11 @@ class CountingSink:
         return self.tally.messages
 
     def counts(self) -> Counter[str]:
+        """Deliveries per recipient (lower-cased)."""
         with self.tally.lock:
             return Counter(self.tally.by_recipient)
+
+    def counts_by_message_id(self) -> Counter[str]:
+        """Deliveries per Message-ID header."""
+        with self.tally.lock:
+            return Counter(self.tally.by_message_id)

@@ -57,7 +57,7 @@ def newsletter(cluster: Cluster, n: int) -> int:
 
 
 def delivered(sink: SmtpSink) -> int:
-    return len(sink.messages)
+    return sink.messages
 
 
 def in_flight_window(cluster: Cluster) -> int:
@@ -93,7 +93,7 @@ def test_speeds_1_2_4_get_proportional_shares_and_finish_near_ideal(cluster: Clu
     span = float(cluster.sql("SELECT TIMESTAMPDIFF(MICROSECOND, MIN(merged_at), MAX(merged_at))"
                              " / 1e6 AS s FROM messages WHERE newsletter_id = %s",
                              (nid,))[0]["s"])
-    cluster.stop_all()
+    cluster.stop()
 
     shares = cluster.shares(nid, "sort_worker_id")
     total_rate = sum(rates.values())
@@ -143,7 +143,7 @@ def test_slowed_worker_backlog_stays_within_horizon(cluster: Cluster) -> None:
         samples.append(cluster.backlog("sort-worker", "victim"))
         time.sleep(0.2)
     wait_for(lambda: cluster.states(nid) == {"merged": n}, 60, "all merged", 0.3)
-    cluster.stop_all()
+    cluster.stop()
     bound = math.floor(new_rate * horizon) + batch_max
     print(f"\n[2] backlog before the slow-down {before}; after re-measure "
           f"(rate {float(rate_row['rate']):.1f}/s): {len(samples)} samples every 0.2 s, "
@@ -179,7 +179,7 @@ def test_sigkill_send_worker_restarted_by_cron(cluster: Cluster, sink: SmtpSink,
     time.sleep(5)
     cluster.spawn("send-worker", "victim", "--max-rate", "100")
     wait_for(lambda: cluster.finished(nid), 40, "all final", 0.3)
-    cluster.stop_all()
+    cluster.stop()
     acc = account(cluster, nid, sink)
     window = in_flight_window(cluster)
     replayed = "replayed" in (cluster.tmp / "send-worker-victim.log").read_text()
@@ -217,7 +217,7 @@ def test_sigkill_send_worker_never_back_batch_is_reassigned(cluster: Cluster,
     wait_for(reclaimed, 20, "the dead worker's batches reclaimed", 0.05)
     reclaim_after = time.monotonic() - killed
     wait_for(lambda: cluster.finished(nid), 40, "all final", 0.3)
-    cluster.stop_all()
+    cluster.stop()
     acc = account(cluster, nid, sink)
     print(f"\n[4] victim held {held} messages at the kill; reclaimed after "
           f"{reclaim_after:.2f}s (heartbeat_timeout {timeout:.0f}s); lost {acc.lost}, "
@@ -279,7 +279,7 @@ def test_sigkill_active_balancer_standby_takes_over(cluster: Cluster, sink: Smtp
                 takeover[kind] = time.monotonic() - killed
         time.sleep(0.02)
     wait_for(lambda: cluster.finished(nid), 40, "all final", 0.3)
-    cluster.stop_all()
+    cluster.stop()
     acc = account(cluster, nid, sink)
     b = cluster.config.balancer
     print(f"\n[5] takeover after { {k: f'{v:.2f}s' for k, v in takeover.items()} } "
@@ -348,7 +348,7 @@ def test_frozen_active_balancer_is_replaced_and_fenced(cluster: Cluster, sink: S
              == "standby", 10, "server-a back in standby")
     wait_for(lambda: cluster.finished(nid), 60, "all final", 0.3)
     holder = cluster.sql(LEASE_SQL, ("send",))[0]["holder"]
-    cluster.stop_all()
+    cluster.stop()
     acc = account(cluster, nid, sink)
     b = cluster.config.balancer
     print(f"\n[5c] frozen holder replaced after {takeover:.2f}s (lease {b.heartbeat_timeout}s); "
@@ -388,7 +388,7 @@ def test_admin_disables_a_worker_mid_run(cluster: Cluster, sink: SmtpSink) -> No
         again = cluster.spawn("send-worker", "w2", "--max-rate", "60")
         cron.append(again.wait(20))
     wait_for(lambda: cluster.finished(nid), 40, "all final", 0.3)
-    cluster.stop_all()
+    cluster.stop()
     acc = account(cluster, nid, sink)
     late = cluster.sql("SELECT COUNT(*) AS n FROM batches WHERE worker_id = %s AND "
                        "created_at > %s", (row["id"], after_exit))[0]["n"]
@@ -437,7 +437,7 @@ def test_mariadb_down_for_10s_everyone_reconnects(cluster: Cluster, sink: SmtpSi
     try:
         wait_for(lambda: cluster.finished(nid), 40, "all final", 0.3)
     finally:
-        cluster.stop_all()
+        cluster.stop()
         print(f"\n[7] states before the outage {before}; after {cluster.states(nid)}")
     acc = account(cluster, nid, sink)
     print(f"\n[7] MariaDB down 10 s after {down_at} deliveries ({during} more delivered "
@@ -486,7 +486,7 @@ def test_connection_lost_while_send_worker_commits_outcomes(cluster: Cluster, si
     while not cluster.finished(nid) and time.monotonic() < deadline:
         time.sleep(0.3)
     alive = worker.alive()
-    cluster.stop_all()
+    cluster.stop()
     acc = account(cluster, nid, sink)
     print(f"\n[7b] connection killed mid-flush at {at_kill} deliveries ({sent_in_db} sent in "
           f"the DB); worker alive {alive}; lost {acc.lost} (not final {acc.not_final}), "
@@ -515,7 +515,7 @@ def test_relay_refuses_everything_for_20s(cluster: Cluster, sink: SmtpSink) -> N
     recovered = time.monotonic()
     wait_for(lambda: cluster.finished(nid), 40, "all final", 0.3)
     drained = time.monotonic() - recovered
-    cluster.stop_all()
+    cluster.stop()
     acc = account(cluster, nid, sink)
     deferrals = int(cluster.sql("SELECT COALESCE(SUM(deferrals), 0) AS d FROM messages "
                                 "WHERE newsletter_id = %s", (nid,))[0]["d"])
@@ -558,7 +558,7 @@ def test_pause_and_resume_mid_run(cluster: Cluster, sink: SmtpSink) -> None:
     code, _, err = cluster.cli("newsletter", "resume", str(nid))
     assert code == 0, err
     wait_for(lambda: cluster.finished(nid), 40, "all final", 0.3)
-    cluster.stop_all()
+    cluster.stop()
     acc = account(cluster, nid, sink)
     print(f"\n[9] paused at {at_pause} deliveries, {settled - at_pause} more as in-flight "
           f"batches finished, {still - settled} during 2 s paused ({states_paused}); after "

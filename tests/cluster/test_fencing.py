@@ -84,12 +84,12 @@ def test_partitioned_send_worker_fences_itself_and_never_resumes_reclaimed_rows(
         cluster.merge_all(nid)
         victim_config = cluster.variant(
             "victim", database={"port": proxy.port},
-            sending={"relays": f"{victim_relay.host}:{victim_relay.port}"})
+            sending={"relays": str(victim_relay.relay)})
         cluster.spawn("send-balancer", "b")
         victim = cluster.spawn("send-worker", "victim", "--max-rate", "120",
                                config=victim_config)
         cluster.spawn("send-worker", "peer", "--max-rate", "120")
-        wait_for(lambda: len(victim_relay.messages) >= 300
+        wait_for(lambda: victim_relay.messages >= 300
                  and cluster.backlog("send-worker", "victim") >= 50,
                  60, "the victim sending with a batch in hand", 0.02)
         victim_id = int(cluster.worker("send-worker", "victim")["id"])  # type: ignore[index]
@@ -106,12 +106,12 @@ def test_partitioned_send_worker_fences_itself_and_never_resumes_reclaimed_rows(
 
         wait_for(lambda: cluster.finished(nid), 90, "all final", 0.3)
         victim_alive = victim.alive()
-        cluster.stop_all()
+        cluster.stop()
         acc = account(cluster, nid, victim_relay, peer_relay)
         log = victim.log()
         fenced_at = _logged_at(log, "self-fenced")
         lifted_at = _logged_at(log, "fence lifted")
-        by_victim = [m.at for m in victim_relay.messages]
+        by_victim = victim_relay.accepted_at
         before_cut = sum(t < cut_at for t in by_victim)
         cut_to_fence = sum(cut_at <= t < (fenced_at or heal_at) for t in by_victim)
         during_fence = sum((fenced_at or cut_at) <= t < heal_at for t in by_victim)
@@ -149,7 +149,7 @@ def test_journal_replay_after_sigkill_resends_nothing(cluster: Cluster,
         cluster.merge_all(nid)
         cluster.spawn("send-balancer", "b")
         worker = cluster.spawn("send-worker", "w", "--max-rate", "100")
-        wait_for(lambda: len(sink.messages) >= 100 and cluster.backlog("send-worker", "w") >= 50,
+        wait_for(lambda: sink.messages >= 100 and cluster.backlog("send-worker", "w") >= 50,
                  30, "sending under way with a batch in hand", 0.02)
         held = [r["id"] for r in cluster.sql(
             "SELECT id FROM messages WHERE newsletter_id = %s AND state = 'merged' "
@@ -168,13 +168,13 @@ def test_journal_replay_after_sigkill_resends_nothing(cluster: Cluster,
         time.sleep(0.3)  # the worker's window fills; nothing more goes out
         journaled = sum(len(p.read_text().splitlines())
                         for p in (cluster.tmp / "journal").glob("send-w*.journal"))
-        at_kill = len(sink.messages)
+        at_kill = sink.messages
         worker.kill()
         blocker.rollback()
         blocker.close()
         restarted = cluster.spawn("send-worker", "w", "--max-rate", "100")
         wait_for(lambda: cluster.finished(nid), 60, "all final", 0.3)
-        cluster.stop_all()
+        cluster.stop()
         acc = account(cluster, nid, sink)
         found = re.search(r"replayed (\d+) journal entries", restarted.log())
         replayed = int(found.group(1)) if found else 0

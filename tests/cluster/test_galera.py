@@ -193,18 +193,18 @@ def _run_scenario(galera: Galera, cluster: Cluster, sink: SmtpSink, n: int) -> N
     sampler = Sampler(galera, cluster.db_name, HEARTBEAT_TIMEOUT)
     sampler.start()
     try:
-        wait_for(lambda: len(sink.messages) >= n // 4, 240, "a quarter delivered", 0.1)
+        wait_for(lambda: sink.messages >= n // 4, 240, "a quarter delivered", 0.1)
         before = _status_json(cluster)
         victim.kill()
         killed = time.monotonic()
-        at_kill = len(sink.messages)
+        at_kill = sink.messages
         wait_for(lambda: cluster.finished(nid), 300, "every message final", 0.5)
         finished = time.monotonic()
         during = _status_json(cluster)
         assert not victim.running, "the newsletter must finish while the node is down"
         alive = {f"{p.command}/{p.name}": p.alive() for p in cluster.procs}
         states_down = cluster.states(nid)
-        delivered_down = len(sink.messages)
+        delivered_down = sink.messages
 
         # The node comes back: it rejoins (IST from a surviving donor).
         restarted = time.monotonic()
@@ -220,10 +220,10 @@ def _run_scenario(galera: Galera, cluster: Cluster, sink: SmtpSink, n: int) -> N
         finally:
             conn.close()
         states_after = cluster.states(nid)
-        delivered_after = len(sink.messages)
+        delivered_after = sink.messages
     finally:
         sampler.stop()
-    cluster.stop_all()
+    cluster.stop()
     acc = account(cluster, nid, sink)
     logs = cluster.logs()
     transfer = victim.state_transfer()

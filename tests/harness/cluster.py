@@ -7,8 +7,11 @@
 * :class:`Cluster`: one throw-away database on that server, a config file
   pointing at it, and the role processes as real subprocesses with distinct
   ``--name``s (each name stands for a server: its own lock file and journal).
-* :class:`SmtpSink`: the tests' aiosmtpd server plus a switch that refuses
-  every recipient with 421 for as long as a test wants (a relay in trouble).
+  The processes themselves are the demo's (``sendsystem.demo.Cluster``): the
+  same start, log and stop code that ``sendsystem demo`` and bench/ use.
+* :class:`SmtpSink`: the demo's counting sink (by recipient and by
+  Message-ID) plus a switch that refuses every recipient with 421 for as long
+  as a test wants (a relay in trouble).
 * :func:`account`: the final accounting of a newsletter, counted at the
   relays: lost recipients (never received, whatever state the database
   claims) and duplicates (deliveries beyond one per recipient).
@@ -25,33 +28,31 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pymysql
 import pymysql.cursors
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from sendsystem import demo
 from sendsystem.config import Config, load_config
 from sendsystem.db import Database
+from sendsystem.demo import CountingSink
 
 from .env import Env, write_config
 from .helpers import wait_for
-from .smtp_server import RecordingHandler, Rule, SmtpServer
 
 log = logging.getLogger(__name__)
 
 MARIADBD = "/usr/sbin/mariadbd"
 INSTALL_DB = "mariadb-install-db"
 FINAL_STATES = ("sent", "skipped", "failed", "bounced", "cancelled")
-_MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(\S+)", re.IGNORECASE | re.MULTILINE)
 
 
 def free_port() -> int:
@@ -381,40 +382,37 @@ class Galera:
 # -------------------------------------------------------------------- SMTP
 
 
-@dataclass
-class SwitchableHandler(RecordingHandler):
-    """RecordingHandler that can refuse every recipient (e.g. 421) while ``refusal`` is set."""
+class SmtpSink(CountingSink):
+    """The demo's counting sink (by recipient and Message-ID) plus a switch that
+    refuses every recipient (e.g. 421) for as long as a test wants."""
 
-    refusal: str | None = None
-    refused: int = 0
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(port)
+        self._refusal: str | None = None
+        self._refused = 0
+        self._accepted_at: list[float] = []
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
-        with self.lock:
-            reply = self.refusal
-            if reply is not None:
-                self.refused += 1
-        if reply is not None:
-            return await self._apply(server, Rule(reply))
-        return await super().handle_RCPT(server, session, envelope, address, rcpt_options)
+    def accepted(self, recipients: list[str], message_id: str) -> None:
+        with self.tally.lock:
+            self._accepted_at.append(time.time())
 
+    @property
+    def accepted_at(self) -> list[float]:
+        """time.time() of each accepted message, in order (comparable with logs)."""
+        with self.tally.lock:
+            return list(self._accepted_at)
 
-class SmtpSink(SmtpServer):
-    """A relay that counts deliveries by recipient and by Message-ID, and can refuse all."""
-
-    def __init__(self, port: int = 0, **smtp_kwargs: Any) -> None:
-        super().__init__(port, **smtp_kwargs)
-        # Swapped before start(): the controller builds its SMTP sessions
-        # from this attribute, so every session uses the switchable handler.
-        self.handler = SwitchableHandler()
-        self._controller.handler = self.handler
+    def rcpt_reply(self, address: str) -> str | None:
+        with self.tally.lock:
+            if self._refusal is not None:
+                self._refused += 1
+            return self._refusal
 
     def refuse_all(self, reply: str | None = "421 4.3.2 Service not available, try later"
                    ) -> None:
         """Refuse every recipient with ``reply`` from now on; None accepts again."""
-        assert isinstance(self.handler, SwitchableHandler)
-        with self.handler.lock:
-            self.handler.refusal = reply
+        with self.tally.lock:
+            self._refusal = reply
 
     @contextmanager
     def refusing(self, reply: str = "421 4.3.2 Service not available, try later"
@@ -427,53 +425,17 @@ class SmtpSink(SmtpServer):
 
     @property
     def refused(self) -> int:
-        assert isinstance(self.handler, SwitchableHandler)
-        with self.handler.lock:
-            return self.handler.refused
+        with self.tally.lock:
+            return self._refused
+
+    def count_by_recipient(self) -> Counter[str]:
+        return self.counts()
 
     def count_by_message_id(self) -> Counter[str]:
-        counts: Counter[str] = Counter()
-        for m in self.messages:
-            head = m.data.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-            found = _MESSAGE_ID.search(head)
-            counts[found.group(1).decode("ascii", "replace") if found else "(none)"] += 1
-        return counts
+        return self.counts_by_message_id()
 
 
 # ------------------------------------------------------------------ cluster
-
-
-@dataclass
-class Proc:
-    """One role process standing for one server's cron job."""
-
-    command: str
-    name: str
-    args: tuple[str, ...]
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: the server dies with no chance to clean up."""
-        self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait()
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.command} {self.name} (pid {self.pid}) did not exit "
-                                 f"within {timeout}s; log:\n{self.log()[-3000:]}") from None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 ROLE_OF = {"sort-worker": "sort", "send-worker": "send",
@@ -489,19 +451,20 @@ class Server(Protocol):
     def connect(self, database: str | None = None) -> pymysql.connections.Connection: ...
 
 
-@dataclass
-class Cluster:
-    """One test's cluster: a fresh database on the private server, config, processes."""
+class Cluster(demo.Cluster):
+    """One test's cluster: a fresh database on the private server, its config file,
+    and role processes started one by one (:meth:`spawn`, the demo's process
+    management), each ``--name`` standing for a server."""
 
-    server: Server
-    tmp: Path
-    db_name: str = field(default_factory=lambda: f"cluster_{secrets.token_hex(4)}")
-    overrides: dict[str, dict[str, object]] = field(default_factory=dict)
-    procs: list[Proc] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.path = self.tmp / "config.ini"
+    def __init__(self, server: Server, tmp: Path, db_name: str | None = None,
+                 overrides: dict[str, dict[str, object]] | None = None) -> None:
+        self.server = server
+        self.tmp = tmp
+        self.db_name = db_name or f"cluster_{secrets.token_hex(4)}"
+        self.overrides = overrides or {}
+        self.path = tmp / "config.ini"
         self._write()
+        super().__init__(self.path, [], tmp, log_level=None)
         Database(self.config.database).init_schema()
         self.db = Database(self.config.database)
 
@@ -514,80 +477,32 @@ class Cluster:
 
     def configure(self, **overrides: dict[str, object]) -> None:
         """Merge these per-section overrides into the config file (for later processes)."""
-        for section, values in overrides.items():
-            self.overrides.setdefault(section, {}).update(values)
+        self.overrides = demo.with_overrides(self.overrides, overrides)
         self._write()
 
     def variant(self, label: str, **overrides: dict[str, object]) -> Path:
         """A config file like this cluster's with some keys changed (e.g. one server's
         database port behind a proxy, or its own relay), for spawn(..., config=)."""
-        settings = {k: dict(v) for k, v in self.overrides.items()}
-        for section, values in overrides.items():
-            settings.setdefault(section, {}).update(values)
+        settings = demo.with_overrides(self.overrides, overrides)
         db = {**self.server.settings, **settings.pop("database", {})}
         return write_config(self.tmp / f"config-{label}.ini", self.db_name,
                             overrides=settings, db=db)
 
     def use_relays(self, *sinks: SmtpSink, **sending: object) -> None:
-        relays = ", ".join(f"{s.host}:{s.port}" for s in sinks)
+        relays = ", ".join(str(s.relay) for s in sinks)
         self.configure(sending={"relays": relays, "relay_backoff_min": 0.5,
                                 "relay_backoff_max": 2, **sending})
 
     @property
     def env(self) -> Env:
-        """A tests.conftest.Env over this cluster, for tests.helpers.make_newsletter."""
+        """A tests.harness.env.Env over this cluster, for tests.harness.helpers.make_newsletter."""
         return Env(path=self.path, config=self.config, db=self.db, tmp=self.tmp)
 
-    # -- processes -----------------------------------------------------------------
-
-    def spawn(self, command: str, name: str, *args: str,
-              env: dict[str, str] | None = None, config: Path | None = None) -> Proc:
-        """Start ``sendsystem COMMAND --name NAME ARGS`` (as cron would) in the background.
-
-        ``env`` adds environment variables (e.g. SENDSYSTEM_DB_HOST: this
-        server's own order of the database nodes); ``config``: another config
-        file for this process (see :meth:`variant`)."""
-        log_path = self.tmp / f"{command}-{name}.log"
-        with log_path.open("ab") as out:
-            out.write(f"---- start {' '.join(args)} at {time.time():.3f}\n".encode())
-            out.flush()
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "sendsystem", "--config", str(config or self.path),
-                 command,
-                 "--name", name, *args], stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        proc = Proc(command, name, tuple(args), popen, log_path)
-        self.procs.append(proc)
-        return proc
-
     def cli(self, *args: str, timeout: float = 60) -> tuple[int, str, str]:
-        out = subprocess.run([sys.executable, "-m", "sendsystem", "--config", str(self.path),
-                              *args], capture_output=True, text=True, timeout=timeout)
-        return out.returncode, out.stdout, out.stderr
-
-    def stop_all(self) -> None:
-        live = [p for p in self.procs if p.alive()]
-        for p in live:
-            p.popen.terminate()
-        for p in live:
-            try:
-                p.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.popen.kill()
-                p.popen.wait()
-
-    def logs(self) -> str:
-        """Every process log, for failure messages and diagnosis."""
-        seen: set[Path] = set()
-        parts = []
-        for p in self.procs:
-            if p.log_path not in seen:
-                seen.add(p.log_path)
-                parts.append(f"==== {p.log_path.name}\n{p.log()}")
-        return "\n".join(parts)
+        return self.env.cli(*args, timeout=timeout)
 
     def close(self) -> None:
-        self.stop_all()
+        self.stop()
         self.db.close()
 
     # -- looking at the database ------------------------------------------------

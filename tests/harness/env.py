@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pymysql
 
+from sendsystem import demo
 from sendsystem.config import Config, load_config
 from sendsystem.db import Database
 
@@ -58,17 +59,8 @@ def write_config(path: Path, db_name: str, *,
                  overrides: dict[str, dict[str, object]] | None = None,
                  db: dict[str, object] | None = None) -> Path:
     """Write a config.ini for tests; ``overrides`` replace keys section by section."""
-    settings = base_settings(db_name, path.parent, db)
-    for section, values in (overrides or {}).items():
-        settings.setdefault(section, {}).update(values)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for section, values in settings.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {value}" for key, value in values.items())
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    return demo.write_config(path, demo.with_overrides(base_settings(db_name, path.parent, db),
+                                                       overrides or {}))
 
 
 @dataclass
@@ -80,10 +72,10 @@ class Env:
     db: Database
     tmp: Path
 
-    def cli(self, *args: str) -> tuple[int, str, str]:
+    def cli(self, *args: str, timeout: float = 120) -> tuple[int, str, str]:
         """Run `sendsystem --config ... ARGS` as a real subprocess."""
         proc = subprocess.run([sys.executable, "-m", "sendsystem", "--config", str(self.path),
-                               *args], capture_output=True, text=True, timeout=120)
+                               *args], capture_output=True, text=True, timeout=timeout)
         return proc.returncode, proc.stdout, proc.stderr
 
     def spawn(self, *args: str, log_name: str | None = None) -> subprocess.Popen[bytes]:

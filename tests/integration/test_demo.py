@@ -104,3 +104,22 @@ def test_counting_sink_counts_by_recipient() -> None:
         assert counts == {"x@example.com": 2, "y@example.com": 1}
         assert sink.messages == 2
         assert sink.tally.connections == 1
+
+
+def test_counting_sink_counts_by_message_id_and_a_subclass_can_refuse() -> None:
+    class Refusing(CountingSink):
+        def rcpt_reply(self, address: str) -> str | None:
+            return "421 4.3.2 try later" if address == "no@example.com" else None
+
+    with Refusing() as sink:
+        with smtplib.SMTP(sink.relay.host, sink.relay.port, timeout=5) as smtp:
+            for to in ("x@example.com", "y@example.com"):
+                smtp.sendmail("a@example.com", [to], b"Message-ID: <1.2.sig@b.example>\r\n"
+                              b"Subject: one\r\n\r\nMessage-ID: <not@header>\r\n")
+            smtp.sendmail("a@example.com", ["z@example.com"], b"Subject: none\r\n\r\nx\r\n")
+        with pytest.raises(smtplib.SMTPRecipientsRefused), \
+                smtplib.SMTP(sink.relay.host, sink.relay.port, timeout=5) as smtp:
+            smtp.sendmail("a@example.com", ["no@example.com"], b"Subject: refused\r\n\r\n")
+        assert sink.counts_by_message_id() == {"<1.2.sig@b.example>": 2, "(none)": 1}
+        assert "no@example.com" not in sink.counts()
+        assert sink.messages == 3
