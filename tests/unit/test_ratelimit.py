@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sendsystem.errors import ConfigError
@@ -124,6 +124,8 @@ def test_meter_rejects_negative() -> None:
         max_size=200,
     )
 )
+# The case hypothesis found (rates of 1.8e37), kept so every run checks it.
+@example([(5, 2.727754225120109e-37)] * 3)
 def test_meter_rate_is_a_plain_ratio(samples: list[tuple[int, float]]) -> None:
     m = RateMeter(window_seconds=10, clock=FakeClock())
     for n, s in samples:
