@@ -9,6 +9,10 @@ import email.policy
 import json
 import signal
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
 
 from sendsystem import admin
 from sendsystem.merge import TemplateSource, compression_dictionary, decompress
@@ -112,7 +116,28 @@ def test_load_aware_shares_with_two_speeds(env: Env) -> None:
     assert elapsed <= 1.3 * ideal + 5.0  # start-up: interpreters, registration, probes
 
 
-def test_sigkill_mid_batch_is_reclaimed_and_merged_once(env: Env) -> None:
+@pytest.fixture
+def merge_writes(env: Env) -> Iterator[Callable[[], Counter[int]]]:
+    """Every write that merges a message, per message id, seen by a trigger in the test
+    database. The final state cannot show a second merge (it ends merged either way);
+    a write that merges a row again changes its merged_at, and the trigger sees it."""
+    sql(env, "CREATE TABLE test_merge_writes (message_id BIGINT NOT NULL, worker_id INT, "
+             "at DATETIME(6) NOT NULL DEFAULT NOW(6))")
+    sql(env, "CREATE TRIGGER test_merge_writes AFTER UPDATE ON messages FOR EACH ROW "
+             "INSERT INTO test_merge_writes (message_id, worker_id) "
+             "SELECT NEW.id, NEW.sort_worker_id FROM DUAL "
+             "WHERE NEW.state = 'merged' AND NOT (OLD.merged_at <=> NEW.merged_at)")
+    try:
+        yield lambda: Counter({int(r["message_id"]): int(r["n"]) for r in sql(
+            env, "SELECT message_id, COUNT(*) AS n FROM test_merge_writes "
+                 "GROUP BY message_id")})
+    finally:
+        sql(env, "DROP TRIGGER IF EXISTS test_merge_writes")
+        sql(env, "DROP TABLE IF EXISTS test_merge_writes")
+
+
+def test_sigkill_mid_batch_is_reclaimed_and_merged_once(
+        env: Env, merge_writes: Callable[[], Counter[int]]) -> None:
     nid = make_newsletter(env, 600, html="<p>{{ first_name }}</p>", text=None)
     balancer = env.spawn("sort-balancer", "--name", "b")
     victim = env.spawn("sort-worker", "--name", "victim", "--max-rate", "50", log_name="victim")
@@ -134,6 +159,9 @@ def test_sigkill_mid_batch_is_reclaimed_and_merged_once(env: Env) -> None:
     per_message = sql(env, "SELECT COUNT(*) AS n FROM messages WHERE newsletter_id = %s "
                            "AND sort_worker_id IS NOT NULL AND body IS NOT NULL", (nid,))
     assert per_message[0]["n"] == 600
+    writes = merge_writes()
+    twice = {mid: n for mid, n in writes.items() if n > 1}
+    assert len(writes) == 600 and not twice, f"merged more than once: {twice}"
 
 
 def test_scheduled_newsletter_waits_for_its_time(env: Env) -> None:
