@@ -89,3 +89,23 @@ def test_full_disk_is_found_by_the_write_check_and_says_what_to_do(tiny_tmpfs: P
     with Journal(tiny_tmpfs, "w") as j:
         assert j.replay() == []  # nothing half-written is taken for an entry
         j.check_writable()
+
+
+def test_read_only_file_system_names_it(tmp_path: Path) -> None:
+    """The unit tier's read-only directory test is skipped for root (root ignores
+    directory permissions), and CI runs as root: a read-only mount stops root too."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (tests/unit covers a read-only directory)")
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o700)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k,mode=0700", "tmpfs",
+                           str(ro)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        with pytest.raises(JournalError) as info:
+            Journal(ro, "w")
+        assert "Read-only file system" in str(info.value)
+        assert f"Make the directory {ro} writable" in str(info.value)
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
