@@ -46,7 +46,7 @@ from sendsystem.db import Database
 from sendsystem.demo import CountingSink
 
 from .env import Env, write_config
-from .helpers import wait_for
+from .helpers import query, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -508,13 +508,7 @@ class Cluster(demo.Cluster):
     # -- looking at the database ------------------------------------------------
 
     def sql(self, statement: str, params: Any = None) -> list[dict[str, Any]]:
-        conn = self.server.connect(self.db_name)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(statement, params)
-                return list(cur.fetchall())
-        finally:
-            conn.close()
+        return query(self.server.connect(self.db_name), statement, params)
 
     def states(self, newsletter_id: int) -> dict[str, int]:
         rows = self.sql("SELECT state, COUNT(*) AS n FROM messages WHERE newsletter_id = %s "

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pymysql
+import pytest
 
 from sendsystem import admin
 
@@ -45,16 +48,41 @@ def make_newsletter(env: Env, n: int, *, list_name: str = "news", at: str | None
     return nid
 
 
-def sql(env: Env, statement: str, params: Any = None) -> list[dict[str, Any]]:
-    """Inspect or arrange the database directly (tests only)."""
-    conn = pymysql.connect(**server_settings(), database=env.config.database.name,  # type: ignore[arg-type]
-                           autocommit=True, cursorclass=pymysql.cursors.DictCursor)
+def query(conn: pymysql.connections.Connection, statement: str, params: Any = None
+          ) -> list[dict[str, Any]]:
+    """Run one statement on a fresh DictCursor connection, close it, return the rows."""
     try:
         with conn.cursor() as cur:
             cur.execute(statement, params)
             return list(cur.fetchall())
     finally:
         conn.close()
+
+
+def sql(env: Env, statement: str, params: Any = None) -> list[dict[str, Any]]:
+    """Inspect or arrange the database directly (tests only)."""
+    return query(pymysql.connect(**server_settings(),  # type: ignore[arg-type]
+                                 database=env.config.database.name, autocommit=True,
+                                 cursorclass=pymysql.cursors.DictCursor), statement, params)
+
+
+@contextmanager
+def mounted_tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on ``mount`` (created if missing) with ``options`` such as
+    "size=64k,mode=0700"; skips the test when not root or when mounting fails;
+    always unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount.mkdir(mode=0o700, parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def states(env: Env, newsletter_id: int) -> dict[str, int]:

@@ -15,14 +15,14 @@ from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
-import pymysql
 import pytest
 
 from sendsystem import admin, stats
 from sendsystem.bounce.classify import BounceKind
 from sendsystem.bounce.intake import Action, IntakeOutcome, process
 from sendsystem.tokens import message_id_header, unsubscribe_token, verp_address
-from tests.harness.env import Env, server_settings
+from tests.harness.env import Env
+from tests.harness.helpers import sql as raw_sql
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bounces"
 SAMPLE_SECRET = b"test-secret-for-bounce-samples"  # as in test_bounces.py
@@ -39,17 +39,6 @@ class Sent:
     message_id: str  # the Message-ID header we sent
     verp: str  # the envelope sender we sent from
     token: str  # the unsubscribe token in its headers
-
-
-def raw_sql(env: Env, sql: str, params: Any = None) -> list[dict[str, Any]]:
-    conn = pymysql.connect(**server_settings(), database=env.config.database.name,  # type: ignore[arg-type]
-                           cursorclass=pymysql.cursors.DictCursor, autocommit=True)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
 
 
 def send_newsletter(env: Env, emails: list[str], list_name: str = "news") -> list[Sent]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sendsystem.journal import Journal, JournalError
+from tests.harness.helpers import mounted_tmpfs
 
 
 def test_sigkill_leaves_a_clean_prefix(tmp_path: Path) -> None:
@@ -49,18 +50,8 @@ def test_sigkill_leaves_a_clean_prefix(tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KB tmpfs (root only), unmounted at the end whatever happens."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "tmpfs"
-    mount.mkdir(mode=0o700)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs",
-                           str(mount)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", "size=64k,mode=0700") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _fill(directory: Path) -> None:
@@ -94,18 +85,8 @@ def test_full_disk_is_found_by_the_write_check_and_says_what_to_do(tiny_tmpfs: P
 def test_read_only_file_system_names_it(tmp_path: Path) -> None:
     """The unit tier's read-only directory test is skipped for root (root ignores
     directory permissions), and CI runs as root: a read-only mount stops root too."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (tests/unit covers a read-only directory)")
-    ro = tmp_path / "ro"
-    ro.mkdir(mode=0o700)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k,mode=0700", "tmpfs",
-                           str(ro)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=64k,mode=0700") as ro:
         with pytest.raises(JournalError) as info:
             Journal(ro, "w")
         assert "Read-only file system" in str(info.value)
         assert f"Make the directory {ro} writable" in str(info.value)
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)

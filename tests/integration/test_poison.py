@@ -26,7 +26,15 @@ from sendsystem.merge import TemplateSource, compress, compression_dictionary
 from sendsystem.roles.send_worker import SendWorker
 from sendsystem.runner import RunOptions
 from tests.harness.env import Env
-from tests.harness.helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
+from tests.harness.helpers import (
+    make_newsletter,
+    mounted_tmpfs,
+    sql,
+    states,
+    stop_all,
+    wait_exit,
+    wait_for,
+)
 from tests.harness.smtp_server import SmtpServer
 from tests.integration.test_sending import relay_config, run_pipeline_once
 
@@ -239,19 +247,8 @@ def test_unexpected_delivery_error_defers_with_back_off_until_max_age(
 @pytest.fixture
 def journal_tmpfs(env: Env) -> Iterator[Path]:
     """A small tmpfs mounted on the test's journal_dir (root only); always unmounted."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs over the journal directory")
-    directory = env.config.paths.journal_dir
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs",
-                           str(directory)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
+    with mounted_tmpfs(env.config.paths.journal_dir, "size=256k,mode=0700") as directory:
         yield directory
-    finally:
-        if subprocess.run(["umount", str(directory)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
 class DiskFiller(threading.Thread):
