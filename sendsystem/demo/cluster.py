@@ -113,7 +113,7 @@ class Cluster:
         self.log_level = log_level
         self.interpreter = interpreter or (lambda role: [sys.executable])
         # Unbuffered: a log read while the process runs (or after SIGKILL) is complete.
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.process_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.procs: list[RoleProcess] = []
         self.peak_rss_kb: dict[RoleSpec, int] = {}
         self.restarts: list[Restart] = []
@@ -150,7 +150,7 @@ class Cluster:
             # send each child exactly one SIGTERM (graceful hand-back).
             popen = subprocess.Popen(
                 argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**self.env, **(env or {})}, process_group=0)
+                env={**self.process_env, **(env or {})}, process_group=0)
         proc = RoleProcess(command, name, tuple(args), popen, log_path)
         self.procs.append(proc)
         return proc
