@@ -447,8 +447,8 @@ def test_mariadb_down_for_10s_everyone_reconnects(cluster: Cluster, sink: SmtpSi
     assert acc.lost == 0 and acc.duplicates == 0 and acc.strangers == 0
 
 
-def test_connection_lost_while_send_worker_commits_outcomes(cluster: Cluster, sink: SmtpSink,
-                                                            mariadb: MariaDB) -> None:
+def test_connection_lost_while_send_worker_commits_outcomes(cluster: Cluster,
+                                                            sink: SmtpSink) -> None:
     """Scenario 7 made deterministic: what a MariaDB restart does to a send worker
     caught inside its outcome-flush transaction. The transaction is held on a
     row lock, then its connection is killed (as a server restart kills it)."""
@@ -462,24 +462,11 @@ def test_connection_lost_while_send_worker_commits_outcomes(cluster: Cluster, si
              30, "sending under way with a batch in hand", 0.02)
     # Lock exactly the rows the worker holds (by primary key), so its outcome
     # write must wait while the balancer can still hand out the rest.
-    held = [r["id"] for r in cluster.sql(
-        "SELECT id FROM messages WHERE newsletter_id = %s AND state = 'merged' "
-        "AND batch_id IS NOT NULL", (nid,))]
-    blocker = mariadb.connect(cluster.db_name)
-    with blocker.cursor() as cur:
-        cur.execute("BEGIN")
-        cur.execute("SELECT id FROM messages WHERE id IN %s FOR UPDATE", (held,))
-
-    def flush_waiting() -> list[dict[str, object]]:
-        return cluster.sql("SELECT t.trx_mysql_thread_id AS thread FROM "
-                           "information_schema.INNODB_TRX t JOIN information_schema.PROCESSLIST"
-                           " p ON p.ID = t.trx_mysql_thread_id WHERE t.trx_state = 'LOCK WAIT'"
-                           " AND p.INFO LIKE %s", ("%state = 'sent'%",))
-    waiting = wait_for(flush_waiting, 10, "the send worker's flush waiting on the row lock",
-                       0.02)
+    blocker, thread = cluster.block_outcome_writes(
+        nid, "the send worker's flush waiting on the row lock")
     at_kill = delivered(sink)
     sent_in_db = cluster.states(nid).get("sent", 0)
-    cluster.sql(f"KILL CONNECTION {int(waiting[0]['thread'])}")  # type: ignore[call-overload]
+    cluster.sql(f"KILL CONNECTION {thread}")
     blocker.rollback()
     blocker.close()
     deadline = time.monotonic() + 30

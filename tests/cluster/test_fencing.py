@@ -137,8 +137,7 @@ def test_partitioned_send_worker_fences_itself_and_never_resumes_reclaimed_rows(
         assert lifted_at is not None and lifted_at >= heal_at
 
 
-def test_journal_replay_after_sigkill_resends_nothing(cluster: Cluster,
-                                                      mariadb: MariaDB) -> None:
+def test_journal_replay_after_sigkill_resends_nothing(cluster: Cluster) -> None:
     """SIGKILL while the relay's 250s are only in the journal (the outcome
     writer waits on a row lock), restart: the replay writes them, the sink sees
     no resend."""
@@ -151,20 +150,8 @@ def test_journal_replay_after_sigkill_resends_nothing(cluster: Cluster,
         worker = cluster.spawn("send-worker", "w", "--max-rate", "100")
         wait_for(lambda: sink.messages >= 100 and cluster.backlog("send-worker", "w") >= 50,
                  30, "sending under way with a batch in hand", 0.02)
-        held = [r["id"] for r in cluster.sql(
-            "SELECT id FROM messages WHERE newsletter_id = %s AND state = 'merged' "
-            "AND batch_id IS NOT NULL", (nid,))]
-        blocker = mariadb.connect(cluster.db_name)
-        with blocker.cursor() as cur:
-            cur.execute("BEGIN")
-            cur.execute("SELECT id FROM messages WHERE id IN %s FOR UPDATE", (held,))
-
-        def flush_waiting() -> list[dict[str, object]]:
-            return cluster.sql(
-                "SELECT t.trx_mysql_thread_id AS thread FROM information_schema.INNODB_TRX t "
-                "JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id "
-                "WHERE t.trx_state = 'LOCK WAIT' AND p.INFO LIKE %s", ("%state = 'sent'%",))
-        wait_for(flush_waiting, 10, "the outcome writer waiting on the row lock", 0.02)
+        blocker, _thread = cluster.block_outcome_writes(
+            nid, "the outcome writer waiting on the row lock")
         time.sleep(0.3)  # the worker's window fills; nothing more goes out
         journaled = sum(len(p.read_text().splitlines())
                         for p in (cluster.tmp / "journal").glob("send-w*.journal"))

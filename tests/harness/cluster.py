@@ -543,6 +543,29 @@ class Cluster(demo.Cluster):
                         (newsletter_id,))
         return {r["name"]: int(r["n"]) for r in rows}
 
+    def block_outcome_writes(self, newsletter_id: int, what: str
+                             ) -> tuple[pymysql.connections.Connection, int]:
+        """Lock the rows send workers hold (FOR UPDATE in an open transaction) and wait
+        until a send worker's outcome write waits on that lock.
+
+        Returns the blocking connection (roll it back to release the rows) and the
+        server thread id of the waiting writer (to KILL its connection)."""
+        held = [r["id"] for r in self.sql(
+            "SELECT id FROM messages WHERE newsletter_id = %s AND state = 'merged' "
+            "AND batch_id IS NOT NULL", (newsletter_id,))]
+        blocker = self.server.connect(self.db_name)
+        with blocker.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("SELECT id FROM messages WHERE id IN %s FOR UPDATE", (held,))
+
+        def flush_waiting() -> list[dict[str, Any]]:
+            return self.sql(
+                "SELECT t.trx_mysql_thread_id AS thread FROM information_schema.INNODB_TRX t "
+                "JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id "
+                "WHERE t.trx_state = 'LOCK WAIT' AND p.INFO LIKE %s", ("%state = 'sent'%",))
+        waiting = wait_for(flush_waiting, 10, what, 0.02)
+        return blocker, int(waiting[0]["thread"])
+
     def merge_all(self, newsletter_id: int, timeout: float = 60) -> None:
         """Run the SortingSystem once (unlimited) so a send test starts from merged rows."""
         procs = [self.spawn("sort-balancer", "merge-b", "--once"),
