@@ -16,7 +16,6 @@ import math
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -27,23 +26,6 @@ pytestmark = pytest.mark.slow
 
 SMALL_HTML = "<p>Hej {{ first_name }} fra {{ city }}</p>"
 LEASE_SQL = "SELECT holder FROM leases WHERE kind = %s AND expires_at >= NOW(6)"
-
-
-@pytest.fixture(scope="module")
-def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDB]:
-    server = MariaDB(tmp_path_factory.mktemp("mariadb"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def cluster(mariadb: MariaDB, tmp_path: Path) -> Iterator[Cluster]:
-    if not mariadb.running:  # a previous test failed while the server was down
-        mariadb.start()
-    c = Cluster(mariadb, tmp_path)
-    yield c
-    c.close()
 
 
 @pytest.fixture

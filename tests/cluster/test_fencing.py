@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
@@ -34,23 +32,12 @@ SMALL_HTML = "<p>Hej {{ first_name }} fra {{ city }}</p>"
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*", re.MULTILINE)
 
 
-@pytest.fixture(scope="module")
-def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDB]:
-    server = MariaDB(tmp_path_factory.mktemp("mariadb"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def cluster(mariadb: MariaDB, tmp_path: Path) -> Iterator[Cluster]:
-    if not mariadb.running:
-        mariadb.start()
-    c = Cluster(mariadb, tmp_path)
+def cluster(cluster: Cluster) -> Cluster:
+    """The tier's cluster (tests/cluster/conftest.py), with a short read timeout."""
     # A blackholed query is given up after 2 s (the default is 10 s).
-    c.configure(database={"read_timeout": 2})
-    yield c
-    c.close()
+    cluster.configure(database={"read_timeout": 2})
+    return cluster
 
 
 def _logged_at(log: str, text: str) -> float | None:
