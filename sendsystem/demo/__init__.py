@@ -10,15 +10,17 @@ send workers as real subprocesses; shows progress; and ends with a summary
 checked against the sink plus the HTML report of ``stats --html``.
 
 Where each piece lives (the pieces are reused by bench/pipeline.py and
-bench/scaleout.py, which import them from here):
+bench/scaleout.py, and by the tests' harness, tests/harness/, which import
+them from here and extend them; the demo ships to users, so nothing here
+imports the tests):
 
 * ``run``          run_demo and its options: the story from set-up to clean-up
 * ``database``     the demo's own database, recognised by its COMMENT mark
-* ``settings``     the config.ini of a one-machine cluster
+* ``settings``     the config.ini of a one-machine cluster (write_config, with_overrides)
 * ``subscribers``  fake subscribers and their CSV
 * ``newsletter``   the sample newsletter (templates) and its PDF attachment
-* ``sink``         the counting SMTP sink
-* ``cluster``      the role subprocesses (start, revive as cron would, stop)
+* ``sink``         the counting SMTP sink (per recipient and per Message-ID)
+* ``cluster``      the role subprocesses (start or spawn one, revive as cron would, stop)
 * ``progress``     the progress line
 * ``summary``      the closing summary and DemoResult
 """
