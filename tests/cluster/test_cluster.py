@@ -1,4 +1,4 @@
-"""DESIGN.md's promises, each proved with real processes on a simulated cluster.
+"""The promises (ARCHITECTURE.md), each proved with real processes on a simulated cluster.
 
 A private MariaDB (tests/harness/cluster.py) that a test may stop and start, role
 processes with distinct ``--name``s standing for servers, and SMTP sinks that
@@ -43,7 +43,7 @@ def delivered(sink: SmtpSink) -> int:
 
 
 def in_flight_window(cluster: Cluster) -> int:
-    """What DESIGN.md bounds duplicates by: connections x relays of one send worker."""
+    """What the promise bounds duplicates by: connections x relays of one send worker."""
     s = cluster.config.sending
     return s.connections * len(s.relays)
 
