@@ -22,6 +22,7 @@ from .addresses import domain_of, parse_from, validate_email
 from .db import Database
 from .errors import ImportRowsError, UserError
 from .merge import TemplateSource, check_template
+from .states import NewsletterState
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def release(db: Database, newsletter_id: int, list_id: int,
     """
     with db.transaction():
         state = db.fetchval("newsletter_lock_for_release", {"id": newsletter_id})
-        if state != "scheduled":
+        if state != NewsletterState.SCHEDULED:
             return 0
         bounds = db.fetchone("list_subscriber_id_range", {"list_id": list_id}) or {}
         created = 0

@@ -65,7 +65,7 @@ _LEVEL_FLOOR = 0.25
 
 
 @dataclass(frozen=True)
-class WorkerState:
+class WorkerLoad:
     """One worker as the balancer sees it at the start of a tick."""
 
     worker_id: int
@@ -115,7 +115,7 @@ class _Slot:
         return (self.backlog + extra) / self.rate
 
 
-def is_measured(worker: WorkerState) -> bool:
+def is_measured(worker: WorkerLoad) -> bool:
     """True when the worker's rate is known (not None and > 0)."""
     return worker.rate is not None and worker.rate > 0
 
@@ -125,7 +125,7 @@ def capacity(rate: float, params: BalanceParams) -> int:
     return max(1, math.floor(rate * params.horizon_seconds + _EPS))
 
 
-def balance(workers: Sequence[WorkerState], ready: int, params: BalanceParams) -> dict[int, int]:
+def balance(workers: Sequence[WorkerLoad], ready: int, params: BalanceParams) -> dict[int, int]:
     """How many messages each worker gets now (only entries > 0).
 
     See the module docstring for the policy. Deterministic: the same input
@@ -153,7 +153,7 @@ def balance(workers: Sequence[WorkerState], ready: int, params: BalanceParams) -
     return result
 
 
-def _split(known: list[WorkerState], remaining: int, params: BalanceParams) -> dict[int, int]:
+def _split(known: list[WorkerLoad], remaining: int, params: BalanceParams) -> dict[int, int]:
     tail = remaining < params.batch_min
     candidates: list[tuple[_Slot, bool]] = []
     for w in known:

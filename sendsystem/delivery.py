@@ -130,6 +130,13 @@ def _reply(code: int, message: str) -> str:
     return text[:MAX_REPLY]
 
 
+def reason_line(what: str, exc: BaseException, suffix: str = "") -> str:
+    """One line for the reply column when there is no SMTP reply to store: what failed
+    and the exception, at most MAX_REPLY characters."""
+    text = " ".join(f"{what}: {type(exc).__name__}: {exc} {suffix}".split())
+    return text[:MAX_REPLY]
+
+
 # An address we can put between <> as is, without email.utils parsing (~20 us each).
 _PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[^\s<>()\[\]\\,;:\"@]+")
 

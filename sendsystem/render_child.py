@@ -70,6 +70,7 @@ from typing import Any
 
 from .errors import SendSystemError
 from .merge import MergeError, Merger, NewsletterInfo, RenderTimeout, TemplateSource
+from .states import MessageState
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class NewsletterJob:
 @dataclass(frozen=True)
 class Rendered:
     message_id: int
-    state: str                   # merged | failed
+    state: MessageState          # MERGED or FAILED
     kind: str | None = None      # for failed: render | limit | recipient | data
     body: bytes | None = None
     detail: str | None = None
@@ -187,22 +188,22 @@ def _render_one(merger: Merger, alarm: _CpuAlarm, row: tuple[int, str, str, str]
                 message = merger.render(email, json.loads(fields_json), url)
         except RenderTimeout as exc:  # fired between two template statements
             raise MergeError(str(exc), "limit") from None
-        return ("r", mid, "merged", None, merger.compress(message))
+        return ("r", mid, MessageState.MERGED, None, merger.compress(message))
     except MergeError as exc:
         reason = str(exc)
         if "render memory limit" in reason:
             reason = reason.replace("render memory limit",
                                     f"render memory limit of {memory_mb} MB")
-        return ("r", mid, "failed", exc.kind, reason[:500])
+        return ("r", mid, MessageState.FAILED, exc.kind, reason[:500])
     except MemoryError:
-        return ("r", mid, "failed", "limit",
+        return ("r", mid, MessageState.FAILED, "limit",
                 f"ran out of memory (over the render memory limit of {memory_mb} MB)")
     except Exception as exc:
         # This row's data (fields that are not JSON, or that make render raise
         # something else): it fails alone, and it is not the template's fault.
         what = ("subscriber fields are not valid JSON" if isinstance(exc, json.JSONDecodeError)
                 else "cannot merge")
-        return ("r", mid, "failed", "data", f"{what}: {type(exc).__name__}: {exc}"[:500])
+        return ("r", mid, MessageState.FAILED, "data", f"{what}: {type(exc).__name__}: {exc}"[:500])
 
 
 def child_main(conn: Connection, limits: RenderLimits) -> None:
@@ -244,7 +245,7 @@ def child_main(conn: Connection, limits: RenderLimits) -> None:
                 if conn.poll() and conn.recv()[0] == "cancel":
                     break
                 if not isinstance(loaded, Merger):
-                    reply: tuple[Any, ...] = ("r", row[0], "failed", "render",
+                    reply: tuple[Any, ...] = ("r", row[0], MessageState.FAILED, "render",
                                               f"cannot build messages: {loaded}")
                 else:
                     reply = _render_one(loaded, alarm, row, limits.memory_mb)
@@ -456,7 +457,7 @@ class RenderProcess:
             if error is not None and job.newsletter_id not in self._loaded:
                 # The child died or hung loading: every message fails the same way.
                 for row in pending:
-                    yield Rendered(row[0], "failed", "limit", detail=error[:500])
+                    yield Rendered(row[0], MessageState.FAILED, "limit", detail=error[:500])
                 return
             self._send(("render", job.newsletter_id, pending))
             in_chunk = True
@@ -471,18 +472,18 @@ class RenderProcess:
                         self._kill()
                         self.restarts += 1
                         in_chunk = False
-                        yield Rendered(mid, "failed", "limit", detail=reason[:500])
+                        yield Rendered(mid, MessageState.FAILED, "limit", detail=reason[:500])
                         break
                     _, mid, state, kind, payload = reply
                     assert mid == pending[0][0], "render child answered out of order"
                     pending.pop(0)
-                    if state == "merged":
-                        yield Rendered(mid, "merged", body=payload)
+                    if state == MessageState.MERGED:
+                        yield Rendered(mid, MessageState.MERGED, body=payload)
                     else:
                         if kind in ("limit", "data"):
                             log.warning("newsletter %s message %s: %s", job.newsletter_id,
                                         mid, payload)
-                        yield Rendered(mid, "failed", kind, detail=payload)
+                        yield Rendered(mid, MessageState.FAILED, kind, detail=payload)
                 if in_chunk:
                     self._end_chunk()
                     in_chunk = False

@@ -36,6 +36,7 @@ from filelock import FileLock, Timeout
 from .config import Config
 from .db import Database
 from .errors import DatabaseUnavailable, SendSystemError, TemporaryError, UsageError
+from .states import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Runner:
 
     role: ClassVar[str]
     statements: ClassVar[tuple[str, ...]] = ()
-    idle_sleep: ClassVar[float] = 0.5
+    idle_sleep: float = 0.5  # seconds to wait when work() found nothing
 
     def __init__(self, config: Config, options: RunOptions) -> None:
         self.config = config
@@ -126,8 +127,8 @@ class Runner:
         """A heartbeat that started at ``started`` (time.monotonic) is committed."""
 
     @property
-    def heartbeat_state(self) -> str:
-        return "running"
+    def heartbeat_state(self) -> WorkerState:
+        return WorkerState.RUNNING
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -193,7 +194,7 @@ class Runner:
                 log.info("%s %s (worker %s) is disabled; exiting. Enable it with "
                          "`sendsystem workers enable %s`.", self.role, self.options.name,
                          self.worker_id, self.worker_id)
-                self.db.execute("worker_set_state", {"id": self.worker_id, "state": "stopped"})
+                self._mark_stopped()
                 return 0
             log.info("%s %s registered as worker %s (pid %s)", self.role, self.options.name,
                      self.worker_id, os.getpid())
@@ -246,13 +247,16 @@ class Runner:
                     self.sleep(self.idle_sleep)
         self.shutdown()
         self.heartbeat(force=True)
-        self.db.execute("worker_set_state", {"id": self.worker_id, "state": "stopped"})
+        self._mark_stopped()
         log.info("%s %s stopped (%s)", self.role, self.options.name, self.stop_reason)
+
+    def _mark_stopped(self) -> None:
+        self.db.execute("worker_set_state", {"id": self.worker_id, "state": WorkerState.STOPPED})
 
     def _best_effort_stopped(self) -> None:
         try:
             self.db.retry_for = 2.0
-            self.db.execute("worker_set_state", {"id": self.worker_id, "state": "stopped"})
+            self._mark_stopped()
         except Exception:  # a forced stop must not hang on a dead database
             log.debug("could not mark worker stopped", exc_info=True)
 
@@ -267,7 +271,8 @@ class Runner:
         self._last_heartbeat = now
         fields = self.heartbeat_fields()
         self.db.execute("worker_heartbeat", {
-            "id": self.worker_id, "state": "stopping" if self.stopping else self.heartbeat_state,
+            "id": self.worker_id,
+            "state": WorkerState.STOPPING if self.stopping else self.heartbeat_state,
             "rate": fields.get("rate"), "backlog": fields.get("backlog", 0),
             "processed": self.processed, "db_node": self.db.node_name,
         })

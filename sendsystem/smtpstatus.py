@@ -134,6 +134,13 @@ def status_from_reply(text: str | None) -> str | None:
     return enhanced_status(text)
 
 
+def reply_code(reply: str) -> int:
+    """The reply code a stored reply line starts with ("250 2.0.0 Ok" -> 250), else 0
+    (the send worker stores 0 when there was no reply)."""
+    head = reply[:3]
+    return int(head) if head.isdigit() else 0
+
+
 def has_reply(text: str) -> bool:
     """True when ``text`` holds an SMTP reply code or an enhanced status code."""
     return bool(_REPLY_RE.search(text) or _ENHANCED_RE.search(text))
@@ -188,7 +195,7 @@ def read_reply(text: str, *, status: str | None = None, code: int | None = None)
         text = f"{status} {text}"
     if code is not None and 400 <= code < 600:
         # The reply code is known: only an enhanced code can add to it.
-        best = enhanced_status(text) or f"{code // 100}.0.0"
+        best: str | None = enhanced_status(text) or f"{code // 100}.0.0"
     else:
         best = _best_status(field, text)
     cause = _code_cause(best)

@@ -11,10 +11,7 @@ from typing import Any
 
 from .admin import get_newsletter
 from .db import Database
-
-STATES = ("queued", "merged", "sent", "deferred", "failed", "skipped", "bounced", "cancelled")
-FINAL = ("sent", "failed", "skipped", "bounced", "cancelled")
-ROLE_NAMES = {"sort": "sort", "send": "send"}
+from .states import FINAL_MESSAGE_STATES, MESSAGE_STATES, MessageState, worker_alive
 
 
 def _iso(value: Any) -> str | None:
@@ -28,7 +25,7 @@ def _num(value: Any) -> float | None:
 def counts(db: Database, newsletter_id: int) -> dict[str, int]:
     found = {row["state"]: int(row["n"]) for row in db.fetchall("newsletter_counts",
                                                                  {"id": newsletter_id})}
-    return {state: found.get(state, 0) for state in STATES}
+    return {state: found.get(state, 0) for state in MESSAGE_STATES}
 
 
 def leases(db: Database) -> dict[str, dict[str, Any]]:
@@ -53,7 +50,7 @@ def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
     workers = []
     for w in db.fetchall("workers_all"):
         age = _num(w["heartbeat_age"])
-        alive = w["state"] != "stopped" and age is not None and age <= heartbeat_timeout
+        alive = worker_alive(w["state"], age, heartbeat_timeout)
         workers.append({
             "id": w["id"], "name": w["name"], "host": w["host"], "role": w["role"],
             "pid": w["pid"], "enabled": bool(w["enabled"]), "state": w["state"],
@@ -66,7 +63,7 @@ def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
     newsletters = []
     for n in db.fetchall("newsletters_in_progress"):
         c = counts(db, n["id"])
-        done = sum(c[s] for s in FINAL)
+        done = sum(c[s] for s in FINAL_MESSAGE_STATES)
         recent = int(db.fetchval("newsletter_recent_sent", {"id": n["id"], "seconds": 60}) or 0)
         rate = recent / 60.0 if recent else None
         left = max(int(n["total"]) - done, 0)
@@ -117,9 +114,9 @@ def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
     nl = get_newsletter(db, newsletter_id)
     c = counts(db, newsletter_id)
     bounces = newsletter_bounces(db, newsletter_id)
-    delivered = c["sent"] + c["bounced"]
+    delivered = c[MessageState.SENT] + c[MessageState.BOUNCED]
     duration = _num(db.fetchval("stats_span", {"id": newsletter_id}))
-    finished = sum(c[s] for s in FINAL)
+    finished = sum(c[s] for s in FINAL_MESSAGE_STATES)
     return {
         "newsletter": newsletter_id, "state": nl["state"], "subject": nl["subject"],
         "list": nl["list_name"], "created_at": _iso(nl["created_at"]),

@@ -44,6 +44,7 @@ from typing import Any
 
 from ..config import Config
 from ..db import Database
+from ..states import SubscriberStatus
 from ..tokens import verify_unsubscribe_token
 from . import recipients
 from .classify import BounceKind, BounceReport, classify
@@ -270,6 +271,6 @@ def _mailto_unsubscribe(db: Database, config: Config, report: BounceReport) -> I
                            subscriber_id=target.subscriber_id, diagnostic=report.diagnostic)
     outcome = IntakeOutcome(Action.UNSUBSCRIBED, report.kind, report.diagnostic,
                             subscriber_id=target.subscriber_id, email=row["email"], via="token",
-                            status_changed=row["status"] == "active")
+                            status_changed=row["status"] == SubscriberStatus.ACTIVE)
     log.info("%s", outcome.describe())
     return outcome

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .. import admin
+from ..states import worker_alive, worker_dead
 from . import Context, cli, pass_ctx, path_arg
 
 
@@ -183,7 +184,7 @@ def workers_list(ctx: Context) -> None:
                f"{'RATE':>8}{'BACKLOG':>9}{'HEARTBEAT':>11}")
     for w in rows:
         age = w["heartbeat_age"]
-        dead = w["state"] != "stopped" and (age is None or float(age) > timeout)
+        dead = worker_dead(w["state"], worker_alive(w["state"], age, timeout))
         rate = f"{w['rate']:.1f}" if w["rate"] is not None else "-"
         hb = f"{float(age):.1f}s" if age is not None else "-"
         click.echo(f"{w['id']:>4}  {w['role']:<14}{w['host'][:17]:<18}{w['name'][:15]:<16}"

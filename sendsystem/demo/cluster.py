@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..db import Database
 from ..errors import UserError
+from ..states import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,8 @@ def wait_registered(db: Database, cluster: Cluster, timeout: float = 60.0) -> No
     while True:
         rows = db.fetchall("workers_all")
         seen = {(w["role"], w["name"]) for w in rows
-                if w["state"] in ("running", "standby") and w["heartbeat_age"] is not None}
+                if w["state"] in (WorkerState.RUNNING, WorkerState.STANDBY)
+                and w["heartbeat_age"] is not None}
         if want <= seen:
             return
         dead = cluster.died()

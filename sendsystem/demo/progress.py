@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from typing import TextIO
 
-from .. import stats
+from ..states import FINAL_MESSAGE_STATES, MessageState
 
 
 class Progress:
@@ -24,12 +24,13 @@ class Progress:
 
     def update(self, c: Mapping[str, int], *, force: bool = False) -> None:
         now = time.monotonic()
-        done = sum(c.get(s, 0) for s in stats.FINAL)
-        sent = c.get("sent", 0)
+        done = sum(c.get(s, 0) for s in FINAL_MESSAGE_STATES)
+        sent = c.get(MessageState.SENT, 0)
         elapsed = max(now - self.started, 1e-6)
         rate = sent / elapsed
         eta = (self.total - done) / rate if rate > 0 else None
-        merged = c.get("merged", 0) + done - c.get("skipped", 0) - c.get("cancelled", 0)
+        merged = (c.get(MessageState.MERGED, 0) + done - c.get(MessageState.SKIPPED, 0)
+                  - c.get(MessageState.CANCELLED, 0))
         tail = (f"{done:>{len(str(self.total))},}/{self.total:,}  sorted {merged:,}  "
                 f"{rate:,.0f} msg/s  {elapsed:4.0f}s"
                 + (f"  ETA {eta:3.0f}s" if eta is not None and done < self.total else ""))

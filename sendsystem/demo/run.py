@@ -20,6 +20,7 @@ from .. import admin, stats
 from ..config import Config, DatabaseConfig, Relay, load_config
 from ..db import Database
 from ..errors import SendSystemError, UserError
+from ..states import FINAL_MESSAGE_STATES, NewsletterState
 from .cluster import Cluster, default_roles, wait_registered
 from .database import create_demo_database, demo_database_name, drop_demo_database
 from .newsletter import LIST_NAME, TEMPLATE_NAME, sample_newsletter
@@ -159,7 +160,7 @@ def _set_up_newsletter(database: Database, work: Path, n: int,
 def _wait_done(database: Database, nid: int, seconds: float) -> None:
     """Give the send balancer a few ticks to mark the newsletter done (for the report)."""
     deadline = time.monotonic() + seconds
-    while admin.get_newsletter(database, nid)["state"] != "done" and \
+    while admin.get_newsletter(database, nid)["state"] != NewsletterState.DONE and \
             time.monotonic() < deadline:
         time.sleep(0.2)
 
@@ -174,7 +175,7 @@ def _follow(database: Database, cluster: Cluster, nid: int, total: int, timeout:
             c = stats.counts(database, nid)
             progress.update(c)
             cluster.sample_memory()
-            if sum(c[s] for s in stats.FINAL) >= total:
+            if sum(c[s] for s in FINAL_MESSAGE_STATES) >= total:
                 progress.update(c, force=True)
                 return True
             dead = cluster.revive(max_restarts=50)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..states import MessageState
 from .cluster import Restart, RoleSpec
 from .sink import CountingSink
 
@@ -40,17 +41,17 @@ def summarize(say: Callable[[str], None], facts: Mapping[str, Any], emails: list
         unexpected = sum(v for e, v in got.items() if e not in expected)
         checked = "checked against the SMTP sink"
     else:
-        delivered, duplicates, unexpected = int(c["sent"]), 0, 0
+        delivered, duplicates, unexpected = int(c[MessageState.SENT]), 0, 0
         checked = "from the database (external relay: duplicates cannot be seen)"
     missing = n - delivered
     ok = finished and missing == 0 and duplicates == 0 and unexpected == 0 and \
-        int(c["sent"]) == n
+        int(c[MessageState.SENT]) == n
     say("")
     say("Summary")
     say(f"  delivered      {delivered:,} of {n:,} recipients, {checked}")
     say(f"  duplicates     {duplicates:,}   missing {missing:,}   unexpected {unexpected:,}")
     say("  states         " + ", ".join(f"{k} {v:,}" for k, v in c.items() if v))
-    rate = int(c["sent"]) / seconds if seconds > 0 else 0.0
+    rate = int(c[MessageState.SENT]) / seconds if seconds > 0 else 0.0
     say(f"  time           {seconds:.1f}s from enqueue to the last message  "
         f"({rate:,.0f} messages/s, {rate * 3600 / 1e6:.2f} M/hour)")
     if sink is not None and sink.tally.messages:

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from ..states import MessageState
 from .text import (
     BOUNCE_CLASSES,
     Timeline,
@@ -45,8 +46,10 @@ WORKER_COLORS: tuple[str, ...] = (
     "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac", "#499894", "#d37295",
 )
 STATE_COLORS: Mapping[str, str] = {
-    "queued": "#a0aab5", "merged": "#6c8ebf", "deferred": "#f2b134", "sent": "#3aa05b",
-    "failed": "#d64541", "skipped": "#b9a3d0", "bounced": "#e8793a", "cancelled": "#5f6b7a",
+    MessageState.QUEUED: "#a0aab5", MessageState.MERGED: "#6c8ebf",
+    MessageState.DEFERRED: "#f2b134", MessageState.SENT: "#3aa05b",
+    MessageState.FAILED: "#d64541", MessageState.SKIPPED: "#b9a3d0",
+    MessageState.BOUNCED: "#e8793a", MessageState.CANCELLED: "#5f6b7a",
 }
 BOUNCE_COLORS: Mapping[str, str] = {
     "hard": "#d64541", "soft": "#f2b134", "blocked": "#5f6b7a", "complaint": "#8e44ad",
@@ -418,11 +421,11 @@ def render_html(stats: Mapping[str, Any]) -> str:
                        ("created", "released", "finished") if stats.get(f"{k}_at"))
     pause = (f'<div class="banner">Paused: {_e(stats.get("pause_reason"))}</div>'
              if stats.get("pause_reason") else "")
+    sent, failed = by_state[MessageState.SENT], by_state[MessageState.FAILED]
     kpis = "".join([
         _kpi("Total", format_count(total), "recipients"),
-        _kpi("Sent", format_count(by_state["sent"]), pct(by_state["sent"]), "good"),
-        _kpi("Failed", format_count(by_state["failed"]), pct(by_state["failed"]),
-             "bad" if by_state["failed"] else ""),
+        _kpi("Sent", format_count(sent), pct(sent), "good"),
+        _kpi("Failed", format_count(failed), pct(failed), "bad" if failed else ""),
         _kpi("Rate", _e(format_rate(stats.get("rate"))).removesuffix("/s"), "messages / second"),
         _kpi("Duration", _e(format_duration(stats.get("duration_seconds"))),
              "release to finish" if stats.get("finished_at") else "so far"),

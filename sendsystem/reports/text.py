@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..states import MessageState, NewsletterState, WorkerState, worker_dead
+
 log = logging.getLogger(__name__)
 
-#: Display order of message states; unknown states are appended sorted.
+#: Display order of message states (waiting ones first); unknown states are appended sorted.
 STATES: tuple[str, ...] = (
-    "queued", "merged", "deferred", "sent", "failed", "skipped", "bounced", "cancelled",
+    MessageState.QUEUED, MessageState.MERGED, MessageState.DEFERRED, MessageState.SENT,
+    MessageState.FAILED, MessageState.SKIPPED, MessageState.BOUNCED, MessageState.CANCELLED,
 )
-FINAL_STATES: frozenset[str] = frozenset({"sent", "failed", "skipped", "bounced", "cancelled"})
 BOUNCE_CLASSES: tuple[str, ...] = ("hard", "soft", "blocked", "complaint", "autoreply")
 
 # Filling gaps in a timeline longer than a week would only produce a huge,
@@ -208,7 +210,8 @@ def pivot_timeline(rows: Iterable[Mapping[str, Any]] | None) -> Timeline:
     parsed_all = [_parse_minute(m) for m in present]
     minutes: list[str] = present
     if all(parsed_all):
-        first, last = min(parsed_all), max(parsed_all)  # type: ignore[type-var]
+        known = [p for p in parsed_all if p is not None]
+        first, last = min(known), max(known)
         span = int((last - first).total_seconds() // 60) + 1
         if span <= _MAX_FILLED_MINUTES:
             minutes = [(first + timedelta(minutes=i)).strftime("%Y-%m-%dT%H:%M")
@@ -307,10 +310,19 @@ def render_table(columns: Sequence[Column], rows: Sequence[Sequence[Cell]], *,
 
 # --------------------------------------------------------------------------- status
 
+_WORKER_TINTS: Mapping[str, str] = {
+    WorkerState.RUNNING: "green", WorkerState.STOPPING: "yellow", WorkerState.STARTING: "yellow",
+    WorkerState.STOPPED: "dim",
+}
+_NEWSLETTER_TINTS: Mapping[str, str] = {
+    NewsletterState.RUNNING: "green", NewsletterState.PAUSED: "yellow",
+    NewsletterState.SCHEDULED: "dim",
+}
+
+
 def _is_dead(worker: Mapping[str, Any]) -> bool:
-    # A worker that exited cleanly says "stopped"; any other state with a
-    # stale heartbeat means the process is gone without telling anyone.
-    return worker.get("alive") is False and worker.get("state") != "stopped"
+    # Only when the facts say so: a dict without "alive" is not judged here.
+    return worker.get("alive") is False and worker_dead(str(worker.get("state")), False)
 
 
 def _worker_row(w: Mapping[str, Any]) -> list[Cell]:
@@ -318,8 +330,7 @@ def _worker_row(w: Mapping[str, Any]) -> list[Cell]:
     if _is_dead(w):
         state_cell: Cell = ("DEAD", "red")
     else:
-        state_cell = (state, {"running": "green", "stopping": "yellow", "starting": "yellow",
-                              "stopped": "dim"}.get(state))
+        state_cell = (state, _WORKER_TINTS.get(state))
     enabled = w.get("enabled")
     return [
         (clean(w.get("id", "")), None),
@@ -372,7 +383,7 @@ def _format_newsletters(newsletters: list[Mapping[str, Any]], width: int, color:
         rows.append([
             (ident, None),
             (clean(nl.get("list")) or "-", None),
-            (state, {"running": "green", "paused": "yellow", "scheduled": "dim"}.get(state)),
+            (state, _NEWSLETTER_TINTS.get(state)),
             (_progress(nl, bar_width, ascii_only), None),
             (f"{format_count(nl.get('done'))}/{format_count(nl.get('total'))}", None),
             (format_rate(nl.get("rate")), None),
@@ -380,12 +391,13 @@ def _format_newsletters(newsletters: list[Mapping[str, Any]], width: int, color:
             (clean(nl.get("subject")), None),
         ])
         counts = nl.get("counts") or {}
-        trouble = [f"{s} {format_count(counts[s])}" for s in ("deferred", "failed")
+        trouble = [f"{s} {format_count(counts[s])}"
+                   for s in (MessageState.DEFERRED, MessageState.FAILED)
                    if as_int(counts.get(s))]
-        if state == "paused":
+        if state == NewsletterState.PAUSED:
             reason = clean(nl.get("pause_reason")) or "by an operator"
             notes.append(_paint(f"#{ident} paused: {reason}", "yellow", color))
-        if state == "scheduled" and nl.get("send_at"):
+        if state == NewsletterState.SCHEDULED and nl.get("send_at"):
             notes.append(f"#{ident} scheduled for {clean(nl.get('send_at'))}")
         if trouble:
             notes.append(f"#{ident} " + ", ".join(trouble))

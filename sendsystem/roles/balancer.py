@@ -32,10 +32,12 @@ from __future__ import annotations
 import logging
 from typing import ClassVar
 
-from ..balancing import BalanceParams, WorkerState, balance
+from ..balancing import BalanceParams, WorkerLoad, balance
+from ..config import Config
 from ..errors import DatabaseConflict
 from ..fairshare import split_evenly
-from ..runner import Runner
+from ..runner import Runner, RunOptions
+from ..states import MessageState, WorkerState, worker_alive
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,10 @@ class BalancerRunner(Runner):
     """Base of both balancers; subclasses fill in the role-specific queries."""
 
     worker_role: ClassVar[str]          # the role of the workers it feeds: 'sort' or 'send'
-    pending_states: ClassVar[tuple[str, ...]]
+    pending_states: ClassVar[tuple[MessageState, ...]]
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, config: Config, options: RunOptions) -> None:
+        super().__init__(config, options)
         b = self.config.balancer
         self.params = BalanceParams(horizon_seconds=b.horizon_seconds, batch_min=b.batch_min,
                                     batch_max=b.batch_max, probe_batch=b.probe_batch)
@@ -70,8 +72,8 @@ class BalancerRunner(Runner):
         self.assigned_total = 0
 
     @property
-    def heartbeat_state(self) -> str:
-        return "running" if self.active else "standby"
+    def heartbeat_state(self) -> WorkerState:
+        return WorkerState.RUNNING if self.active else WorkerState.STANDBY
 
     # -- the cluster-wide lease ------------------------------------------------------
 
@@ -181,20 +183,21 @@ class BalancerRunner(Runner):
                         batch["id"], n, self.worker_role, batch["name"])
         return total
 
-    def worker_states(self) -> list[WorkerState]:
+    def worker_loads(self) -> list[WorkerLoad]:
+        """Every worker of the role as balance() sees it; only live, enabled, running
+        ones are available."""
         timeout = self.config.balancer.heartbeat_timeout
         backlog = {int(r["worker_id"]): int(r["backlog"])
                    for r in self.db.fetchall("backlog_by_worker", {"role": self.worker_role})}
-        states = []
+        loads = []
         for w in self.db.fetchall("workers_for_role", {"role": self.worker_role}):
-            age = w["heartbeat_age"]
-            alive = age is not None and float(age) <= timeout
-            available = bool(w["enabled"]) and w["state"] == "running" and alive
-            states.append(WorkerState(worker_id=int(w["id"]),
-                                      rate=float(w["rate"]) if w["rate"] else None,
-                                      backlog=backlog.get(int(w["id"]), 0),
-                                      available=available))
-        return states
+            available = bool(w["enabled"]) and w["state"] == WorkerState.RUNNING and \
+                worker_alive(w["state"], w["heartbeat_age"], timeout)
+            loads.append(WorkerLoad(worker_id=int(w["id"]),
+                                    rate=float(w["rate"]) if w["rate"] else None,
+                                    backlog=backlog.get(int(w["id"]), 0),
+                                    available=available))
+        return loads
 
     def ready_counts(self, cap: int) -> dict[int, int]:
         """Messages ready to assign, per running newsletter (each capped at ``cap``)."""
@@ -205,7 +208,7 @@ class BalancerRunner(Runner):
         raise NotImplementedError
 
     def assign(self) -> int:
-        workers = self.worker_states()
+        workers = self.worker_loads()
         live = [w for w in workers if w.available]
         if not live:
             return 0
@@ -241,7 +244,8 @@ class BalancerRunner(Runner):
         return got
 
     def drained(self) -> bool:
-        if not self.active:
-            return not self.db.fetchval("pending_for_role", {"states": self.pending_states})
-        return (not self.db.fetchval("pending_for_role", {"states": self.pending_states})
-                and not self.db.fetchval("batches_outstanding", {"role": self.worker_role}))
+        if self.db.fetchval("pending_for_role", {"states": self.pending_states}):
+            return False
+        # A standby has no batches to wait for; the active one waits for its workers.
+        return not self.active or \
+            not self.db.fetchval("batches_outstanding", {"role": self.worker_role})

@@ -41,6 +41,8 @@ from ..config import Config
 from ..db import Database
 from ..errors import TemporaryError
 from ..journal import Journal, JournalError
+from ..smtpstatus import reply_code
+from ..states import MessageState
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +67,6 @@ class Pending:
     def ids(self) -> list[int]:
         return [int(r[0]) for group in (self.sent, self.failed, self.deferred, self.skipped)
                 for r in group]
-
-
-def _code(reply: str) -> int:
-    head = reply[:3]
-    return int(head) if head.isdigit() else 0
 
 
 class OutcomeWriter:
@@ -106,13 +103,13 @@ class OutcomeWriter:
         entries: dict[int, tuple[str, str]] = {}
         for journal in self.journals:
             for mid, outcome, reply in journal.replay():
-                if outcome in ("sent", "failed"):  # not a probe line
+                if outcome in (MessageState.SENT, MessageState.FAILED):  # not a probe line
                     entries[mid] = (outcome, reply)
         if entries:
             batch = Pending()
             for mid, (outcome, reply) in entries.items():
-                row = (mid, _code(reply), reply[:500], None)
-                (batch.sent if outcome == "sent" else batch.failed).append(row)
+                row = (mid, reply_code(reply), reply[:500], None)
+                (batch.sent if outcome == MessageState.SENT else batch.failed).append(row)
             self._write(batch)
             log.warning("replayed %d journal entries of an earlier run into the database "
                         "(they are not sent again)", len(entries))
@@ -136,8 +133,11 @@ class OutcomeWriter:
 
     # -- called from the event loop ---------------------------------------------------
 
-    def add(self, kind: str, row: tuple[Any, ...], journal_entry: tuple[int, str, str] | None
-            = None, bounce: dict[str, Any] | None = None) -> None:
+    def add(self, kind: MessageState, row: tuple[Any, ...],
+            journal_entry: tuple[int, str, str] | None = None,
+            bounce: dict[str, Any] | None = None) -> None:
+        """Queue one outcome (``kind``: SENT, FAILED, DEFERRED or SKIPPED, the
+        :class:`Pending` list it goes to); a final one is journaled first."""
         failure = None
         with self._cond:
             if journal_entry is not None and self.journal_error is None:

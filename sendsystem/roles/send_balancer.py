@@ -14,6 +14,9 @@ import logging
 import time
 
 from ..brakes import failure_rate_reason
+from ..config import Config
+from ..runner import RunOptions
+from ..states import SEND_PENDING, MessageState
 from .balancer import BALANCER_STATEMENTS, BalancerRunner
 
 log = logging.getLogger(__name__)
@@ -24,13 +27,13 @@ FAILURE_CHECK_SECONDS = 5.0
 class SendBalancer(BalancerRunner):
     role = "send-balancer"
     worker_role = "send"
-    pending_states = ("queued", "merged", "deferred")
+    pending_states = SEND_PENDING
     statements = (*BALANCER_STATEMENTS, "send_ready_count", "send_retry_ready_count",
                   "send_assign", "send_assign_retries", "newsletter_unfinished",
                   "newsletter_mark_done", "newsletter_counts", "newsletter_pause")
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: Config, options: RunOptions) -> None:
+        super().__init__(config, options)
         self._last_failure_check = 0.0
 
     def before_assign(self) -> None:
@@ -49,8 +52,8 @@ class SendBalancer(BalancerRunner):
         s = self.config.sending
         counts = {r["state"]: int(r["n"])
                   for r in self.db.fetchall("newsletter_counts", {"id": newsletter_id})}
-        failed = counts.get("failed", 0)
-        attempted = failed + counts.get("sent", 0) + counts.get("bounced", 0)
+        failed = counts.get(MessageState.FAILED, 0)
+        attempted = failed + counts.get(MessageState.SENT, 0) + counts.get(MessageState.BOUNCED, 0)
         reason = failure_rate_reason(failed, attempted, s.failure_pause_ratio,
                                      s.failure_pause_min)
         if reason is not None and \

@@ -2,13 +2,17 @@
 
 Takes its own batches of merged (and due deferred) messages and delivers
 them over SMTP with the :class:`DeliveryPool`, ``connections`` per relay.
-Each message's final bytes are the stored merge + the newsletter's
-attachment parts (built once per newsletter) + the per-send headers
-(Message-ID, Date, List-Unsubscribe, List-Unsubscribe-Post, List-Id,
-Precedence), DKIM-signed when ``[dkim] key_file`` is set; the envelope
-sender is a signed VERP address and the Message-ID is signed too
-(:func:`sendsystem.tokens.message_id_header`), so a bounce or complaint
-quoting either can be tied to this message and nobody else can forge one.
+Each message's final bytes (per-send headers, attachments, DKIM, the signed
+VERP sender) are built by :mod:`sendsystem.compose`; this module fetches,
+gates, delivers and records.
+
+The batch loop (:meth:`SendWorker._send_batches`), one round per ``work()``:
+for each batch, fetch a chunk of rows not already in hand, build their
+shared parts once per newsletter, build each envelope and queue it; the
+``connections`` x relays sender tasks take envelopes off the queue, wait for
+the rate limits and a slot of the unconfirmed window, pass the fence gate,
+deliver, and hand the outcome to the writer. A batch is done when a fetch
+finds nothing left once every outcome of it is written.
 
 Nothing lost, duplicates bounded: every final outcome (a 250, a 5xx) is
 appended to the local journal the moment it arrives and committed by the
@@ -20,7 +24,7 @@ accepted. Only messages on the wire at the instant of the kill (at most
 
 Poison messages (Mailman's shunt, here "failed with the reason"): a message
 that cannot be built -- a stored body that does not decompress, one that
-:func:`finalize` refuses, a DKIM signing error, a newsletter whose
+:func:`~sendsystem.mime.finalize` refuses, a DKIM signing error, a newsletter whose
 attachment parts cannot be built or are missing -- becomes ``failed`` with
 "cannot build message: <why>" as its reply (reply code 0), recorded like
 any final outcome (journal, then database), and the worker goes on. A
@@ -69,27 +73,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
 import random
 import sys
 import time
-import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..addresses import domain_of
-from ..delivery import MAX_REPLY, DeliveryPool, Envelope, Outcome, Result
+from ..compose import BuildError, Composer, NewsletterParts, dkim_signer
+from ..config import Config
+from ..delivery import MAX_REPLY, DeliveryPool, Envelope, Outcome, Result, reason_line
 from ..errors import SendSystemError, TemporaryError
 from ..fencing import Fence
 from ..journal import JournalError
-from ..merge import TemplateSource, compression_dictionary, decompress
-from ..mime import Attachment, attachment_tail, finalize, safe_header_value
 from ..ratelimit import AsyncRateLimiter, DomainRateLimiter
-from ..ratemeter import RateMeter
-from ..runner import Runner
-from ..tokens import message_id_header, unsubscribe_token, verp_address
+from ..runner import RunOptions
+from ..smtpstatus import enhanced_status
+from ..states import SEND_PENDING, MessageState, skip_reason
+from .batch_worker import BATCH_STATEMENTS, LIMIT_BURST, BatchWorker
 from .outcomes import OUTCOME_STATEMENTS, OutcomeWriter
 
 log = logging.getLogger(__name__)
@@ -98,73 +101,43 @@ CHUNK = 500
 T = TypeVar("T")
 
 
-@dataclass
-class NewsletterParts:
-    """What every message of one newsletter shares, built once per worker."""
-
-    newsletter_id: int
-    list_id: int
-    list_name: str
-    zdict: bytes
-    tail: bytes
-    # Set when the shared parts cannot be built: every message of it fails with it.
-    broken: str | None = None
-
-
-class BuildError(Exception):
-    """One message cannot be built; ``str()`` is the reason recorded for it."""
-
-
-def newsletter_zdict(row: Mapping[str, Any]) -> bytes:
-    """The stored compression dictionary (computed once by a sort worker's render child).
-
-    A newsletter merged before schema version 3 has none stored: its
-    messages were compressed with the dictionary derived from the template,
-    so derive it the same way (renders customer code in this process, as
-    before; only such old newsletters take this path).
-    """
-    if row["zdict"] is not None:
-        return bytes(row["zdict"])
-    return compression_dictionary(TemplateSource(subject=row["subject"], html=row["html"],
-                                                 text=row["text"]))
-
-
 def retry_delay(attempts: int, retry_min: float, retry_max: float) -> float:
     """Exponential back-off with +-20 % jitter, so retries of one batch spread out."""
-    base = min(retry_max, retry_min * (2 ** min(attempts, 30)))
+    base = min(retry_max, retry_min * float(2 ** min(attempts, 30)))
     return base * random.uniform(0.8, 1.2)
 
 
-class SendWorker(Runner):
-    role = "send"
-    statements = ("my_batches", "my_backlog", "batch_mark_done", "newsletter_get",
-                  "attachments_for_newsletter", "send_batch_messages",
-                  "my_batches_hand_back_messages", "my_batches_mark_reclaimed",
-                  "pending_for_role", *OUTCOME_STATEMENTS)
+@dataclass
+class _Round:
+    """One run of the batch loop (one ``work()``): its queue and its counts."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        s = self.config.sending
-        self.secret = self.config.secret()
-        self.meter = RateMeter()
-        self.parts: dict[int, NewsletterParts | None] = {}
+    queue: asyncio.Queue[Envelope | None]
+    discarded_before: int  # SendWorker.discarded when the round started
+    started: float = field(default_factory=time.monotonic)
+    queued: int = 0
+
+
+class SendWorker(BatchWorker):
+    role = "send"
+    pending_states = SEND_PENDING
+    statements = (*BATCH_STATEMENTS, "attachments_for_newsletter", "send_batch_messages",
+                  *OUTCOME_STATEMENTS)
+
+    def __init__(self, config: Config, options: RunOptions) -> None:
+        super().__init__(config, options)
+        s = config.sending
+        self.composer = Composer(config, self.secret, dkim_signer(config))
         # Rows handed to the pool whose outcome is not yet in the database:
         # the next fetch of their batch must not send them again.
         self.unflushed: dict[int, dict[str, Any]] = {}
         self.writer: OutcomeWriter | None = None
-        self.signer = None
-        if self.config.dkim.enabled:
-            from ..dkim import DkimSigner
-            assert self.config.dkim.key_file is not None
-            self.signer = DkimSigner.from_file(self.config.dkim.domain,
-                                               self.config.dkim.selector,
-                                               self.config.dkim.key_file)
         self.loop = asyncio.new_event_loop()
         self.pool: DeliveryPool | None = None
         self.concurrency = s.connections * len(s.relays)
-        self._date = ("", 0)
+        self.rate_limit = AsyncRateLimiter(options.max_rate, burst=LIMIT_BURST)
+        self.domain_limit = DomainRateLimiter(s.domain_rates)
         # Fencing (module docstring).
-        self.fence = Fence(self.config.balancer.heartbeat_timeout)
+        self.fence = Fence(config.balancer.heartbeat_timeout)
         self.owned: set[int] = set()        # batch ids last verified as ours
         self.batch_of: dict[int, int] = {}  # message id -> batch, for rows in `unflushed`
         self.fenced_since: float | None = None
@@ -179,7 +152,6 @@ class SendWorker(Runner):
         self._db_lock: asyncio.Lock | None = None
         self._awaiting_commit: set[int] = set()  # 250s holding a window slot
 
-
     # -- lifecycle ----------------------------------------------------------------
 
     def setup(self) -> None:
@@ -193,28 +165,17 @@ class SendWorker(Runner):
         # May run in the writer thread: it only sets flags the event loop reads.
         self.fail(exc, "the send journal cannot be written")
 
-    def shutdown(self) -> None:
+    def before_hand_back(self) -> None:
+        # Every outcome in memory reaches the database before its batch goes back.
         if self.writer is not None:
             self.writer.drain()
-        with self.db.transaction():
-            n = self.db.execute("my_batches_hand_back_messages", {"worker": self.worker_id})
-            self.db.execute("my_batches_mark_reclaimed", {"worker": self.worker_id})
-        if n:
-            log.info("send worker %s handed back %d messages", self.options.name, n)
+
+    def after_hand_back(self) -> None:
         if self.pool is not None:
             self.loop.run_until_complete(self.pool.close())
         self.loop.close()
         if self.writer is not None:
             self.writer.close()
-
-    def heartbeat_fields(self) -> dict[str, object]:
-        backlog = int(self.db.fetchval("my_backlog", {"worker": self.worker_id}) or 0)
-        return {"rate": self.meter.rate(), "backlog": backlog}
-
-    def drained(self) -> bool:
-        return not self.db.fetchall("my_batches", {"worker": self.worker_id}) and \
-            not self.db.fetchval("pending_for_role",
-                                 {"states": ("queued", "merged", "deferred")})
 
     # -- fencing -----------------------------------------------------------------
 
@@ -317,7 +278,7 @@ class SendWorker(Runner):
     # -- the work ----------------------------------------------------------------
 
     def work(self) -> int:
-        batches = self.db.fetchall("my_batches", {"worker": self.worker_id})
+        batches = self.my_batches()
         if not batches:
             return 0
         self.owned = {int(b["id"]) for b in batches}
@@ -333,89 +294,114 @@ class SendWorker(Runner):
                             relay_backoff_max=s.relay_backoff_max)
 
     async def _send_batches(self, batches: list[dict[str, Any]]) -> int:
-        s = self.config.sending
+        """Deliver what ``batches`` hold; how many messages went to the relay."""
         if self.pool is None:
             self.pool = self.make_pool()
-            self.rate_limit = AsyncRateLimiter(self.options.max_rate, burst=1)
-            self.domain_limit = DomainRateLimiter(s.domain_rates)
             self._window = asyncio.Semaphore(self.window)
-        queue: asyncio.Queue[Envelope | None] = asyncio.Queue(maxsize=self.concurrency * 2)
-        rows_by_id = self.unflushed
-        writer = self.writer
-        assert writer is not None
-        senders = [asyncio.create_task(self._sender(queue, rows_by_id))
+        round_ = _Round(asyncio.Queue(maxsize=self.concurrency * 2), self.discarded)
+        senders = [asyncio.create_task(self._sender(round_.queue))
                    for _ in range(self.concurrency)]
         self._db_lock = asyncio.Lock()
         finished = asyncio.Event()
-        keep_alive = asyncio.create_task(self._keep_alive(finished))
-        watch = asyncio.create_task(self._watch_fence(finished))
-        queued = 0
-        discarded = self.discarded
-        started = time.monotonic()
-
-        def forget_written() -> None:
-            for mid in writer.take_written():
-                rows_by_id.pop(mid, None)
-                self.batch_of.pop(mid, None)
-
+        watchers = [asyncio.create_task(self._keep_alive(finished)),
+                    asyncio.create_task(self._watch_fence(finished))]
         try:
             for batch in batches:
-                bid = int(batch["id"])
-                while not self.stopping and bid in self.owned:
-                    forget_written()
-                    rows = await self._db(self.db.fetchall, "send_batch_messages",
-                                          {"batch": bid, "limit": CHUNK})
-                    rows = [r for r in rows if int(r["id"]) not in rows_by_id]
-                    if not rows:
-                        # Everything fetched is delivered or in flight; once the
-                        # queue drains and outcomes are written, the batch is done.
-                        await queue.join()
-                        await asyncio.to_thread(writer.drain)
-                        forget_written()
-                        if not await self._db(self.db.fetchall, "send_batch_messages",
-                                              {"batch": bid, "limit": 1}):
-                            await self._db(self.db.execute, "batch_mark_done", {"batch": bid})
-                            break
-                        continue
-                    for nid in {int(r["newsletter_id"]) for r in rows} - self.parts.keys():
-                        await self._db(self._parts, nid)
-                    for row in rows:
-                        if self.stopping or bid not in self.owned:
-                            break
-                        mid = int(row["id"])
-                        rows_by_id[mid] = row
-                        self.batch_of[mid] = bid
-                        try:
-                            env = self._build(row)
-                        except BaseException:
-                            # Database trouble: no outcome was recorded, so the row
-                            # must be fetched again when the work is retried.
-                            rows_by_id.pop(mid, None)
-                            self.batch_of.pop(mid, None)
-                            raise
-                        if env is not None:
-                            await queue.put(env)
-                            queued += 1
+                await self._send_batch(int(batch["id"]), round_)
                 if self.stopping:
                     break
-            await queue.join()
+            await round_.queue.join()
         finally:
-            for _ in senders:
-                await queue.put(None)
-            await asyncio.gather(*senders, return_exceptions=True)
-            finished.set()
-            await asyncio.gather(keep_alive, watch, return_exceptions=True)
-            await asyncio.to_thread(writer.drain)
-            discarded = self.discarded - discarded
-            if discarded:
-                log.warning("send worker %s: discarded %d queued messages of reclaimed "
-                            "batches (not sent)", self.options.name, discarded)
-            self.meter.busy(queued - discarded, time.monotonic() - started)
-        return queued - discarded
+            await self._end_round(round_, senders, watchers, finished)
+        return round_.queued - (self.discarded - round_.discarded_before)
 
-    async def _sender(self, queue: asyncio.Queue[Envelope | None],
-                      rows: dict[int, dict[str, Any]]) -> None:
+    async def _send_batch(self, batch: int, round_: _Round) -> None:
+        """Queue the rows of one batch, chunk by chunk, while it is ours; mark it done
+        once everything of it is delivered and written."""
+        while not self.stopping and batch in self.owned:
+            rows = await self._next_chunk(batch)
+            if not rows:
+                if await self._batch_finished(batch, round_.queue):
+                    return
+                continue
+            await self._load_parts(rows)
+            await self._enqueue(batch, rows, round_)
+
+    async def _next_chunk(self, batch: int) -> list[dict[str, Any]]:
+        """The batch's next rows that are not already in hand (queued or unwritten)."""
+        self._forget_written()
+        rows = await self._db(self.db.fetchall, "send_batch_messages",
+                              {"batch": batch, "limit": CHUNK})
+        return [r for r in rows if int(r["id"]) not in self.unflushed]
+
+    async def _batch_finished(self, batch: int, queue: asyncio.Queue[Envelope | None]) -> bool:
+        """Everything fetched is delivered or in flight: once the queue drains and the
+        outcomes are written, the batch is done if no row is left in it."""
+        assert self.writer is not None
+        await queue.join()
+        await asyncio.to_thread(self.writer.drain)
+        self._forget_written()
+        if await self._db(self.db.fetchall, "send_batch_messages", {"batch": batch, "limit": 1}):
+            return False
+        await self._db(self.mark_done, batch)
+        return True
+
+    async def _load_parts(self, rows: list[dict[str, Any]]) -> None:
+        """Build the shared parts of each newsletter seen for the first time."""
+        for nid in {int(r["newsletter_id"]) for r in rows} - self.composer.parts.keys():
+            await self._db(self._parts, nid)
+
+    async def _enqueue(self, batch: int, rows: list[dict[str, Any]], round_: _Round) -> None:
+        """Build each row's envelope and queue it (waits while the queue is full); a row
+        skipped or failed here has its outcome recorded instead."""
+        for row in rows:
+            if self.stopping or batch not in self.owned:
+                return
+            mid = int(row["id"])
+            self.unflushed[mid] = row
+            self.batch_of[mid] = batch
+            try:
+                env = self._build(row)
+            except BaseException:
+                # Database trouble: no outcome was recorded, so the row
+                # must be fetched again when the work is retried.
+                self._forget(mid)
+                raise
+            if env is not None:
+                await round_.queue.put(env)
+                round_.queued += 1
+
+    async def _end_round(self, round_: _Round, senders: list[asyncio.Task[None]],
+                         watchers: list[asyncio.Task[None]], finished: asyncio.Event) -> None:
+        """Stop the senders (after what is queued), then the heartbeat and fence watchers;
+        wait for the writer; count the round."""
+        assert self.writer is not None
+        for _ in senders:
+            await round_.queue.put(None)
+        await asyncio.gather(*senders, return_exceptions=True)
+        finished.set()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        await asyncio.to_thread(self.writer.drain)
+        discarded = self.discarded - round_.discarded_before
+        if discarded:
+            log.warning("send worker %s: discarded %d queued messages of reclaimed "
+                        "batches (not sent)", self.options.name, discarded)
+        self.meter.busy(round_.queued - discarded, time.monotonic() - round_.started)
+
+    def _forget(self, mid: int) -> None:
+        """A row in hand is no longer: its outcome is written, or it was not sent."""
+        self.unflushed.pop(mid, None)
+        self.batch_of.pop(mid, None)
+
+    def _forget_written(self) -> None:
+        assert self.writer is not None
+        for mid in self.writer.take_written():
+            self._forget(mid)
+
+    async def _sender(self, queue: asyncio.Queue[Envelope | None]) -> None:
+        """One of ``concurrency`` tasks: limits, window slot, fence gate, deliver, record."""
         assert self.pool is not None and self._window is not None
+        rows = self.unflushed
         while True:
             env = await queue.get()
             slot = False
@@ -430,14 +416,12 @@ class SendWorker(Runner):
                 if self.failure is not None:
                     # Stopping because it is unsafe to go on: not handed to the relay;
                     # the row stays merged/deferred and goes back with the batch.
-                    rows.pop(env.key, None)
-                    self.batch_of.pop(env.key, None)
+                    self._forget(env.key)
                     continue
                 if not await self._gate(env):
                     # Reclaimed (its row belongs to another worker now) or
                     # stopping while fenced (handed back at shutdown).
-                    rows.pop(env.key, None)
-                    self.batch_of.pop(env.key, None)
+                    self._forget(env.key)
                     self.discarded += 1
                     continue
                 try:
@@ -448,8 +432,8 @@ class SendWorker(Runner):
                     log.exception("message %s: unexpected error in delivery; deferred",
                                   env.key)
                     result = Result(env.key, Outcome.DEFERRED, 0,
-                                    _reason("unexpected error in delivery", exc,
-                                            "(delivery status unknown)"), "", False)
+                                    reason_line("unexpected error in delivery", exc,
+                                                "(delivery status unknown)"), "", False)
                 if result.outcome is Outcome.SENT:
                     # The slot stays taken until the writer has committed the 250.
                     self._awaiting_commit.add(env.key)
@@ -467,7 +451,7 @@ class SendWorker(Runner):
                         self._awaiting_commit.discard(env.key)
                         slot = True
                     try:
-                        self._defer_plainly(env.key, _reason("cannot record outcome", exc))
+                        self._defer_plainly(env.key, reason_line("cannot record outcome", exc))
                     except Exception as again:
                         # The row stays in `rows`, so it is not fetched and sent again;
                         # stop, and it goes back with the batch.
@@ -481,20 +465,22 @@ class SendWorker(Runner):
                     self._window.release()
                 queue.task_done()
 
+    # -- recording outcomes ---------------------------------------------------------
+
     def _defer_plainly(self, mid: int, reason: str) -> None:
         assert self.writer is not None
         delay = retry_delay(0, self.config.sending.retry_min, self.config.sending.retry_max)
-        self.writer.add("deferred", (mid, 0, reason, int(delay * 1_000_000)))
+        self.writer.add(MessageState.DEFERRED, (mid, 0, reason, int(delay * 1_000_000)))
 
     def _record(self, result: Result, row: Mapping[str, Any]) -> None:
         assert self.writer is not None
         mid = result.key
-        msgid = message_id_header(self.secret, mid, int(row["newsletter_id"]),
-                                  self.config.sending.envelope_domain)
+        msgid = self.composer.message_id(mid, int(row["newsletter_id"]))
         reply = result.reply[:500]
         s = self.config.sending
         if result.outcome is Outcome.SENT:
-            self.writer.add("sent", (mid, result.code, reply, msgid), (mid, "sent", reply))
+            self.writer.add(MessageState.SENT, (mid, result.code, reply, msgid),
+                            (mid, MessageState.SENT, reply))
         elif result.outcome is Outcome.FAILED or int(row["age"] or 0) > s.max_age:
             if result.outcome is Outcome.DEFERRED:
                 reply = f"gave up after {int(row['attempts']) + 1} attempts: {reply}"[:500]
@@ -502,130 +488,51 @@ class SendWorker(Runner):
             if result.blames_recipient:
                 bounce = {"email": row["email"], "message_id": mid,
                           "subscriber_id": int(row["subscriber_id"]),
-                          "status": _status(result.reply), "diagnostic": result.reply}
-            self.writer.add("failed", (mid, result.code, reply, msgid), (mid, "failed", reply),
-                            bounce)
+                          "status": enhanced_status(result.reply), "diagnostic": result.reply}
+            self.writer.add(MessageState.FAILED, (mid, result.code, reply, msgid),
+                            (mid, MessageState.FAILED, reply), bounce)
         else:
             delay = retry_delay(int(row["attempts"]), s.retry_min, s.retry_max)
-            self.writer.add("deferred", (mid, result.code, reply, int(delay * 1_000_000)))
+            self.writer.add(MessageState.DEFERRED,
+                            (mid, result.code, reply, int(delay * 1_000_000)))
         self.processed += 1
 
     # -- building the message ------------------------------------------------------
 
     def _parts(self, newsletter_id: int) -> NewsletterParts | None:
-        if newsletter_id not in self.parts:
-            # Database errors propagate (the runner retries the unit of work); only
-            # building from what was read is this newsletter's own problem.
+        """A newsletter's shared parts, read and built on first use (None: it is gone).
+
+        Database errors propagate (the runner retries the unit of work); only
+        building from what was read is this newsletter's own problem."""
+        if newsletter_id not in self.composer.parts:
             row = self.db.fetchone("newsletter_get", {"id": newsletter_id})
-            if row is None:
-                self.parts[newsletter_id] = None
-            else:
-                atts = self.db.fetchall("attachments_for_newsletter", {"id": newsletter_id})
-                self.parts[newsletter_id] = self._build_parts(row, atts)
-        return self.parts[newsletter_id]
-
-    def _build_parts(self, row: Mapping[str, Any],
-                     atts: list[dict[str, Any]]) -> NewsletterParts:
-        nid = int(row["id"])
-        parts = NewsletterParts(newsletter_id=nid, list_id=int(row["list_id"]),
-                                list_name=str(row["list_name"]), zdict=b"", tail=b"")
-        try:
-            parts.zdict = newsletter_zdict(row)
-            for a in atts:
-                data = a["data"]
-                if data is None or len(data) != int(a["size"]):
-                    got = "no data" if data is None else f"{len(data)} bytes"
-                    raise BuildError(f"attachment {a['filename']!r} (id {a['id']}) is corrupt: "
-                                     f"{got} stored, {a['size']} expected")
-            parts.tail = attachment_tail(nid, [
-                Attachment(a["filename"], a["content_type"], a["data"]) for a in atts])
-        except BuildError as exc:
-            parts.broken = f"newsletter {nid}: {exc}"
-        except Exception as exc:
-            log.exception("newsletter %s: cannot build the parts its messages share", nid)
-            parts.broken = _reason(f"newsletter {nid}: its shared parts cannot be built", exc)
-        if parts.broken is not None:
-            log.error("newsletter %s: every message of it fails here: %s", nid, parts.broken)
-        return parts
-
-    def _now_header(self) -> str:
-        now = int(time.time())
-        if self._date[1] != now:
-            self._date = (email.utils.formatdate(now, usegmt=True), now)
-        return self._date[0]
+            atts = [] if row is None else \
+                self.db.fetchall("attachments_for_newsletter", {"id": newsletter_id})
+            self.composer.remember(newsletter_id, row, atts)
+        return self.composer.parts[newsletter_id]
 
     def _build(self, row: Mapping[str, Any]) -> Envelope | None:
         """The message's Envelope; None when it was skipped or failed here (recorded)."""
+        assert self.writer is not None
         mid = int(row["id"])
-        reason = None
-        if row["status"] != "active":
-            reason = f"subscriber {row['status']}"
-        elif int(row["blocked"]):
-            reason = "address or domain blocked"
+        # Asked again at send time: the subscriber may have left since the merge.
+        reason = skip_reason(row["status"], int(row["blocked"]))
         parts = self._parts(int(row["newsletter_id"]))
         if parts is None:
             reason = "newsletter vanished"
-        assert self.writer is not None
         if reason or parts is None or row["body"] is None:
-            self.writer.add("skipped", (mid, reason or "no merged body"))
+            self.writer.add(MessageState.SKIPPED, (mid, reason or "no merged body"))
             return None
         try:
-            if parts.broken is not None:
-                raise BuildError(parts.broken)
-            return self._envelope(row, parts)
+            return self.composer.envelope(row, parts)
         except BuildError as exc:
             failure = f"cannot build message: {exc}"
             log.warning("message %s failed: %s", mid, failure)
         except Exception as exc:
             log.exception("message %s: unexpected error building it; failed", mid)
-            failure = _reason("cannot build message: unexpected error", exc)
+            failure = reason_line("cannot build message: unexpected error", exc)
         failure = failure[:MAX_REPLY]
-        self.writer.add("failed", (mid, 0, failure, None), (mid, "failed", failure))
+        self.writer.add(MessageState.FAILED, (mid, 0, failure, None),
+                        (mid, MessageState.FAILED, failure))
         self.processed += 1
         return None
-
-    def _envelope(self, row: Mapping[str, Any], parts: NewsletterParts) -> Envelope:
-        """Final bytes for one message; BuildError says which step refused it and why."""
-        mid = int(row["id"])
-        s = self.config.sending
-        token = unsubscribe_token(self.secret, int(row["subscriber_id"]), parts.list_id)
-        url = self.config.unsubscribe.url.format(token=token)
-        headers = [
-            ("Message-ID", message_id_header(self.secret, mid, parts.newsletter_id,
-                                             s.envelope_domain)),
-            ("Date", self._now_header()),
-            ("List-Unsubscribe", f"<{url}>, <mailto:{self.config.unsubscribe.mailto}"
-                                 f"?subject=unsubscribe%20{token}>"),
-            ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
-            ("List-Id", f"{safe_header_value(parts.list_name)} "
-                        f"<list{parts.list_id}.{s.envelope_domain}>"),
-            ("Precedence", "bulk"),
-        ]
-        try:
-            stored = decompress(row["body"], parts.zdict)
-        except zlib.error as exc:
-            raise BuildError(f"stored body is corrupt (zlib: {exc})") from None
-        try:
-            data = finalize(stored, parts.tail, headers)
-        except ValueError as exc:
-            raise BuildError(f"refused by finalize: {exc}") from None
-        if self.signer is not None:
-            try:
-                data = self.signer.sign(data)
-            except (ValueError, RuntimeError, OSError) as exc:
-                raise BuildError(f"DKIM signing failed: {exc}") from None
-        return Envelope(key=mid, sender=verp_address(self.secret, mid, s.envelope_domain),
-                        recipient=row["email"], data=data)
-
-
-def _reason(what: str, exc: BaseException, suffix: str = "") -> str:
-    """One line for the reply column: what failed and the exception, at most MAX_REPLY."""
-    text = " ".join(f"{what}: {type(exc).__name__}: {exc} {suffix}".split())
-    return text[:MAX_REPLY]
-
-
-def _status(reply: str) -> str | None:
-    for word in reply.split()[:3]:
-        if word.count(".") == 2 and word.replace(".", "").isdigit():
-            return word
-    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from .. import admin
+from ..states import SORT_PENDING
 from .balancer import BALANCER_STATEMENTS, BalancerRunner
 
 log = logging.getLogger(__name__)
@@ -13,7 +14,7 @@ log = logging.getLogger(__name__)
 class SortBalancer(BalancerRunner):
     role = "sort-balancer"
     worker_role = "sort"
-    pending_states = ("queued",)
+    pending_states = SORT_PENDING
     statements = (*BALANCER_STATEMENTS, "newsletters_due", "newsletter_lock_for_release",
                   "newsletter_release_messages", "newsletter_mark_released",
                   "list_subscriber_id_range",

@@ -40,12 +40,14 @@ from typing import Any
 
 from ..addresses import FromAddress
 from ..brakes import RenderStreak
+from ..config import Config
 from ..merge import NewsletterInfo, TemplateSource
 from ..ratelimit import RateLimiter
-from ..ratemeter import RateMeter
 from ..render_child import NewsletterJob, Rendered, RenderLimits, RenderProcess
-from ..runner import Runner
+from ..runner import RunOptions
+from ..states import SORT_PENDING, MessageState, NewsletterState, skip_reason
 from ..tokens import unsubscribe_token
+from .batch_worker import BATCH_STATEMENTS, LIMIT_BURST, BatchWorker
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +57,9 @@ CHUNK = 200
 @dataclass(frozen=True)
 class MergeResult:
     message_id: int
-    state: str  # merged | skipped | failed
+    state: MessageState  # MERGED, SKIPPED or FAILED
     body: bytes | None = None
     detail: str | None = None
-
-
-def skip_reason(status: str, blocked: int) -> str | None:
-    """Why a recipient must not be mailed, or None when they may be."""
-    if status != "active":
-        return f"subscriber {status}"
-    if blocked:
-        return "address or domain blocked"
-    return None
 
 
 def newsletter_job(row: Mapping[str, Any]) -> NewsletterJob:
@@ -81,43 +74,33 @@ def newsletter_job(row: Mapping[str, Any]) -> NewsletterJob:
                          bytes(row["zdict"]) if row["zdict"] is not None else None)
 
 
-class SortWorker(Runner):
+class SortWorker(BatchWorker):
     role = "sort"
-    statements = ("my_batches", "my_backlog", "batch_mark_done", "newsletter_get",
-                  "sort_batch_messages", "sort_mark", "my_batches_hand_back_messages",
-                  "my_batches_mark_reclaimed", "pending_for_role", "newsletter_set_zdict",
+    pending_states = SORT_PENDING
+    statements = (*BATCH_STATEMENTS, "sort_batch_messages", "sort_mark", "newsletter_set_zdict",
                   "newsletter_zdict", "newsletter_render_state", "newsletter_set_render_failures",
                   "newsletter_pause", "batch_hand_back_messages")
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.meter = RateMeter()
-        # burst=1: a capped worker must look like a slower server from its
-        # very first (probe) batch, or the balancer would over-trust it.
+    def __init__(self, config: Config, options: RunOptions) -> None:
+        super().__init__(config, options)
         # Paced per result as it comes back from the render child.
-        self.limiter = RateLimiter(self.options.max_rate, burst=1)
+        self.limiter = RateLimiter(options.max_rate, burst=LIMIT_BURST)
         # Report progress (rate, results) about once a second even when capped.
-        rate = self.options.max_rate
+        rate = options.max_rate
         self.chunk = CHUNK if rate is None else max(10, min(CHUNK, int(rate)))
         self.jobs: dict[int, NewsletterJob | None] = {}
         self.zdict_stored: set[int] = set()
-        self.secret = self.config.secret()
-        self.url_template = self.config.unsubscribe.url
-        s = self.config.sorting
+        self.url_template = config.unsubscribe.url
+        s = config.sorting
         self.renderer = RenderProcess(RenderLimits(s.render_timeout, s.render_memory_mb),
-                                      self.heartbeat, name=f"sendsystem-render {self.options.name}")
+                                      self.heartbeat, name=f"sendsystem-render {options.name}")
 
     def setup(self) -> None:
         # A new interpreter takes ~0.5-1 s to start: not while a batch waits.
         self.renderer.start()
 
-    def heartbeat_fields(self) -> dict[str, object]:
-        backlog = int(self.db.fetchval("my_backlog", {"worker": self.worker_id}) or 0)
-        return {"rate": self.meter.rate(), "backlog": backlog}
-
-    def drained(self) -> bool:
-        return not self.db.fetchall("my_batches", {"worker": self.worker_id}) and \
-            not self.db.fetchval("pending_for_role", {"states": ("queued",)})
+    def before_hand_back(self) -> None:
+        self.renderer.close()
 
     def job_for(self, newsletter_id: int) -> NewsletterJob | None:
         if newsletter_id not in self.jobs:
@@ -151,16 +134,16 @@ class SortWorker(Runner):
 
     def work(self) -> int:
         done = 0
-        for batch in self.db.fetchall("my_batches", {"worker": self.worker_id}):
+        for batch in self.my_batches():
             bid, nid = int(batch["id"]), int(batch["newsletter_id"])
             while not self.stopping:
                 streak = self.render_streak(nid)
                 if streak is None:
-                    self.hand_back(bid, nid)
+                    self.hand_back_paused(bid, nid)
                     break
                 rows = self.db.fetchall("sort_batch_messages", {"batch": bid, "limit": self.chunk})
                 if not rows:
-                    self.db.execute("batch_mark_done", {"batch": bid})
+                    self.mark_done(bid)
                     break
                 done += self.process(bid, nid, rows, streak)
             if self.stopping:
@@ -173,70 +156,103 @@ class SortWorker(Runner):
         row = self.db.fetchone("newsletter_render_state", {"id": newsletter_id})
         count = int(row["render_failures"]) if row else 0
         streak = RenderStreak(limit, count)
-        if row is not None and row["state"] == "paused" and streak.tripped:
+        if row is not None and row["state"] == NewsletterState.PAUSED and streak.tripped:
             return None
         return streak
 
-    def hand_back(self, batch: int, newsletter_id: int) -> None:
+    def hand_back_paused(self, batch: int, newsletter_id: int) -> None:
         """Give back the rest of a batch of a newsletter that paused itself."""
         with self.db.transaction():
             n = self.db.execute("batch_hand_back_messages", {"batch": batch})
-            self.db.execute("batch_mark_done", {"batch": batch})
+            self.mark_done(batch)
         if n:
             log.info("sort worker %s handed back %d messages of paused newsletter %s",
                      self.options.name, n, newsletter_id)
 
     def process(self, batch: int, newsletter_id: int, rows: list[dict[str, Any]],
                 streak: RenderStreak) -> int:
+        """Merge one chunk of a batch and write the results; how many were done."""
         started = time.monotonic()
         job = self.job_for(newsletter_id)
+        results, todo = self.triage(rows, job)
+        initial = streak.count
+        limited, limited_time = 0, 0.0
+        if job is not None and todo:
+            limited, limited_time = self.render(job, todo, streak, results)
+        self.store(batch, newsletter_id, results, streak, initial)
+        if streak.tripped:
+            self.hand_back_paused(batch, newsletter_id)
+        # The measured rate is what the balancer sizes batches by: time spent
+        # on a render that hit a limit says nothing about the next newsletter
+        # (that one pauses itself), so it is left out, with its messages.
+        busy = time.monotonic() - started - limited_time
+        if len(results) > limited and busy > 0:
+            self.meter.busy(len(results) - limited, busy)
+        self.processed += len(results)
+        return len(results)
+
+    def triage(self, rows: list[dict[str, Any]], job: NewsletterJob | None
+               ) -> tuple[list[MergeResult], list[tuple[int, str, str, str]]]:
+        """The rows decided without rendering (skipped, or their newsletter is gone), and
+        the rest as the render child takes them: (id, email, fields, unsubscribe URL)."""
         results: list[MergeResult] = []
         todo: list[tuple[int, str, str, str]] = []
         for row in rows:
             mid = int(row["id"])
             reason = skip_reason(row["status"], int(row["blocked"]))
             if reason:
-                results.append(MergeResult(mid, "skipped", detail=reason))
+                results.append(MergeResult(mid, MessageState.SKIPPED, detail=reason))
             elif job is None:
-                results.append(MergeResult(mid, "failed", detail="newsletter vanished"))
+                results.append(MergeResult(mid, MessageState.FAILED, detail="newsletter vanished"))
             else:
                 token = unsubscribe_token(self.secret, int(row["subscriber_id"]),
                                           int(row["list_id"]))
                 todo.append((mid, row["email"], row["fields"],
                              self.url_template.format(token=token)))
-        initial = streak.count
+        return results, todo
+
+    def render(self, job: NewsletterJob, todo: list[tuple[int, str, str, str]],
+               streak: RenderStreak, results: list[MergeResult]) -> tuple[int, float]:
+        """Render ``todo`` in the child, appending to ``results``; stops early when the
+        streak trips or the worker stops. Returns the renders that hit a limit and the
+        time they took (left out of the measured rate, see process())."""
         limited, limited_time = 0, 0.0
-        if job is not None and todo:
-            error = self.ensure_dictionary(job)
-            rendered = self.renderer.render(job, todo) if error is None else iter(
-                [Rendered(row[0], "failed", "render", detail=error[:500]) for row in todo])
-            try:
-                last = time.monotonic()
-                for r in rendered:
-                    self.limiter.acquire()
-                    # Results that are already in the pipe never make the
-                    # renderer wait (where it heartbeats): beat here too.
-                    self.heartbeat()
-                    now = time.monotonic()
-                    if r.kind == "limit":
-                        # Not this worker's speed: see the rate note in process().
-                        limited += 1
-                        limited_time += now - last
-                    last = now
-                    if r.state == "merged":
-                        streak.success()
-                        results.append(MergeResult(r.message_id, "merged", body=r.body))
-                        continue
-                    results.append(MergeResult(r.message_id, "failed", detail=r.detail))
-                    # Only the template's failures count; a recipient's bad
-                    # address or data does not say the template is broken.
-                    if r.kind in ("render", "limit") and streak.failure(r.detail or "?"):
-                        break
-                    if self.stopping:
-                        break
-            finally:
-                if isinstance(rendered, Generator):
-                    rendered.close()  # cancels what the child has not done yet
+        error = self.ensure_dictionary(job)
+        rendered = self.renderer.render(job, todo) if error is None else iter(
+            [Rendered(row[0], MessageState.FAILED, "render", detail=error[:500])
+             for row in todo])
+        try:
+            last = time.monotonic()
+            for r in rendered:
+                self.limiter.acquire()
+                # Results that are already in the pipe never make the
+                # renderer wait (where it heartbeats): beat here too.
+                self.heartbeat()
+                now = time.monotonic()
+                if r.kind == "limit":
+                    limited += 1
+                    limited_time += now - last
+                last = now
+                if r.state == MessageState.MERGED:
+                    streak.success()
+                    results.append(MergeResult(r.message_id, MessageState.MERGED, body=r.body))
+                    continue
+                results.append(MergeResult(r.message_id, MessageState.FAILED, detail=r.detail))
+                # Only the template's failures count; a recipient's bad
+                # address or data does not say the template is broken.
+                if r.kind in ("render", "limit") and streak.failure(r.detail or "?"):
+                    break
+                if self.stopping:
+                    break
+        finally:
+            if isinstance(rendered, Generator):
+                rendered.close()  # cancels what the child has not done yet
+        return limited, limited_time
+
+    def store(self, batch: int, newsletter_id: int, results: list[MergeResult],
+              streak: RenderStreak, initial: int) -> None:
+        """Write a chunk's results (only rows still in ``batch``) and the render streak, and
+        pause the newsletter when the streak tripped: one transaction."""
         with self.db.transaction():
             if results:
                 self.db.execute_values("sort_mark",
@@ -249,21 +265,3 @@ class SortWorker(Runner):
             if streak.tripped and self.db.execute(
                     "newsletter_pause", {"id": newsletter_id, "reason": streak.reason}):
                 log.warning("newsletter %s %s", newsletter_id, streak.reason)
-        if streak.tripped:
-            self.hand_back(batch, newsletter_id)
-        # The measured rate is what the balancer sizes batches by: time spent
-        # on a render that hit a limit says nothing about the next newsletter
-        # (that one pauses itself), so it is left out, with its messages.
-        busy = time.monotonic() - started - limited_time
-        if len(results) > limited and busy > 0:
-            self.meter.busy(len(results) - limited, busy)
-        self.processed += len(results)
-        return len(results)
-
-    def shutdown(self) -> None:
-        self.renderer.close()
-        with self.db.transaction():
-            n = self.db.execute("my_batches_hand_back_messages", {"worker": self.worker_id})
-            self.db.execute("my_batches_mark_reclaimed", {"worker": self.worker_id})
-        if n:
-            log.info("sort worker %s handed back %d messages", self.options.name, n)

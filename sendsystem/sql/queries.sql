@@ -41,9 +41,6 @@ INSERT INTO lists (name, from_name, from_address) VALUES (%(name)s, %(from_name)
 -- name: list_by_name
 SELECT id, name, from_name, from_address FROM lists WHERE name = %(name)s;
 
--- name: list_by_id
-SELECT id, name, from_name, from_address FROM lists WHERE id = %(id)s;
-
 -- name: list_all
 SELECT l.id, l.name, l.from_name, l.from_address,
        (SELECT COUNT(*) FROM subscribers s WHERE s.list_id = l.id AND s.status = 'active') AS active,

@@ -16,6 +16,7 @@ from wsgiref.types import WSGIApplication
 from ..bounce import recipients
 from ..config import Config, DatabaseConfig, load_config
 from ..db import Database
+from ..states import SubscriberStatus
 from ..tokens import UnsubscribeTarget
 from .app import UnsubscribeResult, make_app, path_prefix_from_url
 
@@ -46,8 +47,8 @@ class UnsubscribeService:
                                                              "list_id": target.list_id})
         if row is None:
             return UnsubscribeResult(ok=False, list_name=None, email=None)
-        return UnsubscribeResult(ok=row["status"] == "active", list_name=row["list_name"],
-                                 email=row["email"])
+        return UnsubscribeResult(ok=row["status"] == SubscriberStatus.ACTIVE,
+                                 list_name=row["list_name"], email=row["email"])
 
     def close(self) -> None:
         with self._lock:

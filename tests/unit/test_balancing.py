@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sendsystem.balancing import BalanceParams, WorkerState, balance, capacity
+from sendsystem.balancing import BalanceParams, balance, capacity
+from sendsystem.balancing import WorkerLoad as WorkerState
 from sendsystem.errors import ConfigError
 from sendsystem.ratemeter import RateMeter
 
