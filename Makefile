@@ -19,6 +19,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 test: venv mariadb postfix galera
 	$(BIN)/ruff check sendsystem tests bench
+	$(BIN)/mypy
 	$(BIN)/pytest -q tests/unit
 	$(BIN)/pytest -q tests/integration
 	$(BIN)/pytest -q tests/cluster
@@ -83,6 +84,7 @@ galera:
 
 lint: venv
 	$(BIN)/ruff check sendsystem tests bench
+	$(BIN)/mypy
 
 bench: venv mariadb postfix
 	$(BIN)/python bench/pipeline.py

@@ -9,6 +9,7 @@ are no module-level settings. Database settings may be overridden by the
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import difflib
 import os
 from collections.abc import Mapping
@@ -218,7 +219,8 @@ def _section(cp: configparser.ConfigParser, section: str, cls: type, source: str
              skip: tuple[str, ...] = ()) -> dict[str, object]:
     defaults = cls()
     values: dict[str, object] = {}
-    for name, f in cls.__dataclass_fields__.items():
+    for f in dataclasses.fields(cls):
+        name = f.name
         if name in skip:
             continue
         default = getattr(defaults, name)
@@ -226,7 +228,6 @@ def _section(cp: configparser.ConfigParser, section: str, cls: type, source: str
         if isinstance(default, Path):
             kind = Path
         values[name] = _get(cp, section, name, default, kind, source)
-        del f
     return values
 
 
@@ -323,7 +324,7 @@ def check_known_keys(cp: configparser.ConfigParser, source: str) -> None:
         if cls is None:
             raise ConfigError(f"{source}: unknown section [{section}]"
                               f"{_nearest(section, list(SECTIONS))}")
-        keys = list(cls.__dataclass_fields__)
+        keys = [f.name for f in dataclasses.fields(cls)]
         for key in cp.options(section):
             if key not in keys:
                 raise ConfigError(f"{source}: [{section}] unknown key {key!r}"

@@ -67,23 +67,23 @@ import operator
 import re
 import string
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from email.utils import parseaddr
 from itertools import islice
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 from jinja2 import meta, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.filters import FILTERS
 from jinja2.sandbox import (
     MAX_RANGE,
     ImmutableSandboxedEnvironment,
     SandboxedEscapeFormatter,
     SandboxedFormatter,
-    SecurityError,
 )
 from markupsafe import Markup
 
@@ -340,7 +340,8 @@ class _RefusingLoader(jinja2.BaseLoader):
 
 # Attribute names of the mapping types templates see; a dict key that is not
 # one of these is resolved by Jinja to the item anyway (see getattr below).
-_MAPPING_ATTRS = {dict: frozenset(dir(dict)), MappingProxyType: frozenset(dir(MappingProxyType))}
+_MAPPING_ATTRS: dict[type, frozenset[str]] = {
+    dict: frozenset(dir(dict)), MappingProxyType: frozenset(dir(MappingProxyType))}
 
 
 class _Environment(ImmutableSandboxedEnvironment):
@@ -391,7 +392,7 @@ class _Environment(ImmutableSandboxedEnvironment):
         f_self: str = value.__self__
         is_format_map = value.__name__ == "format_map"
         formatter: SandboxedFormatter = (
-            _CappedEscapeFormatter(self, escape=f_self.escape)  # type: ignore[attr-defined]
+            _CappedEscapeFormatter(self, escape=f_self.escape)
             if isinstance(f_self, Markup) else _CappedFormatter(self))
 
         def capped(*args: Any, **kwargs: Any) -> str:
@@ -424,10 +425,11 @@ def _refuse_unsafe_nodes(part: str, ast: nodes.Template) -> None:
             f"{part} template, line {node.lineno}: {{% {keyword} %}} is not allowed; "
             "a template must be self-contained (paste the shared part in)"
         )
-    for node in ast.find_all(nodes.Getattr):
-        if node.attr.startswith("_"):
+    for getattr_node in ast.find_all(nodes.Getattr):
+        if getattr_node.attr.startswith("_"):
             raise TemplateError(
-                f"{part} template, line {node.lineno}: attribute {node.attr!r} is not "
+                f"{part} template, line {getattr_node.lineno}: attribute "
+                f"{getattr_node.attr!r} is not "
                 "allowed (names starting with '_' are private)"
             )
 
@@ -649,7 +651,9 @@ def _render(template: jinja2.Template, part: str, context: dict[str, Any]) -> st
     """
     out: list[str] = []
     size = 0
-    gen = template.root_render_func(template.new_context(context))
+    # Jinja types it an Iterator; it is the compiled template's generator.
+    gen = cast(Generator[str, None, None],
+               template.root_render_func(template.new_context(context)))
     try:
         while True:
             block = list(islice(gen, _BLOCK))

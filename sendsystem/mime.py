@@ -171,7 +171,8 @@ def address_header(name: str, value: str) -> bytes:
     header = _SMTP.header_factory(name, value)
     if header.defects:
         raise ValueError(f"{name} header {value!r} is not valid: {header.defects[0]}")
-    return header.fold(policy=_SMTP).encode("ascii")
+    folded: str = header.fold(policy=_SMTP)
+    return folded.encode("ascii")
 
 
 @dataclass(frozen=True)

@@ -213,7 +213,8 @@ def _header_blocks(part: Message) -> list[Message]:
     payload = part.get_payload()
     encoded = str(part.get("Content-Transfer-Encoding", "")).strip().lower() in (
         "base64", "quoted-printable")
-    if not encoded and isinstance(payload, list) and any(len(b.keys()) for b in payload):
+    if not encoded and isinstance(payload, list) and any(
+            isinstance(b, Message) and len(b.keys()) for b in payload):
         return [b for b in payload if isinstance(b, Message)]
     text = _decoded_text(part) if encoded else _text_payload(part)
     return [message_from_string(chunk) for chunk in re.split(r"\r?\n\s*\r?\n", text) if chunk]
@@ -229,6 +230,8 @@ def _decoded_text(part: Message) -> str:
         # payload. Rejoin them (the parser drops the blank after a colon: put one back).
         blocks = []
         for b in payload:
+            if not isinstance(b, Message):
+                continue
             lines = [f"{name}: {value}" for name, value in b.raw_items()]
             rest = b.get_payload()
             if isinstance(rest, str) and rest:
@@ -259,7 +262,7 @@ def _embedded_originals(msg: Message) -> list[Message]:
         ctype = part.get_content_type()
         if ctype == "message/rfc822":
             payload = part.get_payload()
-            if isinstance(payload, list) and payload:
+            if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                 found.append(payload[0])
         elif ctype in ("text/rfc822-headers", "text/rfc822-header"):
             found.append(message_from_string(_text_payload(part)))
@@ -538,7 +541,7 @@ def _find_token(secret: bytes, texts: Iterable[str]) -> str | None:
     for text in texts:
         for cand in _TOKEN_SEARCH_RE.findall(text.replace("%20", " ")):
             if verify_unsubscribe_token(secret, cand) is not None:
-                return cand
+                return str(cand)
     return None
 
 

@@ -181,11 +181,11 @@ def process(db: Database, config: Config, raw: bytes,
             return IntakeOutcome(Action.IGNORED, kind, report.diagnostic)
         return _unverified(db, config, report, forged)
 
-    common = {"email": target.email, "message_id": target.message_id,
-              "subscriber_id": target.subscriber_id, "evidence": target.via}
     if kind is BounceKind.COMPLAINT:
         done = recipients.record_complaint(db, config.bounce, diagnostic=report.diagnostic,
-                                           **common)
+                                           email=target.email, evidence=target.via,
+                                           message_id=target.message_id,
+                                           subscriber_id=target.subscriber_id)
     elif kind is BounceKind.AUTOREPLY:
         assert target.message_id is not None
         with db.transaction():
@@ -194,7 +194,9 @@ def process(db: Database, config: Config, raw: bytes,
             if not db.fetchval("bounce_seen_for_message",
                                {"message_id": target.message_id, "kind": "autoreply"}):
                 recipients.store_event(db, kind="autoreply", diagnostic=report.diagnostic,
-                                       **common)
+                                       email=target.email, evidence=target.via,
+                                       message_id=target.message_id,
+                                       subscriber_id=target.subscriber_id)
                 done = recipients.Recorded(stored=True, status_changed=False)
     else:
         assert target.message_id is not None

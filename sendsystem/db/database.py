@@ -136,7 +136,7 @@ class Database:
         Also sets the session up: the idle-transaction limit, and causal
         reads on Galera (see the module docstring).
         """
-        with conn.cursor() as cur:
+        with conn.cursor(pymysql.cursors.DictCursor) as cur:
             try:
                 # A client that hangs or vanishes inside a transaction (a frozen
                 # host keeps its TCP connection open) would hold its row locks,
@@ -154,7 +154,7 @@ class Database:
                     self.galera = False
                     return None
                 raise
-            state = cur.fetchone() or {}
+            state: dict[str, Any] = cur.fetchone() or {}
             self.galera = bool(state.get("wsrep_on"))
             if not self.galera:
                 return None
@@ -232,7 +232,7 @@ class Database:
             connected = self._conn is not None
             try:
                 conn = self._ensure()
-                with conn.cursor() as cur:
+                with conn.cursor(pymysql.cursors.DictCursor) as cur:
                     result = op(cur)
                 if self._outage_since is not None:
                     log.warning("database reachable again after %.1fs",
@@ -442,7 +442,8 @@ class Database:
             current = 0
             if cur.fetchone():
                 cur.execute("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version")
-                current = int(cur.fetchone()["v"])
+                row = cur.fetchone()
+                current = int(row["v"]) if row else 0
             start = current
             for version, path in migrations():
                 if version <= current or (up_to is not None and version > up_to):
@@ -467,7 +468,7 @@ class Database:
                 "[database] / SENDSYSTEM_DB_* to point at it."
             ) from None
         try:
-            with admin.cursor() as cur:
+            with admin.cursor(pymysql.cursors.DictCursor) as cur:
                 yield cur
         finally:
             admin.close()

@@ -22,7 +22,7 @@ from sendsystem.states import (
     worker_dead,
 )
 
-MIGRATION = Path(__file__).parents[1] / "sendsystem" / "sql" / "migrations" / "001_initial.sql"
+MIGRATION = Path(__file__).parents[2] / "sendsystem" / "sql" / "migrations" / "001_initial.sql"
 
 
 def _enum_values(table: str, column: str) -> list[str]:
