@@ -2,10 +2,10 @@
 
 Why: between the relay's 250 and the database commit that marks the message
 sent there is a window; a worker killed with SIGKILL in it would, on restart,
-send the message again. The worker appends each flush-batch of results here
-*before* committing them to MySQL, replays the file at start-up (applying
-what the DB does not have yet), and truncates it once the DB has committed
-everything in it.
+send the message again. The worker appends each final result here the
+moment the relay answers, *before* the outcome writer commits it to MySQL,
+replays the file at start-up (applying what the DB does not have yet), and
+truncates it once the DB has committed everything in it.
 
 File: ``<directory>/<name>.journal``, UTF-8 text, one entry a line::
 
