@@ -286,6 +286,49 @@ def cancel(db: Database, newsletter_id: int) -> int:
         return db.execute("newsletter_cancel_messages", {"id": newsletter_id})
 
 
+def reply_like(pattern: str | None) -> str:
+    """A LIKE pattern from ``--reply``: shell wildcards (``*``, ``?``) over the whole
+    reply, or, without wildcards, text the reply contains."""
+    if not pattern:
+        return "%"
+    text = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    if "*" not in pattern and "?" not in pattern:
+        return f"%{text}%"
+    return text.replace("*", "%").replace("?", "_")
+
+
+def retry_failed(db: Database, newsletter_id: int, reply: str | None = None) -> int:
+    """Queue the failed messages of a newsletter again (e.g. after a relay was
+    misconfigured); never those of a bounced, unsubscribed, complained or blocked
+    recipient, nor a failure that was recorded as a bounce. Returns how many."""
+    nl = get_newsletter(db, newsletter_id)
+    if nl["state"] not in ("running", "done", "paused"):
+        raise UserError(f"Newsletter {newsletter_id} is {nl['state']}; only a running, paused "
+                        "or done newsletter can have its failed messages sent again.")
+    with db.transaction():
+        n = db.execute("newsletter_retry_failed", {"id": newsletter_id,
+                                                   "pattern": reply_like(reply)})
+        if n:
+            db.execute("newsletter_reopen", {"id": newsletter_id})
+    log.info("newsletter %s: %d failed messages queued again", newsletter_id, n)
+    return n
+
+
+# ------------------------------------------------------------------ lists: relay group
+
+def set_list_relays(db: Database, name: str, group: str, known: set[str] | None = None) -> None:
+    """Send the list's mail only through relay group ``group`` ("" or "default": the
+    relays without a group). ``known``: the groups this server's config has."""
+    get_list(db, name)
+    group = "" if group.strip().lower() in ("", "default") else group.strip()
+    if known is not None and group not in known:
+        have = ", ".join(sorted(g or "default" for g in known))
+        raise UserError(f"No relay in this server's config is in group {group!r} (groups: "
+                        f"{have}). Add group = {group} to a [relay NAME] section first, on "
+                        "every send server.")
+    db.execute("list_set_relay_group", {"name": name, "group": group or None})
+
+
 # ----------------------------------------------------------------- workers
 
 def find_worker(db: Database, ident: str) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class NewsletterParts:
     zdict: bytes
     tail: bytes
     list_id_header: str = ""  # the List-Id value
+    relay_group: str = ""  # the list's relay group ("" = the default group)
     # Set when the shared parts cannot be built: every message of it fails with it.
     broken: str | None = None
 
@@ -90,7 +91,8 @@ def newsletter_parts(row: Mapping[str, Any], attachments: Sequence[Mapping[str, 
     """
     nid = int(row["id"])
     parts = NewsletterParts(newsletter_id=nid, list_id=int(row["list_id"]),
-                            list_name=str(row["list_name"]), zdict=b"", tail=b"")
+                            list_name=str(row["list_name"]), zdict=b"", tail=b"",
+                            relay_group=str(row.get("relay_group") or ""))
     try:
         parts.list_id_header = list_id(parts.list_name, f"list{parts.list_id}", domain)
         parts.zdict = newsletter_zdict(row)
@@ -203,4 +205,5 @@ class Composer:
             list_id_header=parts.list_id_header)
         return Envelope(key=mid, sender=verp_address(self.secret, mid, self.domain),
                         recipient=row["email"],
-                        data=wire_bytes(row["body"], parts, headers, self.signer))
+                        data=wire_bytes(row["body"], parts, headers, self.signer),
+                        group=parts.relay_group)

@@ -12,6 +12,7 @@ import configparser
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,13 +88,56 @@ class BalancerConfig:
     probe_batch: int = 50
 
 
+TLS_MODES = ("none", "starttls", "tls")
+AUTH_MODES = ("auto", "plain", "login")
+
+
 @dataclass(frozen=True)
 class Relay:
+    """One relay: ``[relay NAME]`` sections, or an unnamed ``[sending] relays`` entry.
+
+    An unnamed relay is plain SMTP with the ``[sending]`` defaults, as before.
+    ``None`` for connections / messages_per_connection / helo means "the
+    ``[sending]`` value"; ``rate`` and ``daily_quota`` hold for the whole
+    cluster (sendsystem/relaylimits.py).
+    """
+
     host: str
     port: int
+    name: str = ""  # "" for an unnamed relay: then it is called host:port
+    group: str = ""  # "" = the default group
+    tls: str = "none"  # none | starttls | tls (implicit TLS, port 465)
+    verify: bool = True  # certificate chain and host name
+    ca_file: Path | None = None
+    username: str = ""
+    password: str = field(default="", repr=False)
+    auth: str = "auto"  # auto | plain | login
+    helo: str | None = None
+    connections: int | None = None
+    messages_per_connection: int | None = None
+    idle_timeout: float = 30.0  # a connection idle longer is closed and opened anew
+    weight: float = 1.0
+    rate: float | None = None  # messages/s, cluster-wide
+    daily_quota: int | None = None  # messages per day (database clock), cluster-wide
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        if self.name:
+            return self.name
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def limited(self) -> bool:
+        return self.rate is not None or self.daily_quota is not None
+
+
+# The keys of a [relay NAME] section, with their types.
+RELAY_KEYS: Mapping[str, type] = {
+    "host": str, "port": int, "group": str, "tls": str, "verify": bool, "ca_file": Path,
+    "username": str, "password": str, "auth": str, "helo": str, "connections": int,
+    "messages_per_connection": int, "idle_timeout": float, "weight": float, "rate": float,
+    "daily_quota": int,
+}
+RELAY_SECTION = re.compile(r"relay\s+([A-Za-z0-9][A-Za-z0-9_.-]{0,63})")
 
 
 @dataclass(frozen=True)
@@ -246,6 +290,55 @@ def parse_relays(text: str, source: str = "config") -> tuple[Relay, ...]:
     return tuple(relays)
 
 
+def parse_relay_sections(cp: configparser.ConfigParser, source: str,
+                         env: Mapping[str, str]) -> tuple[Relay, ...]:
+    """The ``[relay NAME]`` sections, in file order.
+
+    The password may come from ``$SENDSYSTEM_RELAY_<NAME>_PASSWORD`` (NAME
+    upper-cased, '-' and '.' as '_') so that it need not be in the file.
+    """
+    relays = []
+    for section in cp.sections():
+        m = RELAY_SECTION.fullmatch(section)
+        if m is None or section in SECTIONS:
+            continue
+        name = m.group(1)
+        values: dict[str, object] = {"name": name}
+        for key, kind in RELAY_KEYS.items():
+            default = getattr(Relay, key, None) if key not in ("host", "port") else None
+            values[key] = _get(cp, section, key, default, kind, source)
+        if not values["host"]:
+            raise ConfigError(f"{source}: [{section}] needs host = (the relay's host name)")
+        tls = str(values["tls"]).lower()
+        if tls not in TLS_MODES:
+            raise ConfigError(f"{source}: [{section}] tls = {tls!r}; use none, starttls "
+                              "(port 587 or 25) or tls (implicit TLS, port 465)")
+        values["tls"] = tls
+        if values["port"] is None:
+            values["port"] = 465 if tls == "tls" else 587 if values["username"] else 25
+        auth = str(values["auth"]).lower()
+        if auth not in AUTH_MODES:
+            raise ConfigError(f"{source}: [{section}] auth = {auth!r}; use auto, plain or login")
+        values["auth"] = auth
+        var = "SENDSYSTEM_RELAY_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper() + "_PASSWORD"
+        if env.get(var):
+            values["password"] = env[var]
+        if values["password"] and not values["username"]:
+            raise ConfigError(f"{source}: [{section}] has a password but no username")
+        if values["username"] and tls == "none":
+            raise ConfigError(f"{source}: [{section}] sends a password (username = ...) over "
+                              "plain SMTP; set tls = starttls or tls")
+        for key in ("connections", "messages_per_connection", "daily_quota"):
+            if values[key] is not None and int(values[key]) < 1:  # type: ignore[call-overload]
+                raise ConfigError(f"{source}: [{section}] {key} must be at least 1")
+        for key in ("rate", "weight", "idle_timeout"):
+            if values[key] is not None and not float(values[key]) > 0:  # type: ignore[arg-type]
+                raise ConfigError(f"{source}: [{section}] {key} must be above 0")
+        values["helo"] = values["helo"] or None
+        relays.append(Relay(**values))  # type: ignore[arg-type]
+    return tuple(relays)
+
+
 def parse_db_hosts(text: str, default_port: int, source: str = "config") -> tuple[DbHost, ...]:
     """``host[:port], host[:port], ...``; IPv6 addresses in brackets (``[::1]:3306``)."""
     hosts = []
@@ -321,10 +414,16 @@ def check_known_keys(cp: configparser.ConfigParser, source: str) -> None:
     """
     for section in cp.sections():
         cls = SECTIONS.get(section)
-        if cls is None:
+        if section.startswith("relay") and cls is None:
+            if not RELAY_SECTION.fullmatch(section):
+                raise ConfigError(f"{source}: [{section}]: a relay section is [relay NAME], "
+                                  "NAME being letters, digits, '.', '_' or '-' (at most 64)")
+            keys = list(RELAY_KEYS)
+        elif cls is None:
             raise ConfigError(f"{source}: unknown section [{section}]"
-                              f"{_nearest(section, list(SECTIONS))}")
-        keys = [f.name for f in dataclasses.fields(cls)]
+                              f"{_nearest(section, [*SECTIONS, 'relay NAME'])}")
+        else:
+            keys = [f.name for f in dataclasses.fields(cls)]
         for key in cp.options(section):
             if key not in keys:
                 raise ConfigError(f"{source}: [{section}] unknown key {key!r}"
@@ -367,8 +466,11 @@ def load_config(path: str | os.PathLike[str] | None = None,
                 raise ConfigError(f"${var} = {env[var]!r} is not a valid {kind.__name__}") from None
 
     sending = _section(cp, "sending", SendingConfig, source, skip=("relays", "domain_rates"))
-    sending["relays"] = (parse_relays(cp.get("sending", "relays"), source)
-                         if cp.has_option("sending", "relays") else SendingConfig().relays)
+    named = parse_relay_sections(cp, source, env)
+    if cp.has_option("sending", "relays"):
+        sending["relays"] = parse_relays(cp.get("sending", "relays"), source) + named
+    else:
+        sending["relays"] = named or SendingConfig().relays
     sending["domain_rates"] = (parse_domain_rates(cp.get("sending", "domain_rates"), source)
                                if cp.has_option("sending", "domain_rates") else {})
 
@@ -413,6 +515,10 @@ def _validate(config: Config) -> None:
             f"{config.source}: [balancer] heartbeat_timeout must be more than twice tick_seconds"
         )
     s = config.sending
+    names = [str(r) for r in s.relays]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{config.source}: relay {dupes[0]} is listed twice")
     if s.unconfirmed_window < 0:
         raise ConfigError(f"{config.source}: [sending] unconfirmed_window must be 0 "
                           "(connections x relays) or a positive number of messages")

@@ -27,6 +27,42 @@ Decisions worth knowing:
   or the last reply code seen in this call, reply starting "no relay
   available:") so the worker can back off instead of hanging.
 * See :func:`classify_reply` for how reply codes become outcomes.
+
+Relays of a smarthost or an ESP (``[relay NAME]``):
+
+* **Groups.** An envelope names its relay group (its list's, "" = the
+  default group: every relay without ``group``); it only ever goes to a
+  relay of that group, so one customer's mail never leaves through another
+  customer's IPs. A group with no relay defers the message with that reason.
+* **Weighted choice**: smooth weighted round-robin (nginx's) among the
+  group's healthy relays that have a free connection: with weights 3 and 1
+  the sequence is A A B A ..., deterministic and spread out, and equal
+  weights are plain round-robin.
+* **TLS and AUTH** happen when a connection opens; a TLS failure (untrusted
+  certificate, wrong host name, STARTTLS not offered) or a refused
+  authentication sets the relay aside with the reason, like a refused
+  connection: its messages are deferred, never failed, and nothing is sent
+  before TLS is up (aiosmtplib raises before MAIL FROM). A "530
+  authentication required" at MAIL FROM is the same misconfiguration.
+* **Throttling** (:func:`sendsystem.smtpstatus.is_throttling`: 454, or a 4xx
+  that says rate/throttle/too many) slows the relay rather than only
+  setting it aside: the pool paces that relay at half the rate it had just
+  measured for it, or its configured ``rate`` (at most one halving per
+  SLOW_MIN_INTERVAL: sibling connections are refused together, and the new
+  pace needs time to show), and the rate grows back by half every
+  ``SLOW_RECOVER`` seconds without a throttling reply, so a full recovery
+  from 1/8 takes about two minutes. The refused message was not accepted
+  (a 4xx), so it is tried again at the slower pace.
+* **Cluster-wide rate and daily quota** (``rate``, ``daily_quota``) are
+  tokens claimed from the database by :class:`sendsystem.relaylimits.ClusterLimits`
+  right before a transaction; a relay whose quota is used up is skipped
+  until the next check (``QUOTA_RECHECK``) and its messages defer.
+* **Idle connections**: one idle longer than the relay's ``idle_timeout``
+  is closed and a new one opened (servers drop idle clients, often
+  silently behind a NAT); one found closed at MAIL FROM is retried on a new
+  connection. After any refused transaction the connection is RSET before
+  reuse, or dropped when RSET fails, so a reused connection never answers
+  "503 sender already specified".
 """
 
 from __future__ import annotations
@@ -35,11 +71,13 @@ import asyncio
 import logging
 import re
 import socket
+import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import aiosmtplib
 from aiosmtplib import (
@@ -56,11 +94,27 @@ from aiosmtplib import (
 from aiosmtplib.email import parse_address
 
 from .config import Relay
-from .smtpstatus import Cause, read_reply
+from .ratelimit import _Bucket
+from .smtpstatus import Cause, is_throttling, read_reply, refuses_sender_auth
 
 log = logging.getLogger(__name__)
 
 MAX_REPLY = 500
+# Throttled relays: the paced rate grows by half after this many seconds
+# without a throttling reply; at most one halving per SLOW_MIN_INTERVAL.
+SLOW_RECOVER = 20.0
+SLOW_MIN_INTERVAL = 5.0
+SLOW_FLOOR = 0.2  # messages/s: a throttled relay is never paced slower
+RATE_WINDOW = 10.0  # seconds over which a relay's current rate is measured
+QUOTA_RECHECK = 60.0  # seconds a relay whose daily quota is used up is skipped
+
+
+class RelayLimits(Protocol):
+    """Cluster-wide limits (sendsystem.relaylimits.ClusterLimits implements it)."""
+
+    async def take(self, relay: Relay, factor: float = 1.0) -> str | None:
+        """Wait for the relay's rate (times ``factor`` while it throttles us); None: go;
+        a reason: its daily quota is used up."""
 
 class Outcome(StrEnum):
     SENT = "sent"
@@ -76,6 +130,7 @@ class Envelope:
     sender: str  # VERP envelope sender (MAIL FROM)
     recipient: str  # RCPT TO
     data: bytes  # final message bytes with CRLF line ends (dot-stuffing is done here)
+    group: str = ""  # relay group of the message's list; "" = the default group
 
 
 @dataclass(frozen=True)
@@ -206,26 +261,55 @@ class _ConnectFailed(Exception):
 
 
 class _Conn:
-    __slots__ = ("smtp", "uses")
+    __slots__ = ("smtp", "used_at", "uses")
 
     def __init__(self, smtp: aiosmtplib.SMTP) -> None:
         self.smtp = smtp
         self.uses = 0
+        self.used_at = time.monotonic()
 
 
 class _RelayState:
     """Mutable bookkeeping for one relay (owned by the pool's event loop)."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, connections: int, per_connection: int) -> None:
         self.relay = relay
         self.name = str(relay)
+        self.connections = relay.connections or connections
+        self.per_connection = relay.messages_per_connection or per_connection
         self.idle: list[_Conn] = []
         self.busy = 0
         self.failures = 0  # consecutive set-asides without a served MAIL FROM since
         self.down_until = 0.0  # time.monotonic() before which the relay is not used
+        self.quota_until = 0.0  # time.monotonic() before which its quota is used up
         self.last_error = ""
         self.opened = 0
         self.counts = {Outcome.SENT: 0, Outcome.DEFERRED: 0, Outcome.FAILED: 0}
+        self.current_weight = 0.0  # smooth weighted round-robin
+        self.sent_at: deque[float] = deque()  # monotonic times of 250s in RATE_WINDOW
+        # Throttling: the paced rate, when it ends, and the pacer.
+        self.slow_rate: float | None = None
+        self.slow_full = 0.0
+        self.slowed_at = 0.0
+        self.pace: _Bucket | None = None
+        self.throttled = 0
+
+    def rate(self, now: float) -> float:
+        """Messages/s this pool got accepted by the relay over the last RATE_WINDOW."""
+        while self.sent_at and self.sent_at[0] < now - RATE_WINDOW:
+            self.sent_at.popleft()
+        if not self.sent_at:
+            return 0.0
+        return len(self.sent_at) / max(1.0, min(RATE_WINDOW, now - self.sent_at[0]))
+
+    def health(self, now: float) -> str:
+        if self.down_until > now:
+            return "set aside"
+        if self.quota_until > now:
+            return "quota reached"
+        if self.slow_rate is not None:
+            return "slowed"
+        return "ok"
 
 
 class DeliveryPool:
@@ -248,14 +332,18 @@ class DeliveryPool:
         relay_backoff_max: float = 300.0,
         start_tls: bool | None = False,
         validate_certs: bool = True,
+        limits: RelayLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not relays:
             raise ValueError("DeliveryPool needs at least one relay")
         if connections < 1 or messages_per_connection < 1:
             raise ValueError("connections and messages_per_connection must be at least 1")
-        self._relays = [_RelayState(r) for r in relays]
+        self._relays = [_RelayState(r, connections, messages_per_connection) for r in relays]
         self._connections = connections
         self._per_connection = messages_per_connection
+        self._limits = limits
+        self._clock = clock
         self._timeout = timeout
         self._helo = helo or None
         self._backoff_min = relay_backoff_min
@@ -263,32 +351,65 @@ class DeliveryPool:
         # False: plain SMTP (a local Postfix); None: STARTTLS when offered; True: required.
         self._start_tls = start_tls
         self._validate_certs = validate_certs
-        self._rr = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
         # A whole relay list down, or several 421s in a row, is worth several tries.
         self._max_attempts = 2 * len(self._relays) + 1
+        self._groups = {r.group for r in relays}
 
     # -- public API -------------------------------------------------------------------
 
     async def deliver(self, env: Envelope) -> Result:
         """Send one message; returns its Result and never raises for SMTP/network trouble."""
         last: tuple[int, str, str] = (0, "", "")  # code, reply, relay of the last failure
+        if env.group not in self._groups:
+            return Result(env.key, Outcome.DEFERRED, 0, _reply(
+                0, f"no relay available: no relay in group {env.group or '(default)'!r}; "
+                   "add one ([relay NAME] group = ...) or change the list's group "
+                   "(sendsystem list set NAME --relays GROUP)"), "", False)
         for _ in range(self._max_attempts):
-            state = await self._acquire()
+            state = await self._acquire(env.group)
             if state is None:
                 break
             try:
-                result = await self._attempt(state, env)
+                result = await self._paced_attempt(state, env)
             finally:
                 state.busy -= 1
                 self._wake_one()
             if isinstance(result, Result):
                 state.counts[result.outcome] += 1
+                if result.outcome is Outcome.SENT:
+                    state.sent_at.append(self._clock())
                 return result
             last = result
         return self._unavailable(env, last)
+
+    async def _paced_attempt(self, state: _RelayState,
+                             env: Envelope) -> Result | tuple[int, str, str]:
+        """Wait for the relay's throttling pace and cluster-wide limits, then one try."""
+        clustered = self._limits is not None and state.relay.limited
+        factor = 1.0
+        if state.slow_rate is not None:
+            self._recover(state)
+        if state.slow_rate is not None:
+            if clustered and state.relay.rate:
+                # The cluster-wide bucket refills at the slower rate for our claims.
+                factor = state.slow_rate / state.relay.rate
+            elif state.pace is not None:
+                wait = state.pace.reserve(1)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+        if self._limits is not None and state.relay.limited:
+            refused = await self._limits.take(state.relay, factor)
+            if refused is not None:
+                if state.quota_until <= self._clock():
+                    log.warning("relay %s: %s", state.name, refused)
+                state.quota_until = self._clock() + QUOTA_RECHECK
+                state.last_error = refused
+                self._wake_all()  # waiters for this relay must look elsewhere or give up
+                return 0, refused, state.name
+        return await self._attempt(state, env)
 
     async def close(self) -> None:
         """QUIT every idle connection and wait for retiring ones; later deliver() defers."""
@@ -309,8 +430,13 @@ class DeliveryPool:
             down = s.down_until > now
             out.append({
                 "relay": s.name,
+                "group": s.relay.group,
                 "host": s.relay.host,
                 "port": s.relay.port,
+                "health": s.health(now),
+                "rate": round(s.rate(now), 3),
+                "slow_rate": s.slow_rate,
+                "throttled": s.throttled,
                 "up": not down,
                 "retry_at": time.time() + (s.down_until - now) if down else None,
                 "failures": s.failures,
@@ -326,27 +452,30 @@ class DeliveryPool:
 
     # -- slots ------------------------------------------------------------------------
 
-    async def _acquire(self) -> _RelayState | None:
-        """Take a transaction slot on the least busy healthy relay; None if none is up."""
+    async def _acquire(self, group: str = "") -> _RelayState | None:
+        """Take a transaction slot on a healthy relay of ``group`` with a free connection,
+        by smooth weighted round-robin; None if none of the group is up."""
         loop = asyncio.get_running_loop()
         relays = self._relays
-        n = len(relays)
         while not self._closed:
             now = time.monotonic()
+            clock_now = self._clock()
             best: _RelayState | None = None
-            best_free = 0
+            total = 0.0
             healthy = False
-            for i in range(n):
-                s = relays[(self._rr + i) % n]
-                if s.down_until > now:
+            for s in relays:
+                if s.relay.group != group or s.down_until > now or s.quota_until > clock_now:
                     continue
                 healthy = True
                 # A relay coming back from a set-aside is probed with one connection.
-                free = (self._connections if s.failures == 0 else 1) - s.busy
-                if free > best_free:
-                    best, best_free = s, free
+                if (s.connections if s.failures == 0 else 1) - s.busy <= 0:
+                    continue
+                s.current_weight += s.relay.weight
+                total += s.relay.weight
+                if best is None or s.current_weight > best.current_weight:
+                    best = s
             if best is not None:
-                self._rr = (self._rr + 1) % n
+                best.current_weight -= total
                 best.busy += 1
                 return best
             if not healthy:
@@ -381,8 +510,12 @@ class DeliveryPool:
         now = time.monotonic()
         parts = []
         for s in self._relays:
+            if s.relay.group != env.group:
+                continue
             wait = s.down_until - now
             state = f"set aside, retry in {wait:.0f}s" if wait > 0 else "up"
+            if wait <= 0 and s.quota_until > self._clock():
+                state = "daily quota used up"
             parts.append(f"{s.name} {state}" + (f" ({s.last_error})" if s.last_error else ""))
         if self._closed:
             parts = ["delivery pool closed"]
@@ -405,17 +538,75 @@ class DeliveryPool:
             conn.smtp.close()
         self._wake_all()
 
+    # -- throttling -------------------------------------------------------------------
+
+    def _slow(self, state: _RelayState, reason: str) -> None:
+        """A throttling reply: pace the relay at half its recent rate (module docstring)."""
+        now = self._clock()
+        state.throttled += 1
+        state.last_error = reason
+        if state.slow_rate is not None and now - state.slowed_at < SLOW_MIN_INTERVAL:
+            return  # sibling connections refused at the same moment: one halving
+        if state.slow_rate is None:
+            # Its configured rate, else the measured one (at least one message/s per
+            # connection: right after start-up there is little to measure).
+            base = state.relay.rate or max(state.rate(now), float(state.connections))
+            state.slow_full = base
+        else:
+            base = state.slow_rate
+        state.slow_rate = max(SLOW_FLOOR, base / 2)
+        state.slowed_at = now
+        if state.pace is None:
+            state.pace = _Bucket(state.slow_rate, 1.0, self._clock)
+        else:
+            state.pace.rate = state.slow_rate
+        log.warning("relay %s throttles (%s): paced at %.1f msgs/s", state.name, reason,
+                    state.slow_rate)
+
+    def _recover(self, state: _RelayState) -> None:
+        assert state.slow_rate is not None
+        now = self._clock()
+        while state.slow_rate is not None and now - state.slowed_at >= SLOW_RECOVER:
+            state.slowed_at += SLOW_RECOVER
+            state.slow_rate *= 1.5
+            if state.slow_rate >= state.slow_full:
+                log.info("relay %s: no longer slowed", state.name)
+                state.slow_rate, state.pace = None, None
+            elif state.pace is not None:
+                state.pace.rate = state.slow_rate
+
     # -- connections ------------------------------------------------------------------
 
+    def _tls_context(self, relay: Relay) -> ssl.SSLContext:
+        if not relay.verify:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
+        return ssl.create_default_context(
+            cafile=str(relay.ca_file) if relay.ca_file is not None else None)
+
     async def _open(self, state: _RelayState) -> _Conn:
-        if self._helo is None:
+        relay = state.relay
+        helo = relay.helo or self._helo
+        if helo is None:
             # socket.getfqdn() may block on DNS: resolve once, off the loop.
-            self._helo = await asyncio.to_thread(socket.getfqdn)
-        smtp = aiosmtplib.SMTP(
-            hostname=state.relay.host, port=state.relay.port, timeout=self._timeout,
-            local_hostname=self._helo, start_tls=self._start_tls,
-            validate_certs=self._validate_certs,
-        )
+            self._helo = helo = await asyncio.to_thread(socket.getfqdn)
+        if relay.name:
+            # A named relay says what it wants; nothing is sent before TLS is up.
+            smtp = aiosmtplib.SMTP(
+                hostname=relay.host, port=relay.port, timeout=self._timeout,
+                local_hostname=helo, use_tls=relay.tls == "tls",
+                start_tls=relay.tls == "starttls",
+                tls_context=self._tls_context(relay) if relay.tls != "none" else None,
+            )
+        else:
+            smtp = aiosmtplib.SMTP(
+                hostname=relay.host, port=relay.port, timeout=self._timeout,
+                local_hostname=helo, start_tls=self._start_tls,
+                validate_certs=self._validate_certs,
+            )
+        stage = "connect"
         try:
             await smtp.connect()
             if smtp.is_ehlo_or_helo_needed:
@@ -425,12 +616,20 @@ class DeliveryPool:
                     if not smtp.is_connected:
                         raise
                     await smtp.helo()
+            if relay.username:
+                stage = "authentication"
+                await self._login(smtp, relay)
         except SMTPResponseException as exc:
             smtp.close()
-            raise _ConnectFailed(exc.code, _reply(exc.code, exc.message)) from None
+            what = "authentication failed: " if stage == "authentication" else ""
+            raise _ConnectFailed(exc.code, _reply(0, what + _reply(exc.code, exc.message))) \
+                from None
         except (SMTPException, OSError) as exc:
             smtp.close()
-            raise _ConnectFailed(0, _reply(0, f"connect: {exc}")) from None
+            if isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError) or \
+                    "STARTTLS" in str(exc) or "TLS" in str(exc):
+                stage = "TLS"
+            raise _ConnectFailed(0, _reply(0, f"{stage}: {exc}")) from None
         state.opened += 1
         log.debug("relay %s: connection opened", state.name)
         return _Conn(smtp)
@@ -452,14 +651,26 @@ class DeliveryPool:
 
     # -- one transaction --------------------------------------------------------------
 
+    async def _login(self, smtp: aiosmtplib.SMTP, relay: Relay) -> None:
+        if relay.auth == "plain":
+            await smtp.auth_plain(relay.username, relay.password)
+        elif relay.auth == "login":
+            await smtp.auth_login(relay.username, relay.password)
+        else:
+            await smtp.login(relay.username, relay.password)
+
     async def _attempt(self, state: _RelayState, env: Envelope) -> Result | tuple[int, str, str]:
         """One try on ``state``: a Result, or (code, reply, relay) when nothing was sent."""
         conn: _Conn | None = None
+        now = time.monotonic()
         while state.idle:
             conn = state.idle.pop()
-            if conn.smtp.is_connected:
+            if conn.smtp.is_connected and now - conn.used_at < state.relay.idle_timeout:
                 break
-            conn.smtp.close()
+            if conn.smtp.is_connected:
+                self._retire(conn)  # idle too long: the server may have dropped it
+            else:
+                conn.smtp.close()
             conn = None
         reused = conn is not None
         if conn is None:
@@ -473,9 +684,10 @@ class DeliveryPool:
             result, keep = await self._transact(state, conn, env, reused)
             return result
         finally:
+            conn.used_at = time.monotonic()
             if not keep or self._closed:
                 conn.smtp.close()  # broken, or close() has already collected the QUITs
-            elif conn.uses < self._per_connection:
+            elif conn.uses < state.per_connection:
                 state.idle.append(conn)
             else:
                 self._retire(conn)
@@ -510,7 +722,17 @@ class DeliveryPool:
             code, text = exc.code, _reply(exc.code, exc.message)
             if code == 421:
                 # The relay is going away and did not take this message: try another.
+                if is_throttling(code, exc.message):
+                    self._slow(state, text)
                 self._set_aside(state, text)
+                return (code, text, state.name), False
+            if is_throttling(code, exc.message):
+                # Refused for our pace, not for the message: slower, and again.
+                self._slow(state, text)
+                return (code, text, state.name), await self._rset(smtp)
+            if stage == "MAIL FROM" and refuses_sender_auth(code, exc.message):
+                # "530 Authentication required": the relay's settings, not the message.
+                self._set_aside(state, f"authentication required: {text}")
                 return (code, text, state.name), False
             self._serving(state)
             outcome, blame = classify_reply(code, exc.message)

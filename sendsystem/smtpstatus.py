@@ -220,3 +220,39 @@ def _user_unknown_code(code: int | None, text: str) -> bool:
         m = _REPLY_RE.search(text)
         code = int(m.group(1)) if m else None
     return code is None or code in (550, 551, 553)
+
+
+# Replies that ask the *sender* to slow down: SES "454 Throttling failure:
+# Maximum sending rate exceeded", Gmail "421 4.7.28 ... rate limited",
+# Postfix/Exim "452 4.3.2 Too many messages", "451 ... rate limit exceeded".
+_THROTTLE_RE = re.compile(
+    r"throttl|rate[ -]?limit|sending rate|too many (?:messages|mails?|emails|requests"
+    r"|connections|sessions|concurrent)|slow(?:ing)? down|try (?:again )?(?:later|slower)"
+    r".{0,20}rate|maximum (?:sending )?rate|quota exceeded|exceeded .{0,20}rate",
+    re.IGNORECASE,
+)
+
+
+def is_throttling(code: int, text: str) -> bool:
+    """True when a reply refuses the message for our sending pace, not for itself.
+
+    454 is throttling on a submission relay (SES answers it at MAIL FROM or
+    after DATA when the account's rate is exceeded). Other transient replies
+    count only with throttling wording or Gmail's 4.7.28; a 421 without such
+    wording is a relay going away (it is set aside instead), and a 4xx that
+    says "mailbox full" or "greylisted" is not about our pace.
+    """
+    if not 400 <= code < 500:
+        return False
+    if code == 454:
+        return True
+    return enhanced_status(text) == "4.7.28" or bool(_THROTTLE_RE.search(text))
+
+
+def refuses_sender_auth(code: int, text: str) -> bool:
+    """A reply to MAIL FROM that says the relay wants us authenticated (530, 5.7.0
+    "Authentication required"): the relay's settings are wrong, not the message."""
+    if code in (530, 534, 535, 538):
+        return True
+    return 500 <= code < 600 and bool(re.search(r"authentication required|must authenticate",
+                                                text, re.IGNORECASE))

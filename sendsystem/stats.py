@@ -6,10 +6,12 @@ as they are, with the fields the README documents.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from .admin import get_newsletter
+from .config import Relay
 from .db import Database
 from .states import FINAL_MESSAGE_STATES, MESSAGE_STATES, MessageState, worker_alive
 
@@ -44,7 +46,50 @@ def leases(db: Database) -> dict[str, dict[str, Any]]:
     return out
 
 
-def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
+HEALTH_ORDER = ("set aside", "quota reached", "slowed", "ok")
+
+
+def relays(db: Database, relay_list: Sequence[Relay], heartbeat_timeout: float
+           ) -> list[dict[str, Any]]:
+    """Each configured relay as the live send workers see it.
+
+    Health is the worst any live worker reports (set aside > quota reached >
+    slowed > ok; "unknown" when no live worker uses it), the reason and last
+    error are that worker's, the current rate is the sum over workers
+    (measured over their last 10 s), the quota used today is the cluster's.
+    """
+    used = {r["relay"]: int(r["used_today"]) for r in db.fetchall("relay_usage_all")}
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for row in db.fetchall("relay_health_all", {"timeout": heartbeat_timeout}):
+        seen.setdefault(row["relay"], []).append(row)
+    out = []
+    for relay in relay_list:
+        name = str(relay)
+        rows = seen.get(name, [])
+        worst = min(rows, key=lambda r: HEALTH_ORDER.index(r["health"])
+                    if r["health"] in HEALTH_ORDER else 0, default=None)
+        errors = [r for r in rows if r["last_error"]]
+        out.append({
+            "relay": name, "group": relay.group or "default",
+            "host": relay.host, "port": relay.port, "tls": relay.tls,
+            "auth": bool(relay.username), "weight": relay.weight,
+            "health": worst["health"] if worst else "unknown",
+            "reason": (worst["last_error"] or None) if worst and worst["health"] != "ok"
+            else None,
+            "rate": round(sum(float(r["rate"]) for r in rows), 2),
+            "rate_limit": relay.rate,
+            "slowed_to": _num(worst["slow_rate"]) if worst else None,
+            "quota_used_today": used.get(name, 0) if relay.limited else None,
+            "daily_quota": relay.daily_quota,
+            "last_error": min(errors, key=lambda r: float(r["age"]))["last_error"]
+            if errors else None,
+            "workers": [r["worker"] for r in rows],
+        })
+    return out
+
+
+def status(db: Database, heartbeat_timeout: float,
+           relay_list: Sequence[Relay] = ()) -> dict[str, Any]:
     lease_facts = leases(db)
     held = {kind: lease["holder"] for kind, lease in lease_facts.items()}
     workers = []
@@ -77,6 +122,7 @@ def status(db: Database, heartbeat_timeout: float) -> dict[str, Any]:
     return {"generated_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "workers": workers, "leases": lease_facts,
             "newsletters": newsletters,
+            "relays": relays(db, relay_list, heartbeat_timeout) if relay_list else [],
             # Bounce/complaint/unsubscribe mail without signed evidence: kept, changed nothing.
             "unverified_reports_24h": unverified}
 

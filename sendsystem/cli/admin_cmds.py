@@ -86,10 +86,24 @@ def _count_lines(path: Path) -> int:
 @list_group.command("show")
 @pass_ctx
 def list_show(ctx: Context) -> None:
-    """Show the lists with their subscriber counts."""
+    """Show the lists with their subscriber counts and relay group."""
     for row in ctx.db().fetchall("list_all"):
         click.echo(f"{row['id']:>4}  {row['name']:<24} {row['active']:>9} active "
-                   f"{row['total']:>9} total  {row['from_name']} <{row['from_address']}>")
+                   f"{row['total']:>9} total  relays: {row['relay_group'] or 'default':<12} "
+                   f"{row['from_name']} <{row['from_address']}>")
+
+
+@list_group.command("set")
+@click.argument("name")
+@click.option("--relays", "group", required=True, metavar="GROUP",
+              help="Relay group the list's mail leaves through ('default': the relays "
+                   "without a group).")
+@pass_ctx
+def list_set(ctx: Context, name: str, group: str) -> None:
+    """Change a list's settings: its relay group."""
+    known = {r.group for r in ctx.config.sending.relays}
+    admin.set_list_relays(ctx.db(), name, group, known)
+    click.echo(f"List {name!r} now sends through relay group {group!r}.")
 
 
 @cli.group()
@@ -157,6 +171,19 @@ def newsletter_pause(ctx: Context, newsletter_id: int) -> None:
 def newsletter_resume(ctx: Context, newsletter_id: int) -> None:
     admin.resume(ctx.db(), newsletter_id)
     click.echo(f"Newsletter {newsletter_id} resumed.")
+
+
+@newsletter.command("retry-failed")
+@click.argument("newsletter_id", type=int)
+@click.option("--reply", metavar="PATTERN",
+              help="Only failures whose reply matches: text it contains, or a shell "
+                   "wildcard over the whole reply ('535*').")
+@pass_ctx
+def newsletter_retry_failed(ctx: Context, newsletter_id: int, reply: str | None) -> None:
+    """Send the failed messages again (never to bounced, unsubscribed, complained or
+    blocked recipients), e.g. after a relay was misconfigured."""
+    n = admin.retry_failed(ctx.db(), newsletter_id, reply)
+    click.echo(f"Newsletter {newsletter_id}: {n} failed messages queued again.")
 
 
 @newsletter.command("cancel")

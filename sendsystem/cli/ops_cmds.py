@@ -29,7 +29,7 @@ def status(ctx: Context, as_json: bool, watch: bool, interval: float) -> None:
     database = ctx.db()
     timeout = ctx.config.balancer.heartbeat_timeout
     if not watch:
-        facts = stats_mod.status(database, timeout)
+        facts = stats_mod.status(database, timeout, ctx.config.sending.relays)
         if as_json:
             click.echo(json.dumps(facts, indent=2))
         else:
@@ -38,7 +38,7 @@ def status(ctx: Context, as_json: bool, watch: bool, interval: float) -> None:
     tty = sys.stdout.isatty()
     try:
         while True:
-            facts = stats_mod.status(database, timeout)
+            facts = stats_mod.status(database, timeout, ctx.config.sending.relays)
             if as_json:
                 text = json.dumps(facts)
             else:
@@ -52,6 +52,28 @@ def status(ctx: Context, as_json: bool, watch: bool, interval: float) -> None:
             time.sleep(interval)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how --watch ends: exit 0
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def relays(ctx: Context, as_json: bool) -> None:
+    """Each relay: group, health (ok / slowed / set aside and why), current rate,
+    quota used today, last error (as the live send workers see them)."""
+    facts = stats_mod.relays(ctx.db(), ctx.config.sending.relays,
+                             ctx.config.balancer.heartbeat_timeout)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    click.echo(f"{'RELAY':<20} {'GROUP':<12} {'HEALTH':<14} {'RATE':>8} {'LIMIT':>7} "
+               f"{'TODAY':>13}  LAST ERROR")
+    for r in facts:
+        quota = "" if r["quota_used_today"] is None else \
+            f"{r['quota_used_today']}/{r['daily_quota'] or '-'}"
+        limit = "" if r["rate_limit"] is None else f"{r['rate_limit']:g}/s"
+        health = r["health"] + (f" ({r['slowed_to']:.1f}/s)" if r["slowed_to"] else "")
+        click.echo(f"{r['relay']:<20} {r['group']:<12} {health:<14} {r['rate']:>6.1f}/s "
+                   f"{limit:>7} {quota:>13}  {r['last_error'] or ''}")
 
 
 @cli.command()

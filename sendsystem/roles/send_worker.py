@@ -79,16 +79,18 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from ..addresses import domain_of
 from ..compose import BuildError, Composer, NewsletterParts, dkim_signer
-from ..config import Config
+from ..config import Config, Relay
 from ..delivery import MAX_REPLY, DeliveryPool, Envelope, Outcome, Result, reason_line
 from ..errors import SendSystemError, TemporaryError
 from ..fencing import Fence
 from ..journal import JournalError
 from ..ratelimit import AsyncRateLimiter, DomainRateLimiter
+from ..relaylimits import RELAY_STATEMENTS, Claim, ClusterLimits, claim
 from ..runner import RunOptions
 from ..smtpstatus import enhanced_status
 from ..states import SEND_PENDING, MessageState, skip_reason
@@ -121,7 +123,7 @@ class SendWorker(BatchWorker):
     role = "send"
     pending_states = SEND_PENDING
     statements = (*BATCH_STATEMENTS, "attachments_for_newsletter", "send_batch_messages",
-                  *OUTCOME_STATEMENTS)
+                  *RELAY_STATEMENTS, *OUTCOME_STATEMENTS)
 
     def __init__(self, config: Config, options: RunOptions) -> None:
         super().__init__(config, options)
@@ -133,7 +135,7 @@ class SendWorker(BatchWorker):
         self.writer: OutcomeWriter | None = None
         self.loop = asyncio.new_event_loop()
         self.pool: DeliveryPool | None = None
-        self.concurrency = s.connections * len(s.relays)
+        self.concurrency = sum(r.connections or s.connections for r in s.relays)
         self.rate_limit = AsyncRateLimiter(options.max_rate, burst=LIMIT_BURST)
         self.domain_limit = DomainRateLimiter(s.domain_rates)
         # Fencing (module docstring).
@@ -287,11 +289,27 @@ class SendWorker(BatchWorker):
     def make_pool(self) -> DeliveryPool:
         """The SMTP pool (inside the running loop); tests subclass it to inject faults."""
         s = self.config.sending
+        limits = ClusterLimits(self._claim) if any(r.limited for r in s.relays) else None
         return DeliveryPool(s.relays, connections=s.connections,
                             messages_per_connection=s.messages_per_connection,
                             timeout=s.timeout, helo=s.helo or None,
                             relay_backoff_min=s.relay_backoff_min,
-                            relay_backoff_max=s.relay_backoff_max)
+                            relay_backoff_max=s.relay_backoff_max, limits=limits)
+
+    async def _claim(self, relay: Relay, n: int, now: datetime | None, factor: float) -> Claim:
+        """Cluster-wide relay tokens (sendsystem/relaylimits.py), off the event loop."""
+        return await self._db(claim, self.db, relay, n, now, factor)
+
+    def heartbeat_fields(self) -> dict[str, object]:
+        if self.pool is not None:
+            # What this worker's pool sees of each relay, for `sendsystem relays`.
+            for r in self.pool.relay_status():
+                self.db.execute("relay_health_put", {
+                    "relay": r["relay"], "worker": self.worker_id, "group": r["group"],
+                    "health": r["health"], "last_error": str(r["last_error"])[:500],
+                    "rate": r["rate"], "slow_rate": r["slow_rate"], "sent": r["sent"],
+                    "deferred": r["deferred"], "failed": r["failed"]})
+        return super().heartbeat_fields()
 
     async def _send_batches(self, batches: list[dict[str, Any]]) -> int:
         """Deliver what ``batches`` hold; how many messages went to the relay."""

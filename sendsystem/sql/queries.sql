@@ -39,10 +39,10 @@ SET SESSION wsrep_sync_wait = 1;
 INSERT INTO lists (name, from_name, from_address) VALUES (%(name)s, %(from_name)s, %(from_address)s);
 
 -- name: list_by_name
-SELECT id, name, from_name, from_address FROM lists WHERE name = %(name)s;
+SELECT id, name, from_name, from_address, relay_group FROM lists WHERE name = %(name)s;
 
 -- name: list_all
-SELECT l.id, l.name, l.from_name, l.from_address,
+SELECT l.id, l.name, l.from_name, l.from_address, l.relay_group,
        (SELECT COUNT(*) FROM subscribers s WHERE s.list_id = l.id AND s.status = 'active') AS active,
        (SELECT COUNT(*) FROM subscribers s WHERE s.list_id = l.id) AS total
 FROM lists l ORDER BY l.name;
@@ -90,7 +90,7 @@ SELECT id, filename, content_type, size, data FROM attachments WHERE newsletter_
 -- name: newsletter_get
 SELECT n.id, n.list_id, n.subject, n.html, n.text, n.zdict, n.state, n.send_at, n.total,
        n.pause_reason, n.render_failures, n.created_at, n.released_at, n.finished_at,
-       l.name AS list_name, l.from_name, l.from_address,
+       l.name AS list_name, l.from_name, l.from_address, l.relay_group,
        (SELECT COUNT(*) FROM attachments a WHERE a.newsletter_id = n.id) AS attachment_count
 FROM newsletters n JOIN lists l ON l.id = n.list_id
 WHERE n.id = %(id)s;
@@ -592,3 +592,82 @@ SELECT EXISTS (
 
 -- name: list_subscriber_id_range
 SELECT MIN(id) AS lo, MAX(id) AS hi FROM subscribers WHERE list_id = %(list_id)s;
+
+-- ==================================================================== relays
+
+-- name: relay_usage_seed
+-- The bucket starts full (burst) on first use of a relay.
+INSERT IGNORE INTO relay_usage (relay, tokens, stamp, day, used_today)
+VALUES (%(relay)s, %(burst)s, COALESCE(%(now)s, NOW(6)), DATE(COALESCE(%(now)s, NOW(6))), 0);
+
+-- name: relay_claim
+-- Take n tokens of a relay's cluster-wide bucket, all or nothing, on the
+-- database's clock (or %(now)s, which tests set): refill at `rate` up to
+-- `burst` since `stamp`, and count them against today's quota. One row,
+-- one conditional UPDATE: concurrent workers serialise on the row lock,
+-- so the tokens granted in any interval never exceed burst + rate x interval.
+-- SET runs left to right: `tokens` reads the old `stamp`, `used_today` the
+-- old `day`.
+UPDATE relay_usage u JOIN (SELECT COALESCE(%(now)s, NOW(6)) AS t) AS c
+SET u.tokens = LEAST(%(burst)s, u.tokens + GREATEST(0, TIMESTAMPDIFF(MICROSECOND, u.stamp, c.t))
+                     / 1e6 * %(rate)s) - %(n)s,
+    u.stamp = GREATEST(u.stamp, c.t),
+    u.used_today = IF(u.day = DATE(c.t), u.used_today, 0) + %(n)s,
+    u.day = DATE(c.t)
+WHERE u.relay = %(relay)s
+  AND LEAST(%(burst)s, u.tokens + GREATEST(0, TIMESTAMPDIFF(MICROSECOND, u.stamp, c.t))
+            / 1e6 * %(rate)s) >= %(n)s
+  AND IF(u.day = DATE(c.t), u.used_today, 0) + %(n)s <= %(quota)s;
+
+-- name: relay_peek
+-- What relay_claim would see now: tokens available and messages claimed today.
+SELECT LEAST(%(burst)s, u.tokens + GREATEST(0, TIMESTAMPDIFF(MICROSECOND, u.stamp, c.t))
+             / 1e6 * %(rate)s) AS tokens,
+       IF(u.day = DATE(c.t), u.used_today, 0) AS used_today
+FROM relay_usage u JOIN (SELECT COALESCE(%(now)s, NOW(6)) AS t) AS c
+WHERE u.relay = %(relay)s;
+
+-- name: relay_usage_all
+SELECT relay, IF(day = CURRENT_DATE(), used_today, 0) AS used_today FROM relay_usage;
+
+-- name: relay_health_put
+INSERT INTO relay_health (relay, worker_id, relay_group, health, last_error, rate, slow_rate,
+                          sent, deferred, failed, updated_at)
+VALUES (%(relay)s, %(worker)s, %(group)s, %(health)s, %(last_error)s, %(rate)s, %(slow_rate)s,
+        %(sent)s, %(deferred)s, %(failed)s, NOW(6))
+ON DUPLICATE KEY UPDATE relay_group = VALUES(relay_group), health = VALUES(health),
+    last_error = VALUES(last_error), rate = VALUES(rate), slow_rate = VALUES(slow_rate),
+    sent = VALUES(sent), deferred = VALUES(deferred), failed = VALUES(failed),
+    updated_at = VALUES(updated_at);
+
+-- name: relay_health_all
+-- What live send workers last reported (heartbeat younger than %(timeout)s seconds).
+SELECT h.relay, h.worker_id, w.name AS worker, h.relay_group, h.health, h.last_error, h.rate,
+       h.slow_rate, h.sent, h.deferred, h.failed,
+       TIMESTAMPDIFF(MICROSECOND, h.updated_at, NOW(6)) / 1e6 AS age
+FROM relay_health h JOIN workers w ON w.id = h.worker_id
+WHERE w.state <> 'stopped'
+  AND TIMESTAMPDIFF(MICROSECOND, w.heartbeat_at, NOW(6)) / 1e6 <= %(timeout)s
+ORDER BY h.relay, h.worker_id;
+
+-- name: list_set_relay_group
+UPDATE lists SET relay_group = %(group)s WHERE name = %(name)s;
+
+-- name: newsletter_retry_failed
+-- Failed messages go back to the sort worker (their body was purged when they
+-- failed): only for recipients still active, not blocked, on a newsletter
+-- that is not cancelled; %(pattern)s is a LIKE pattern on the reply.
+UPDATE messages m JOIN subscribers s ON s.id = m.subscriber_id
+JOIN newsletters n ON n.id = m.newsletter_id
+SET m.state = 'queued', m.batch_id = NULL, m.body = NULL, m.finished_at = NULL,
+    m.next_attempt_at = NULL, m.merged_at = NULL
+WHERE m.newsletter_id = %(id)s AND m.state = 'failed' AND s.status = 'active'
+  AND n.state IN ('running', 'done', 'paused')
+  AND COALESCE(m.reply, '') LIKE %(pattern)s
+  AND NOT EXISTS (SELECT 1 FROM blocklist b
+                  WHERE b.pattern = s.email OR b.pattern = CONCAT('@', s.domain))
+  AND NOT EXISTS (SELECT 1 FROM bounces x WHERE x.message_id = m.id);
+
+-- name: newsletter_reopen
+UPDATE newsletters SET state = 'running', finished_at = NULL
+WHERE id = %(id)s AND state = 'done';

@@ -21,7 +21,8 @@ from sendsystem.config import Config, load_config
 from sendsystem.db import Database
 
 TABLES = ("bounces", "blocklist", "messages", "batches", "workers", "attachments",
-          "newsletters", "templates", "subscribers", "lists", "leases")
+          "newsletters", "templates", "subscribers", "lists", "leases",
+          "relay_usage", "relay_health")
 
 
 def server_settings() -> dict[str, object]:

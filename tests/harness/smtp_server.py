@@ -55,6 +55,8 @@ class RecordingHandler:
     messages: list[ReceivedMessage] = field(default_factory=list)
     rules: dict[str, Rule] = field(default_factory=dict)
     connections: int = 0  # sessions that sent EHLO or HELO
+    # Every MAIL FROM seen: (address, TLS was up, the session had authenticated as)
+    mail_commands: list[tuple[str, bool, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _next(self, address: str, stage: str) -> Rule | None:
@@ -92,6 +94,18 @@ class RecordingHandler:
                           hostname: str) -> str:
         self._connected(session, hostname)
         return f"250 {server.hostname}"
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        user = str(session.auth_data) if session.authenticated else None
+        transport = server.transport
+        tls = session.ssl is not None or (
+            transport is not None and transport.get_extra_info("ssl_object") is not None)
+        with self.lock:
+            self.mail_commands.append((address, tls, user))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
