@@ -268,3 +268,21 @@ def test_missing_database_says_run_db_init(tmp_path) -> None:  # type: ignore[no
     proc = subprocess.run([sys.executable, "-m", "sendsystem", "--config", str(path), "status"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "db init" in proc.stderr
+
+
+def test_schema_upgrade_v7_to_v8_adds_relay_groups_and_usage(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    """Version 8 (relays): lists keep their rows and get no group (the default one);
+    the relay tables start empty."""
+    path, _name = scratch_db
+    db = Database(load_config(path).database)
+    assert db.init_schema(up_to=7) == (0, 7)
+    db.insert("list_insert", {"name": "old", "from_name": "Old", "from_address": "o@example.com"})
+    with pytest.raises(SchemaError, match=r"version 7.*db init"):
+        db.check_schema_version()
+    assert db.init_schema() == (7, SCHEMA_VERSION)
+    row = db.fetchone("list_by_name", {"name": "old"})
+    assert row is not None and row["relay_group"] is None
+    db.prepare(["list_set_relay_group", "relay_usage_all", "relay_claim"])
+    assert db.execute("list_set_relay_group", {"name": "old", "group": "cust-a"}) == 1
+    assert db.fetchone("list_by_name", {"name": "old"})["relay_group"] == "cust-a"  # type: ignore[index]
+    assert db.fetchall("relay_usage_all") == []
