@@ -20,10 +20,9 @@ from sendsystem.delivery import DeliveryPool, Envelope, Outcome, Result
 from sendsystem.errors import ConfigError
 from sendsystem.relaylimits import ClusterLimits, claim
 from sendsystem.smtpstatus import is_throttling
-from tests.smtp_server import SmtpServer
-from tests.tls_certs import TestCA
-
-from .conftest import Env
+from tests.harness.env import Env
+from tests.harness.smtp_server import SmtpServer
+from tests.harness.tls_certs import TestCA
 
 SENDER = "bounce+1@bounces.example.com"
 USER, PASSWORD = "sender@example.com", "s3cret-Pässword"

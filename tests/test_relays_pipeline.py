@@ -13,12 +13,11 @@ import pytest
 
 from sendsystem import admin
 from sendsystem.config import load_config
-from tests.smtp_server import SmtpServer
+from tests.harness.env import Env
+from tests.harness.helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
+from tests.harness.smtp_server import SmtpServer
+from tests.harness.tls_certs import TestCA
 from tests.test_relays import PASSWORD, USER, authenticator
-from tests.tls_certs import TestCA
-
-from .conftest import Env
-from .helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
 
 
 def use_relays(env: Env, relays: dict[str, dict[str, object]], **sending: object) -> None:

@@ -16,11 +16,17 @@ import pytest
 
 from sendsystem.config import Relay
 from sendsystem.delivery import Outcome
-from tests.smtp_server import SmtpServer
-from tests.test_bounce_cli import closed_port
-from tests.test_postfix_bounce import DAEMONS, MASTER_CF, POSTFIX, _wait_for_port, _why_not
+from tests.harness.smtp_server import SmtpServer
+from tests.harness.tls_certs import TestCA
+from tests.integration.test_bounce_cli import closed_port
+from tests.integration.test_postfix_bounce import (
+    DAEMONS,
+    MASTER_CF,
+    POSTFIX,
+    _wait_for_port,
+    _why_not,
+)
 from tests.test_relays import deliver, envelope
-from tests.tls_certs import TestCA
 
 MAIN_CF = """\
 compatibility_level = 3.6
