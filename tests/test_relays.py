@@ -304,3 +304,15 @@ def test_relay_with_rate_and_other_name_is_replaced() -> None:
     # A frozen Relay: replace() keeps every field (used by tests above).
     r = Relay("h", 1, name="x", rate=5.0)
     assert replace(r, name="y").rate == 5.0
+
+
+def test_relay_lines_are_cleaned_and_show_health() -> None:
+    from sendsystem.reports.text import format_relays, format_status
+    relay = {"relay": "ses", "group": "cust-a", "health": "slowed", "slowed_to": 7.0,
+             "rate": 6.9, "rate_limit": 14.0, "quota_used_today": 120, "daily_quota": 50000,
+             "last_error": "454 Throttling\x1b[31m failure"}
+    (head, line) = format_relays([relay], width=200)
+    assert "LAST ERROR" in head
+    assert "slowed (7.0/s)" in line and "120/50000" in line and "14/s" in line
+    assert "\x1b" not in line and "454 Throttling?[31m failure" in line
+    assert "Relays:" in format_status({"workers": [], "newsletters": [], "relays": [relay]})

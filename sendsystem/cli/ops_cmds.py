@@ -65,16 +65,10 @@ def relays(ctx: Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
-    click.echo(f"{'RELAY':<20} {'GROUP':<12} {'HEALTH':<14} {'RATE':>8} {'LIMIT':>7} "
-               f"{'TODAY':>13}  LAST ERROR")
-    for r in facts:
-        quota = "" if r["quota_used_today"] is None else \
-            f"{r['quota_used_today']}/{r['daily_quota'] or '-'}"
-        limit = "" if r["rate_limit"] is None else f"{r['rate_limit']:g}/s"
-        health = r["health"] + (f" ({r['slowed_to']:.1f}/s)" if r["slowed_to"] else "")
-        click.echo(f"{r['relay']:<20} {r['group']:<12} {health:<14} {r['rate']:>6.1f}/s "
-                   f"{limit:>7} {quota:>13}  {r['last_error'] or ''}")
+    from ..reports.text import format_relays
 
+    width = shutil.get_terminal_size((120, 24)).columns
+    click.echo("\n".join(format_relays(facts, width)))
 
 @cli.command()
 @click.argument("newsletter_id", type=int)

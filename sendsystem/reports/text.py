@@ -457,11 +457,34 @@ def format_status(status: Mapping[str, Any], *, width: int = 100, color: bool = 
     lines += _format_leases(status.get("leases") or {}, width)
     lines += ["", f"Newsletters in progress: {len(newsletters)}"]
     lines += _format_newsletters(newsletters, width, color, ascii_only)
+    relays = list(status.get("relays") or [])
+    if relays:
+        lines += ["", "Relays:"]
+        lines += format_relays(relays, width)
     unverified = status.get("unverified_reports_24h")
     if unverified is not None:
         lines += ["", f"Unverified bounce/complaint reports, last 24 h: "
                       f"{format_count(unverified)} (no signed evidence; kept, changed nothing)"]
     return "\n".join(lines) + "\n"
+
+
+def format_relays(relays: Iterable[Mapping[str, Any]], width: int = 100) -> list[str]:
+    """One line per relay (``sendsystem relays`` and the status screen). The last
+    error is the relay's own words: cleaned of control characters, cut to the width."""
+    out = [f"{'RELAY':<20} {'GROUP':<12} {'HEALTH':<20} {'RATE':>8} {'LIMIT':>7} "
+           f"{'TODAY':>13}  LAST ERROR"]
+    for r in relays:
+        used = r.get("quota_used_today")
+        quota = "" if used is None else f"{as_int(used)}/{r.get('daily_quota') or '-'}"
+        limit = "" if r.get("rate_limit") is None else f"{float(r['rate_limit']):g}/s"
+        health = clean(r.get("health"))
+        if r.get("slowed_to"):
+            health += f" ({float(r['slowed_to']):.1f}/s)"
+        line = (f"{clean(r.get('relay')):<20} {clean(r.get('group')):<12} {health:<20} "
+                f"{float(r.get('rate') or 0):>6.1f}/s {limit:>7} {quota:>13}  "
+                f"{clean(r.get('last_error'))}")
+        out.append(line[:max(width, 60)])
+    return out
 
 
 # --------------------------------------------------------------------------- stats
