@@ -316,3 +316,24 @@ def test_relay_lines_are_cleaned_and_show_health() -> None:
     assert "slowed (7.0/s)" in line and "120/50000" in line and "14/s" in line
     assert "\x1b" not in line and "454 Throttling?[31m failure" in line
     assert "Relays:" in format_status({"workers": [], "newsletters": [], "relays": [relay]})
+
+
+def test_idle_connection_is_replaced_and_a_refusal_is_reset() -> None:
+    async def main(relay: Relay) -> list[Result]:
+        pool = DeliveryPool([relay], connections=1, messages_per_connection=100, timeout=5,
+                            helo="t.example")
+        try:
+            first = [await pool.deliver(envelope(1)), await pool.deliver(envelope(2))]
+            await asyncio.sleep(0.6)  # longer than idle_timeout: a new connection
+            return [*first, await pool.deliver(envelope(3))]
+        finally:
+            await pool.close()
+
+    with SmtpServer() as srv:
+        srv.rule("r1@example.com", "550 5.7.1 Refused by policy")
+        results = asyncio.run(main(named(srv, idle_timeout=0.3)))
+        connections = [m.connection for m in srv.messages]
+    # r1 refused, r2 on the same connection after RSET (no "503 sender already
+    # specified"), r3 on a new connection because the old one sat idle too long.
+    assert [r.outcome for r in results] == [Outcome.FAILED, Outcome.SENT, Outcome.SENT]
+    assert connections == [1, 2]
