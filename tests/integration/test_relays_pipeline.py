@@ -17,7 +17,7 @@ from tests.harness.env import Env
 from tests.harness.helpers import make_newsletter, sql, states, stop_all, wait_exit, wait_for
 from tests.harness.smtp_server import SmtpServer
 from tests.harness.tls_certs import TestCA
-from tests.test_relays import PASSWORD, USER, authenticator
+from tests.integration.test_relays import PASSWORD, USER, authenticator
 
 
 def use_relays(env: Env, relays: dict[str, dict[str, object]], **sending: object) -> None:
