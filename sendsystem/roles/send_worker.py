@@ -9,7 +9,8 @@ gates, delivers and records.
 The batch loop (:meth:`SendWorker._send_batches`), one round per ``work()``:
 for each batch, fetch a chunk of rows not already in hand, build their
 shared parts once per newsletter, build each envelope and queue it; the
-``connections`` x relays sender tasks take envelopes off the queue, wait for
+sender tasks (one per relay connection: the sum of each relay's
+``connections``) take envelopes off the queue, wait for
 the rate limits and a slot of the unconfirmed window, pass the fence gate,
 deliver, and hand the outcome to the writer. A batch is done when a fetch
 finds nothing left once every outcome of it is written.
@@ -19,8 +20,8 @@ appended to the local journal the moment it arrives and committed by the
 group-commit writer (outcomes.py) as soon as its previous write is done.
 On start-up the journal is replayed into the database before any new work,
 so a worker restarted after SIGKILL does not resend what the relay already
-accepted. Only messages on the wire at the instant of the kill (at most
-``connections`` x relays) can go out twice.
+accepted. Only messages on the wire at the instant of the kill (at most the
+unconfirmed window, below) can go out twice.
 
 Poison messages (Mailman's shunt, here "failed with the reason"): a message
 that cannot be built -- a stored body that does not decompress, one that
@@ -61,7 +62,9 @@ for the rule and why it holds).
 * The unconfirmed window: a 250 the database does not know yet is a
   duplicate if the batch is reclaimed (a peer cannot read this server's
   journal). So messages on the wire plus 250s not yet committed are at most
-  ``connections`` x relays (``[sending] unconfirmed_window``): a sender's
+  ``[sending] unconfirmed_window`` (default: the sender tasks, i.e. the sum of
+  the relays' ``connections``, which is ``connections`` x relays when they
+  share the [sending] value): a sender's
   slot is freed when the outcome writer has committed its 250. Cut off from
   the database, a worker therefore stops after at most that many, and those
   are its only possible duplicates. The price: each slot waits for a commit
