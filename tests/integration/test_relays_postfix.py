@@ -26,7 +26,7 @@ from tests.integration.test_postfix_bounce import (
     _wait_for_port,
     _why_not,
 )
-from tests.test_relays import deliver, envelope
+from tests.integration.test_relays import deliver, envelope
 
 MAIN_CF = """\
 compatibility_level = 3.6
