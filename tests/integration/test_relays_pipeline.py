@@ -5,6 +5,7 @@ per list, `relays` / `status --json` reasons, `newsletter retry-failed`."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -49,7 +50,9 @@ def cli_json(env: Env, *args: str) -> Any:
 
 
 RATE = 50
-WINDOW = 30.0  # seconds measured (a full minute would double the suite's longest test)
+# Seconds measured: 30 in the suite (a full minute would double its longest
+# test); SENDSYSTEM_TEST_RATE_WINDOW=60 measures the minute by hand.
+WINDOW = float(os.environ.get("SENDSYSTEM_TEST_RATE_WINDOW", "30"))
 
 
 def test_cluster_rate_two_workers(env: Env) -> None:
