@@ -1,6 +1,6 @@
 """The base runner every role process stands on.
 
-Lifecycle (DESIGN.md): take the file lock for this role and ``--name`` (a
+Lifecycle (ARCHITECTURE.md, "The four roles"): take the file lock for this role and ``--name`` (a
 second copy exits 0 at once), connect, PREPARE the role's statements,
 register in ``workers`` (never re-enabling a disabled row), then loop:
 heartbeat every ``heartbeat_interval`` (which is also when the ``enabled``
