@@ -212,6 +212,23 @@ class SortingConfig:
 
 
 @dataclass(frozen=True)
+class CheckConfig:
+    """`sendsystem check` thresholds (sendsystem/monitoring.py says where they come from).
+
+    Rates are percentages of the messages delivered (sent + bounced) of the
+    last finished newsletter; they are judged only from ``min_delivered`` on.
+    """
+
+    stall_minutes: float = 15.0
+    deferred_minutes: float = 60.0
+    bounce_warn: float = 2.0
+    bounce_crit: float = 5.0
+    complaint_warn: float = 0.1
+    complaint_crit: float = 0.3
+    min_delivered: int = 100
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = DatabaseConfig()
     paths: PathsConfig = PathsConfig()
@@ -221,6 +238,7 @@ class Config:
     dkim: DkimConfig = DkimConfig()
     bounce: BounceConfig = BounceConfig()
     sorting: SortingConfig = SortingConfig()
+    check: CheckConfig = CheckConfig()
     source: str = "(defaults)"
 
     def secret(self) -> bytes:
@@ -398,6 +416,7 @@ SECTIONS: Mapping[str, type] = {
     "dkim": DkimConfig,
     "bounce": BounceConfig,
     "sorting": SortingConfig,
+    "check": CheckConfig,
 }
 
 
@@ -491,6 +510,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         dkim=DkimConfig(**dkim),  # type: ignore[arg-type]
         bounce=BounceConfig(**_section(cp, "bounce", BounceConfig, source)),  # type: ignore[arg-type]
         sorting=SortingConfig(**_section(cp, "sorting", SortingConfig, source)),  # type: ignore[arg-type]
+        check=CheckConfig(**_section(cp, "check", CheckConfig, source)),  # type: ignore[arg-type]
         source=source,
     )
     _validate(config)
@@ -531,6 +551,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{config.source}: [bounce] scope = {config.bounce.scope!r}; use "
                           "'list' (only the list the message was for) or 'address' "
                           "(every list of the address)")
+    validate_check(config.check, f"{config.source}: [check]")
     r = config.sorting
     if r.render_timeout <= 0:
         raise ConfigError(f"{config.source}: [sorting] render_timeout must be above 0 seconds")
@@ -541,3 +562,14 @@ def _validate(config: Config) -> None:
     if r.render_failures_pause < 0:
         raise ConfigError(f"{config.source}: [sorting] render_failures_pause must be 0 (never "
                           "pause) or more")
+
+
+def validate_check(c: CheckConfig, where: str) -> None:
+    """Thresholds that make sense: positive, and each warning at most its critical."""
+    if c.stall_minutes <= 0 or c.deferred_minutes <= 0 or c.min_delivered < 0:
+        raise ConfigError(f"{where} stall_minutes and deferred_minutes must be above 0, "
+                          "min_delivered 0 or more")
+    for what in ("bounce", "complaint"):
+        warn, crit = getattr(c, f"{what}_warn"), getattr(c, f"{what}_crit")
+        if not 0 <= warn <= crit:
+            raise ConfigError(f"{where} need 0 <= {what}_warn <= {what}_crit (percent)")

@@ -82,6 +82,7 @@ def run(argv: list[str] | None = None) -> int:
         admin_cmds,
         bounce_cmds,
         dkim_cmds,
+        monitor_cmds,
         ops_cmds,
         role_cmds,
     )

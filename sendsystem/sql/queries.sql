@@ -671,3 +671,53 @@ WHERE m.newsletter_id = %(id)s AND m.state = 'failed' AND s.status = 'active'
 -- name: newsletter_reopen
 UPDATE newsletters SET state = 'running', finished_at = NULL
 WHERE id = %(id)s AND state = 'done';
+
+-- =============================================================== monitoring
+-- `sendsystem metrics` and `sendsystem check` (sendsystem/monitoring.py).
+
+-- name: metrics_running_counts
+-- Messages by state of running newsletters only (bounded label cardinality).
+SELECT m.newsletter_id, m.state, COUNT(*) AS n
+FROM newsletters n JOIN messages m ON m.newsletter_id = n.id
+WHERE n.state = 'running'
+GROUP BY m.newsletter_id, m.state;
+
+-- name: metrics_deliveries
+-- Every message ever by state, and the deferrals they went through: counters
+-- that survive restarts because they are the rows themselves. One index scan
+-- of messages (ix_messages_pick covers state; deferrals is read from the rows).
+SELECT state, COUNT(*) AS n, COALESCE(SUM(deferrals), 0) AS deferrals
+FROM messages GROUP BY state;
+
+-- name: metrics_bounces
+-- Bounce and complaint reports by kind, signed evidence (verified = 1) apart.
+SELECT kind, verified, COUNT(*) AS n FROM bounces GROUP BY kind, verified;
+
+-- name: check_running
+-- Each running newsletter: work a worker could take now (queued, merged, due
+-- retries) and the last moment anything moved (a merge, an outcome, the release).
+SELECT n.id,
+       (SELECT COUNT(*) FROM messages p
+        WHERE p.newsletter_id = n.id
+          AND (p.state IN ('queued', 'merged')
+               OR (p.state = 'deferred' AND p.next_attempt_at <= NOW(6)))) AS pending,
+       TIMESTAMPDIFF(MICROSECOND,
+           GREATEST(COALESCE((SELECT MAX(f.finished_at) FROM messages f
+                              WHERE f.newsletter_id = n.id), n.released_at),
+                    COALESCE((SELECT MAX(g.merged_at) FROM messages g
+                              WHERE g.newsletter_id = n.id), n.released_at),
+                    n.released_at),
+           NOW(6)) / 1e6 AS idle_seconds
+FROM newsletters n WHERE n.state = 'running' ORDER BY n.id;
+
+-- name: check_deferred
+-- The deferred backlog of running newsletters: how many, and how long the
+-- oldest has waited since it was ready to send.
+SELECT COUNT(*) AS n,
+       MAX(TIMESTAMPDIFF(MICROSECOND, COALESCE(m.merged_at, n.released_at), NOW(6))) / 1e6
+           AS oldest_seconds
+FROM newsletters n JOIN messages m ON m.newsletter_id = n.id
+WHERE n.state = 'running' AND m.state = 'deferred';
+
+-- name: check_last_finished
+SELECT id FROM newsletters WHERE state = 'done' ORDER BY finished_at DESC, id DESC LIMIT 1;

@@ -40,3 +40,16 @@ def test_status_closes_its_connection(env: Env) -> None:
             break
     assert growth[-1] == 0, f"Aborted_clients grew by {growth} over {RUNS} `status` runs"
 
+
+
+def test_check_and_metrics_close_their_connection(env: Env) -> None:
+    growth = []
+    for _ in range(3):
+        before = _aborted_clients()
+        for args in (("check",), ("metrics",)):
+            code, _out, err = env.cli(*args)
+            assert code in (0, 1, 2), err
+        growth.append(_aborted_clients() - before)
+        if growth[-1] == 0:
+            break
+    assert growth[-1] == 0, f"Aborted_clients grew by {growth} over `check` + `metrics`"
