@@ -73,3 +73,21 @@ def test_rate_thresholds_gmail_yahoo_and_ses_defaults(complaints: int, bounces: 
 def test_small_newsletters_are_not_judged() -> None:
     last = LastFinished(7, T.min_delivered - 1, 50, 50)
     assert evaluate(Facts(LIVE, last=last), T).status == OK
+
+
+def test_grafana_dashboard_uses_only_exported_metric_names() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    import sendsystem.monitoring as mon
+
+    source = Path(mon.__file__).read_text(encoding="utf-8")
+    exported = {f"sendsystem_{n}" for n in re.findall(r'f"\{PREFIX\}_(\w+)"', source)}
+    dash = json.loads((Path(__file__).parents[2] / "contrib" / "grafana" /
+                       "sendsystem.json").read_text(encoding="utf-8"))
+    used = {m for p in dash["panels"] for t in p["targets"]
+            for m in re.findall(r"sendsystem_\w+", t["expr"])}
+    assert used
+    # Counters are exposed with _total.
+    assert used <= exported | {f"{n}_total" for n in exported}, used - exported
