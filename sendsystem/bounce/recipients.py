@@ -52,7 +52,7 @@ INTAKE_STATEMENTS = (*RECIPIENT_STATEMENTS, "bounce_message_lock", "bounce_seen_
                      "subscriber_unsubscribe", "message_for_bounce", "recent_message_by_email")
 
 # What tied a report to us (the `bounces.evidence` column).
-EVIDENCE = ("verp", "message-id", "token", "smtp")
+EVIDENCE = ("verp", "message-id", "token", "smtp", "webhook")
 
 
 @dataclass(frozen=True)

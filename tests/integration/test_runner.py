@@ -286,3 +286,31 @@ def test_schema_upgrade_v7_to_v8_adds_relay_groups_and_usage(scratch_db) -> None
     assert db.execute("list_set_relay_group", {"name": "old", "group": "cust-a"}) == 1
     assert db.fetchone("list_by_name", {"name": "old"})["relay_group"] == "cust-a"  # type: ignore[index]
     assert db.fetchall("relay_usage_all") == []
+
+
+def test_schema_upgrade_v8_to_v9_adds_webhook_evidence(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    """Version 9 (ESP webhooks): bounces keep their evidence; 'webhook' becomes storable."""
+    path, name = scratch_db
+    db = Database(load_config(path).database)
+    assert db.init_schema(up_to=8) == (0, 8)
+    conn = pymysql.connect(**server_settings(), database=name, autocommit=True)  # type: ignore[arg-type]
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO bounces (email, kind, verified, evidence) VALUES "
+                    "('a@x.example', 'hard', 1, 'verp'), ('b@x.example', 'hard', 1, 'smtp')")
+        with pytest.raises(pymysql.err.DataError):  # strict mode: not in the v8 ENUM
+            cur.execute("INSERT INTO bounces (email, kind, verified, evidence) VALUES "
+                        "('c@x.example', 'hard', 1, 'webhook')")
+    with pytest.raises(SchemaError, match=r"version 8.*db init"):
+        db.check_schema_version()
+    assert db.init_schema() == (8, SCHEMA_VERSION)
+    assert db.init_schema() == (SCHEMA_VERSION, SCHEMA_VERSION)
+    db.prepare(["bounce_insert"])
+    db.execute("bounce_insert", {"newsletter_id": None, "message_id": None,
+                                 "subscriber_id": None, "email": "c@x.example", "kind": "hard",
+                                 "verified": 1, "evidence": "webhook", "status": None,
+                                 "diagnostic": None})
+    with conn.cursor() as cur:
+        cur.execute("SELECT email, evidence FROM bounces ORDER BY id")
+        assert cur.fetchall() == (("a@x.example", "verp"), ("b@x.example", "smtp"),
+                                  ("c@x.example", "webhook"))
+    conn.close()
