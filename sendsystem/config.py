@@ -229,6 +229,39 @@ class CheckConfig:
 
 
 @dataclass(frozen=True)
+class WebhooksConfig:
+    # Bounce and complaint webhooks of ESPs (sendsystem/bounce/webhooks.py),
+    # served by the unsubscribe web app under /webhooks/<provider>. Each is off
+    # until enabled; an enabled provider without its secret is a config error.
+    ses_enabled: bool = False
+    # SNS signing certificates are fetched only over HTTPS from these hosts;
+    # '*' stands for one DNS label (the region).
+    sns_cert_hosts: str = "sns.*.amazonaws.com, sns.*.amazonaws.com.cn"
+    # SNS topic ARNs accepted (comma-separated); empty: any topic.
+    sns_topic_arns: str = ""
+    sendgrid_enabled: bool = False
+    # The "Verification Key" SendGrid shows for the signed Event Webhook
+    # (base64 of the DER public key, P-256).
+    sendgrid_public_key: str = ""
+    mailgun_enabled: bool = False
+    # Mailgun's "HTTP webhook signing key".
+    mailgun_signing_key: str = ""
+    # Seconds a Mailgun signature stays acceptable (replayed requests are refused).
+    mailgun_max_age: int = 900
+    postmark_enabled: bool = False
+    # The basic-auth user and password put in the webhook URL at Postmark
+    # (https://user:password@host/webhooks/postmark).
+    postmark_user: str = ""
+    postmark_password: str = ""
+
+    def cert_host_patterns(self) -> tuple[str, ...]:
+        return tuple(h.strip().lower() for h in self.sns_cert_hosts.split(",") if h.strip())
+
+    def topic_arns(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.sns_topic_arns.split(",") if a.strip())
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = DatabaseConfig()
     paths: PathsConfig = PathsConfig()
@@ -239,6 +272,7 @@ class Config:
     bounce: BounceConfig = BounceConfig()
     sorting: SortingConfig = SortingConfig()
     check: CheckConfig = CheckConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     source: str = "(defaults)"
 
     def secret(self) -> bytes:
@@ -417,6 +451,7 @@ SECTIONS: Mapping[str, type] = {
     "bounce": BounceConfig,
     "sorting": SortingConfig,
     "check": CheckConfig,
+    "webhooks": WebhooksConfig,
 }
 
 
@@ -511,6 +546,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         bounce=BounceConfig(**_section(cp, "bounce", BounceConfig, source)),  # type: ignore[arg-type]
         sorting=SortingConfig(**_section(cp, "sorting", SortingConfig, source)),  # type: ignore[arg-type]
         check=CheckConfig(**_section(cp, "check", CheckConfig, source)),  # type: ignore[arg-type]
+        webhooks=WebhooksConfig(**_section(cp, "webhooks", WebhooksConfig, source)),  # type: ignore[arg-type]
         source=source,
     )
     _validate(config)
@@ -562,6 +598,7 @@ def _validate(config: Config) -> None:
     if r.render_failures_pause < 0:
         raise ConfigError(f"{config.source}: [sorting] render_failures_pause must be 0 (never "
                           "pause) or more")
+    _validate_webhooks(config)
 
 
 def validate_check(c: CheckConfig, where: str) -> None:
@@ -573,3 +610,21 @@ def validate_check(c: CheckConfig, where: str) -> None:
         warn, crit = getattr(c, f"{what}_warn"), getattr(c, f"{what}_crit")
         if not 0 <= warn <= crit:
             raise ConfigError(f"{where} need 0 <= {what}_warn <= {what}_crit (percent)")
+
+
+def _validate_webhooks(config: Config) -> None:
+    w = config.webhooks
+    where = f"{config.source}: [webhooks]"
+    if w.ses_enabled and not w.cert_host_patterns():
+        raise ConfigError(f"{where} ses_enabled needs sns_cert_hosts (e.g. sns.*.amazonaws.com)")
+    if w.sendgrid_enabled and not w.sendgrid_public_key:
+        raise ConfigError(f"{where} sendgrid_enabled needs sendgrid_public_key: copy the "
+                          "Verification Key from SendGrid's Signed Event Webhook settings")
+    if w.mailgun_enabled and not w.mailgun_signing_key:
+        raise ConfigError(f"{where} mailgun_enabled needs mailgun_signing_key: copy the HTTP "
+                          "webhook signing key from Mailgun's Webhooks page")
+    if w.mailgun_max_age < 1:
+        raise ConfigError(f"{where} mailgun_max_age must be at least 1 second")
+    if w.postmark_enabled and (len(w.postmark_user) < 1 or len(w.postmark_password) < 16):
+        raise ConfigError(f"{where} postmark_enabled needs postmark_user and a postmark_password "
+                          "of at least 16 characters (make one with: " + SECRET_RECIPE + ")")

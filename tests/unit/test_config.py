@@ -79,6 +79,8 @@ def test_short_secret_is_refused_with_a_recipe() -> None:
      "[sending] unknown key 'conections'; did you mean 'connections'?"),
     ("[sendng]\nconnections = 8\n", "unknown section [sendng]; did you mean 'sending'?"),
     ("[balancer]\nzzz = 1\n", "[balancer] unknown key 'zzz'; valid: batch_max"),
+    ("[webhooks]\nmailgun_signing_kye = k\n",
+     "[webhooks] unknown key 'mailgun_signing_kye'; did you mean 'mailgun_signing_key'?"),
 ])
 def test_unknown_keys_and_sections_are_errors(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "config.ini"
@@ -86,6 +88,28 @@ def test_unknown_keys_and_sections_are_errors(tmp_path: Path, text: str, message
     with pytest.raises(ConfigError) as err:
         load_config(path, env={})
     assert message in str(err.value)
+
+
+def test_webhooks_section(tmp_path: Path) -> None:
+    example = load_config(EXAMPLE, env={}).webhooks
+    assert not (example.ses_enabled or example.sendgrid_enabled or example.mailgun_enabled
+                or example.postmark_enabled)
+    assert example.cert_host_patterns() == ("sns.*.amazonaws.com", "sns.*.amazonaws.com.cn")
+    path = tmp_path / "config.ini"
+    path.write_text("[webhooks]\nses_enabled = yes\nsns_cert_hosts = 127.0.0.1\n"
+                    "sns_topic_arns = arn:a, arn:b\nmailgun_enabled = yes\n"
+                    "mailgun_signing_key = k\nmailgun_max_age = 60\n")
+    hooks = load_config(path, env={}).webhooks
+    assert hooks.ses_enabled and hooks.cert_host_patterns() == ("127.0.0.1",)
+    assert hooks.topic_arns() == ("arn:a", "arn:b") and hooks.mailgun_max_age == 60
+    for text, message in [("sendgrid_enabled = yes", "needs sendgrid_public_key"),
+                          ("mailgun_enabled = yes", "needs mailgun_signing_key"),
+                          ("postmark_enabled = yes\npostmark_user = u\npostmark_password = short",
+                           "at least 16 characters"),
+                          ("ses_enabled = yes\nsns_cert_hosts =", "needs sns_cert_hosts")]:
+        path.write_text(f"[webhooks]\n{text}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, env={})
 
 
 def test_implicit_config_may_be_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
