@@ -9,7 +9,11 @@ Routes (the token is the last path segment of ``[unsubscribe] url``):
 * ``GET <prefix><token>``: a confirmation page whose button POSTs. A GET
   never unsubscribes, because link scanners and mail-security gateways
   prefetch every URL in a message.
-* ``GET /healthz``: 200 ``ok`` for load balancers. Anything else is 404.
+* ``GET /healthz``: 200 ``ok`` for load balancers.
+* ``POST /webhooks/<provider>`` (ses, sendgrid, mailgun, postmark): an ESP's
+  bounce/complaint webhook, when the integrator passes ``webhooks`` (see
+  :mod:`sendsystem.bounce.webhooks`); 403 when it is not authentic, 404 for a
+  provider not enabled. Anything else is 404.
 
 The app touches no database: the integrator passes ``unsubscribe`` (do it,
 idempotently) and optionally ``lookup`` (describe it, for the page) callbacks.
@@ -24,7 +28,7 @@ from __future__ import annotations
 import html
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.parser import BytesParser
 from socketserver import ThreadingMixIn
@@ -40,6 +44,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFIX = "/unsubscribe/"
 # A one-click body is 26 bytes; our form's is smaller. Anything big is abuse.
 MAX_BODY = 16 * 1024
+# SendGrid batches events; a batch of a thousand is a few hundred kB.
+MAX_WEBHOOK_BODY = 4 * 1024 * 1024
+WEBHOOK_PREFIX = "/webhooks/"
 # Seconds a client should wait after a 503 (the database is down).
 RETRY_AFTER = "300"
 
@@ -70,6 +77,9 @@ class UnsubscribeResult:
 
 
 Callback = Callable[[UnsubscribeTarget], UnsubscribeResult | None]
+# (provider, request headers in lower case, raw body) -> (HTTP status, text).
+WebhookCallback = Callable[[str, Mapping[str, str], bytes], tuple[int, str]]
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found"}
 
 
 def path_prefix_from_url(url_template: str) -> str:
@@ -168,7 +178,8 @@ def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
 
 class _UnsubscribeApp:
     def __init__(self, secret: bytes, unsubscribe: Callback, lookup: Callback | None,
-                 prefix: str, max_body: int) -> None:
+                 prefix: str, max_body: int, webhooks: WebhookCallback | None = None) -> None:
+        self.webhooks = webhooks
         self.secret = secret
         self.unsubscribe = unsubscribe
         self.lookup = lookup
@@ -192,6 +203,8 @@ class _UnsubscribeApp:
                 return _text("200 OK", "ok\n")
             return _text("405 Method Not Allowed", "method not allowed\n",
                          [("Allow", "GET, HEAD")])
+        if self.webhooks is not None and path.startswith(WEBHOOK_PREFIX):
+            return self.webhook(method, path[len(WEBHOOK_PREFIX):].rstrip("/"), environ)
         if not path.startswith(self.prefix):
             return _text("404 Not Found", "not found\n")
         token = path[len(self.prefix):].rstrip("/")
@@ -266,6 +279,28 @@ class _UnsubscribeApp:
                      '<p class="muted">Unsubscribed by mistake? Sign up again where you '
                      "subscribed the first time.</p>")
 
+    def webhook(self, method: str, provider: str, environ: WSGIEnvironment) -> _Response:
+        assert self.webhooks is not None
+        if not provider or "/" in provider:
+            return _text("404 Not Found", "not found\n")
+        if method != "POST":
+            return _text("405 Method Not Allowed", "method not allowed\n", [("Allow", "POST")])
+        body = _read_body(environ, MAX_WEBHOOK_BODY)
+        if isinstance(body, _Response):
+            return body
+        headers = {key[5:].replace("_", "-").lower(): str(value)
+                   for key, value in environ.items() if key.startswith("HTTP_")}
+        if environ.get("CONTENT_TYPE"):
+            headers["content-type"] = str(environ["CONTENT_TYPE"])
+        try:
+            code, text = self.webhooks(provider, headers, body)
+        except TemporaryError as exc:
+            log.warning("%s webhook deferred: %s", printable(provider), exc)
+            # 503 makes every ESP retry later, and nothing was recorded.
+            return _text("503 Service Unavailable", "temporarily unavailable, try again later\n",
+                         [("Retry-After", RETRY_AFTER)])
+        return _text(f"{code} {_REASONS.get(code, 'Error')}", text)
+
     @staticmethod
     def _call(callback: Callback | None, target: UnsubscribeTarget) -> UnsubscribeResult | None:
         if callback is None:
@@ -274,12 +309,16 @@ class _UnsubscribeApp:
 
 
 def make_app(secret: bytes, unsubscribe: Callback, *, lookup: Callback | None = None,
-             path_prefix: str = DEFAULT_PREFIX, max_body: int = MAX_BODY) -> WSGIApplication:
+             path_prefix: str = DEFAULT_PREFIX, max_body: int = MAX_BODY,
+             webhooks: WebhookCallback | None = None) -> WSGIApplication:
     """The WSGI app. ``path_prefix`` is the URL path before the token (see
-    :func:`path_prefix_from_url`); ``unsubscribe`` must be idempotent."""
+    :func:`path_prefix_from_url`); ``unsubscribe`` must be idempotent;
+    ``webhooks`` handles ``POST /webhooks/<provider>``."""
     if not path_prefix.startswith("/") or not path_prefix.endswith("/"):
         raise ValueError(f"path_prefix must start and end with '/', got {path_prefix!r}")
-    return _UnsubscribeApp(secret, unsubscribe, lookup, path_prefix, max_body)
+    if webhooks is not None and path_prefix.startswith(WEBHOOK_PREFIX):
+        raise ValueError(f"path_prefix {path_prefix!r} collides with {WEBHOOK_PREFIX}")
+    return _UnsubscribeApp(secret, unsubscribe, lookup, path_prefix, max_body, webhooks)
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):

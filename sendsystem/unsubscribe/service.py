@@ -4,16 +4,29 @@ The app (:mod:`sendsystem.unsubscribe.app`) touches no database:
 :class:`UnsubscribeService` gives it the ``unsubscribe`` and ``lookup``
 callbacks over MariaDB, through :func:`sendsystem.bounce.recipients.unsubscribe`,
 the same function a mailto unsubscribe with a valid token reaches.
-:func:`create_app` builds the whole app from a config file, for gunicorn and
-the like.
+:class:`WebhookService` is the same for the ESP webhooks
+(:mod:`sendsystem.bounce.webhooks`), mounted under ``/webhooks/`` when any
+provider is enabled in ``[webhooks]``. :func:`create_app` builds the whole
+app from a config file, for gunicorn and the like.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from wsgiref.types import WSGIApplication
 
 from ..bounce import recipients
+from ..bounce.webhooks import (
+    PROVIDERS,
+    CertFetcher,
+    EventOutcome,
+    WebhookEvent,
+    WebhookReceiver,
+    WebhookReply,
+    fetch_certificate,
+    record_event,
+)
 from ..config import Config, DatabaseConfig, load_config
 from ..db import Database
 from ..states import SubscriberStatus
@@ -55,12 +68,47 @@ class UnsubscribeService:
             self._db.close()
 
 
-def unsubscribe_wsgi_app(config: Config, service: UnsubscribeService | None = None
-                         ) -> WSGIApplication:
-    """The one-click unsubscribe WSGI app over this config's database."""
+class WebhookService:
+    """ESP webhooks over MariaDB: authenticate (:class:`WebhookReceiver`), then
+    record each event under one lock-guarded connection, as above."""
+
+    def __init__(self, config: Config, *, retry_for: float = 3.0,
+                 cert_fetcher: CertFetcher = fetch_certificate) -> None:
+        self._config = config
+        config.secret()  # attribution needs it: fail at start-up, not per request
+        self._db = Database(config.database, retry_for=retry_for)
+        self._lock = threading.Lock()
+        self.receiver = WebhookReceiver(config.webhooks, self._record, cert_fetcher=cert_fetcher)
+        self.last: WebhookReply | None = None  # for tests and debugging
+
+    def _record(self, provider: str, event: WebhookEvent) -> EventOutcome:
+        with self._lock:
+            return record_event(self._db, self._config, provider, event)
+
+    def __call__(self, provider: str, headers: Mapping[str, str], body: bytes
+                 ) -> tuple[int, str]:
+        reply = self.receiver.handle(provider, headers, body)
+        self.last = reply
+        return reply.status, reply.text
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def webhooks_enabled(config: Config) -> bool:
+    return any(getattr(config.webhooks, f"{p}_enabled") for p in PROVIDERS)
+
+
+def unsubscribe_wsgi_app(config: Config, service: UnsubscribeService | None = None,
+                         webhooks: WebhookService | None = None) -> WSGIApplication:
+    """The one-click unsubscribe WSGI app over this config's database, with the
+    ESP webhooks when ``[webhooks]`` enables any."""
     service = service or UnsubscribeService(config.database)
+    if webhooks is None and webhooks_enabled(config):
+        webhooks = WebhookService(config)
     return make_app(config.secret(), service.unsubscribe, lookup=service.lookup,
-                    path_prefix=path_prefix_from_url(config.unsubscribe.url))
+                    path_prefix=path_prefix_from_url(config.unsubscribe.url), webhooks=webhooks)
 
 
 def create_app(config_path: str | None = None) -> WSGIApplication:
