@@ -23,7 +23,12 @@ import pytest
 
 from sendsystem.bounce.webhooks import https_fetcher
 from sendsystem.unsubscribe.app import make_wsgi_server
-from sendsystem.unsubscribe.service import UnsubscribeService, WebhookService, unsubscribe_wsgi_app
+from sendsystem.unsubscribe.service import (
+    UnsubscribeService,
+    WebhookService,
+    create_app,
+    unsubscribe_wsgi_app,
+)
 from tests.harness import esp
 from tests.harness.env import Env
 from tests.harness.tls_certs import TestCA
@@ -334,3 +339,22 @@ def test_ses_certificate_server_must_have_a_trusted_tls_certificate(
                                     cert_url=url)) == 403
         assert state(env, a) == ("sent", "active")
         assert bounce_rows(env) == []
+
+
+def test_create_app_mounts_the_providers_the_config_enables(env: Env) -> None:
+    """The WSGI factory for gunicorn (and `unsubscribe-server`) wires [webhooks] in."""
+    env.configure(webhooks={"postmark_enabled": "yes", "postmark_user": esp.POSTMARK_USER,
+                            "postmark_password": esp.POSTMARK_PASSWORD})
+    httpd = make_wsgi_server(create_app(str(env.path)), port=0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        site = Site(f"http://127.0.0.1:{httpd.server_port}", esp.SnsSigner(),
+                    esp.SendGridSigner(), None)  # type: ignore[arg-type]
+        [a] = send_newsletter(env, ["gone@example.org"])
+        assert site.post("ses", ses(site, esp.ses_bounce(a.message_id, a.email))) == 404
+        assert site.post("postmark", esp.postmark_bounce(a.email, a.message_id)) == 200
+        assert state(env, a) == ("bounced", "bounced")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
