@@ -389,7 +389,12 @@ def sendgrid_events(payload: Any) -> list[WebhookEvent]:
 
 class MailgunVerifier:
     """HMAC-SHA256(signing key, timestamp + token), a replay window, and tokens
-    remembered (per process, bounded) so one signed request is taken once."""
+    remembered (per process, bounded) so one signed request is taken once.
+
+    A token is remembered only once its events are recorded (:meth:`remember`):
+    a request answered 503 (database down) is retried by Mailgun with the same
+    signature, and must then be taken.
+    """
 
     def __init__(self, signing_key: str, max_age: int) -> None:
         self.key = signing_key.encode()
@@ -397,7 +402,8 @@ class MailgunVerifier:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def verify(self, signature: Mapping[str, Any], now: float | None = None) -> None:
+    def verify(self, signature: Mapping[str, Any], now: float | None = None) -> str:
+        """The token of a valid, fresh, unused signature; else :class:`WebhookRejected`."""
         timestamp, token = _str(signature.get("timestamp")), _str(signature.get("token"))
         given = _str(signature.get("signature"))
         if timestamp is None or token is None or given is None:
@@ -414,6 +420,10 @@ class MailgunVerifier:
         with self._lock:
             if token in self._seen:
                 raise WebhookRejected("Mailgun token already used (replay)")
+        return token
+
+    def remember(self, token: str) -> None:
+        with self._lock:
             self._seen[token] = None
             while len(self._seen) > MAILGUN_TOKENS_KEPT:
                 self._seen.popitem(last=False)
@@ -558,7 +568,7 @@ class WebhookReceiver:
         if not self.enabled(provider):
             return WebhookReply(404, "not found\n")
         try:
-            events = self._authentic_events(provider, headers, body)
+            events, token = self._authentic_events(provider, headers, body)
         except WebhookRejected as exc:
             log.warning("%s webhook refused (403): %s", provider, exc)
             return WebhookReply(403, "forbidden\n")
@@ -566,25 +576,28 @@ class WebhookReceiver:
             log.warning("%s webhook malformed (400): %s", provider, exc)
             return WebhookReply(400, f"bad request: {exc}\n")
         outcomes = tuple(self.recorder(provider, event) for event in events)
+        if token is not None:
+            self.mailgun.remember(token)
         return WebhookReply(200, "ok\n", outcomes)
 
     def _authentic_events(self, provider: str, headers: Mapping[str, str],
-                          body: bytes) -> list[WebhookEvent]:
+                          body: bytes) -> tuple[list[WebhookEvent], str | None]:
+        """The events, and a Mailgun token to remember once they are recorded."""
         c = self.config
         if provider == "postmark":
             # Authenticate before parsing: an outsider learns nothing from errors.
             verify_basic_auth(headers.get("authorization"), c.postmark_user, c.postmark_password)
-            return postmark_events(_dict(_json(body)))
+            return postmark_events(_dict(_json(body))), None
         if provider == "sendgrid":
             verify_sendgrid(c.sendgrid_public_key,
                             headers.get("x-twilio-email-event-webhook-signature"),
                             headers.get("x-twilio-email-event-webhook-timestamp"), body)
-            return sendgrid_events(_json(body))
+            return sendgrid_events(_json(body)), None
         payload = _dict(_json(body))
         if provider == "mailgun":
-            self.mailgun.verify(_dict(payload.get("signature")))
-            return mailgun_events(payload)
-        return self._ses(payload)
+            token = self.mailgun.verify(_dict(payload.get("signature")))
+            return mailgun_events(payload), token
+        return self._ses(payload), None
 
     def _ses(self, message: Mapping[str, Any]) -> list[WebhookEvent]:
         verify_sns(message, self.certs)

@@ -31,6 +31,7 @@ from sendsystem.bounce.webhooks import (
     verify_sns,
 )
 from sendsystem.config import WebhooksConfig
+from sendsystem.errors import TemporaryError
 from sendsystem.unsubscribe.app import make_app
 from tests.harness import esp
 
@@ -159,7 +160,9 @@ def test_sendgrid_events() -> None:
 def test_mailgun_signature_replay_window_and_token_reuse() -> None:
     verifier = MailgunVerifier(esp.MAILGUN_KEY, max_age=900)
     good = esp.mailgun_signature()
-    verifier.verify(good)
+    assert verifier.verify(good) == good["token"]
+    assert verifier.verify(good) == good["token"]  # not taken until remembered
+    verifier.remember(good["token"])
     with pytest.raises(WebhookRejected, match="already used"):
         verifier.verify(good)
     with pytest.raises(WebhookRejected, match="does not verify"):
@@ -299,3 +302,28 @@ def test_disabled_provider_topic_filter_and_bad_requests() -> None:
     # Without a webhooks callback the path is just not found.
     plain = make_app(b"secret", lambda t: None)
     assert post(plain, "/webhooks/ses", ses, {})[0] == "404 Not Found"
+
+
+def test_mailgun_request_answered_503_is_taken_when_retried() -> None:
+    """The token counts as used only after its events are recorded."""
+    signer, recorder = esp.SnsSigner(), Recorder()
+    down = [True]
+
+    def flaky(provider: str, event: WebhookEvent) -> EventOutcome:
+        if down[0]:
+            raise TemporaryError("database unreachable")
+        return recorder(provider, event)
+
+    receiver = WebhookReceiver(config(), flaky, cert_fetcher=signer.fetch)
+
+    def callback(provider: str, headers: Any, body: bytes) -> tuple[int, str]:
+        reply = receiver.handle(provider, headers, body)
+        return reply.status, reply.text
+
+    app = make_app(b"secret", lambda t: None, webhooks=callback)
+    mg = json.dumps(esp.mailgun_event("failed", "c@x.org", MSGID)).encode()
+    assert post(app, "/webhooks/mailgun", mg, {})[0] == "503 Service Unavailable"
+    down[0] = False
+    assert post(app, "/webhooks/mailgun", mg, {})[0] == "200 OK"
+    assert post(app, "/webhooks/mailgun", mg, {})[0] == "403 Forbidden"  # now a replay
+    assert [e.email for _p, e in recorder.events] == ["c@x.org"]
