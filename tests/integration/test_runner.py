@@ -286,3 +286,19 @@ def test_schema_upgrade_v7_to_v8_adds_relay_groups_and_usage(scratch_db) -> None
     assert db.execute("list_set_relay_group", {"name": "old", "group": "cust-a"}) == 1
     assert db.fetchone("list_by_name", {"name": "old"})["relay_group"] == "cust-a"  # type: ignore[index]
     assert db.fetchall("relay_usage_all") == []
+
+
+def test_schema_upgrade_v8_to_v9_adds_newsletter_summaries(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    """Version 9 (retention): the summaries table starts empty; stats of an
+    existing newsletter still come from its rows."""
+    path, _name = scratch_db
+    db = Database(load_config(path).database)
+    assert db.init_schema(up_to=8) == (0, 8)
+    db.insert("list_insert", {"name": "old", "from_name": "Old", "from_address": "o@example.com"})
+    with pytest.raises(SchemaError, match=r"version 8.*db init"):
+        db.check_schema_version()
+    assert db.init_schema() == (8, SCHEMA_VERSION)
+    db.prepare(["summary_get", "summary_insert", "retention_candidates",
+                "retention_delete_messages", "retention_delete_bounces", "stats_bounces_between"])
+    assert db.fetchone("summary_get", {"id": 1}) is None
+    assert db.fetchall("retention_candidates", {"cutoff": "2100-01-01"}) == []
