@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .admin import get_newsletter
@@ -190,6 +190,43 @@ def newsletter_bounces(db: Database, newsletter_id: int) -> dict[str, Any]:
                                           bounce_rows(db, newsletter_id, since=summary["cutoff"])))
 
 
+# The timeline's resolution: the finest of these that keeps a send within
+# TIMELINE_MAX_BUCKETS points (per second up to 5 minutes, per 10 s up to 50,
+# per minute up to 5 hours, per 10 minutes up to ~2 days, then hours, days).
+TIMELINE_BUCKETS = (1, 10, 60, 600, 3600, 86400)
+TIMELINE_MAX_BUCKETS = 300
+
+
+def timeline_bucket(span_seconds: float) -> int:
+    """Seconds per timeline point for a send that lasted ``span_seconds``."""
+    for bucket in TIMELINE_BUCKETS:
+        if span_seconds < bucket * TIMELINE_MAX_BUCKETS:
+            return bucket
+    return TIMELINE_BUCKETS[-1]
+
+
+def bucket_start(first: datetime, bucket: int) -> datetime:
+    """``first`` rounded down to a whole bucket of the (naive UTC) clock."""
+    epoch = datetime(1970, 1, 1)
+    seconds = int((first - epoch).total_seconds())
+    return epoch + timedelta(seconds=seconds - seconds % bucket)
+
+
+def timeline_detail(db: Database, newsletter_id: int) -> dict[str, Any]:
+    """Sent per worker per bucket, the bucket chosen from the send's length (HTML report)."""
+    span = db.fetchone("stats_sent_span", {"id": newsletter_id})
+    if not span or span["first"] is None:
+        return {"bucket_seconds": 1, "rows": []}
+    bucket = timeline_bucket((span["last"] - span["first"]).total_seconds())
+    start = bucket_start(span["first"], bucket)
+    rows = db.fetchall("stats_timeline_buckets",
+                       {"id": newsletter_id, "start": start, "bucket": bucket})
+    return {"bucket_seconds": bucket,
+            "rows": [{"at": (start + timedelta(seconds=int(r["bucket"]) * bucket))
+                      .strftime("%Y-%m-%dT%H:%M:%S"), "worker": r["worker"],
+                      "sent": int(r["sent"])} for r in rows]}
+
+
 def message_facts(db: Database, newsletter_id: int) -> dict[str, Any]:
     """Everything `stats` derives from the message rows: what a purge keeps.
 
@@ -203,6 +240,7 @@ def message_facts(db: Database, newsletter_id: int) -> dict[str, Any]:
         + _workers(db, "stats_send_workers", "send", newsletter_id),
         "timeline": [{"minute": r["minute"], "worker": r["worker"], "sent": int(r["sent"])}
                      for r in db.fetchall("stats_timeline", {"id": newsletter_id})],
+        "timeline_detail": timeline_detail(db, newsletter_id),
         "replies": [{"code": int(r["code"]), "reply": r["reply"], "count": int(r["count"])}
                     for r in db.fetchall("stats_replies", {"id": newsletter_id})],
         # The ten commonest reasons, so a poison message or a render limit is
@@ -234,6 +272,7 @@ def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
         "released_at": _iso(nl["released_at"]), "finished_at": _iso(nl["finished_at"]),
         "total": int(nl["total"]), "counts": c,
         "workers": facts["workers"], "timeline": facts["timeline"],
+        "timeline_detail": facts["timeline_detail"],
         "replies": facts["replies"], "failures": facts["failures"],
         "deferrals": facts["deferrals"],
         "bounces": bounces,

@@ -486,6 +486,19 @@ FROM messages m JOIN workers w ON w.id = m.send_worker_id
 WHERE m.newsletter_id = %(id)s AND m.state IN ('sent', 'bounced')
 GROUP BY minute, w.name ORDER BY minute, w.name;
 
+-- name: stats_sent_span
+SELECT MIN(finished_at) AS first, MAX(finished_at) AS last FROM messages
+WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced');
+
+-- name: stats_timeline_buckets
+-- Sent per worker per bucket of %(bucket)s seconds from %(start)s; stats.py picks
+-- the bucket from the send's length so there are at most ~300 of them.
+SELECT TIMESTAMPDIFF(SECOND, %(start)s, m.finished_at) DIV %(bucket)s AS bucket,
+       w.name AS worker, COUNT(*) AS sent
+FROM messages m JOIN workers w ON w.id = m.send_worker_id
+WHERE m.newsletter_id = %(id)s AND m.state IN ('sent', 'bounced')
+GROUP BY bucket, w.name ORDER BY bucket, w.name;
+
 -- name: stats_replies
 SELECT reply_code AS code, MIN(reply) AS reply, COUNT(*) AS count
 FROM messages WHERE newsletter_id = %(id)s AND reply_code IS NOT NULL
