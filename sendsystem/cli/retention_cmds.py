@@ -21,11 +21,7 @@ def purge(ctx: Context, older_than: str, dry_run: bool, chunk_size: int, pause: 
     """Delete message and old bounce rows of finished newsletters, keeping their stats."""
     options = retention.Options(older_than=retention.parse_duration(older_than),
                                 dry_run=dry_run, chunk=chunk_size, pause=pause)
-    db = ctx.db()
-    try:
-        done = retention.purge(db, options)
-    finally:
-        db.close()
+    done = retention.purge(ctx.db(), options)  # the Context closes the connection
     verb = "would purge" if dry_run else "purged"
     for p in done:
         click.echo(f"{verb} newsletter {p.newsletter_id} ({p.state}, finished "
