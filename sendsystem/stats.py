@@ -6,8 +6,9 @@ as they are, with the fields the README documents.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .admin import get_newsletter
@@ -137,7 +138,30 @@ def _workers(db: Database, name: str, role: str, newsletter_id: int) -> list[dic
     return out
 
 
-def newsletter_bounces(db: Database, newsletter_id: int) -> dict[str, Any]:
+# Bounce rows from before any bounce arrives and after any can arrive.
+_EPOCH = datetime(1970, 1, 2)
+_FOREVER = datetime(9999, 1, 1)
+
+
+def bounce_rows(db: Database, newsletter_id: int, since: datetime = _EPOCH,
+                before: datetime = _FOREVER) -> list[dict[str, Any]]:
+    """Bounce counts by (kind, verified) of the rows received in [since, before)."""
+    return [{"kind": r["kind"], "verified": int(r["verified"]), "n": int(r["n"])}
+            for r in db.fetchall("stats_bounces_between",
+                                 {"id": newsletter_id, "since": since, "before": before})]
+
+
+def merge_bounce_rows(*parts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add bounce counts up by (kind, verified), sorted (so a summary is stable)."""
+    total: dict[tuple[str, int], int] = {}
+    for rows in parts:
+        for r in rows:
+            key = (str(r["kind"]), int(r["verified"]))
+            total[key] = total.get(key, 0) + int(r["n"])
+    return [{"kind": k, "verified": v, "n": n} for (k, v), n in sorted(total.items())]
+
+
+def fold_bounces(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Bounces by kind with signed evidence, and unverified reports counted apart.
 
     ``unverified`` is the number of reports that claimed to be about this
@@ -146,7 +170,7 @@ def newsletter_bounces(db: Database, newsletter_id: int) -> dict[str, Any]:
     """
     bounces: dict[str, Any] = {"hard": 0, "soft": 0, "blocked": 0, "complaint": 0, "autoreply": 0}
     unverified: dict[str, int] = {}
-    for row in db.fetchall("stats_bounces", {"id": newsletter_id}):
+    for row in rows:
         if int(row["verified"]):
             bounces[row["kind"]] = bounces.get(row["kind"], 0) + int(row["n"])
         else:
@@ -156,22 +180,67 @@ def newsletter_bounces(db: Database, newsletter_id: int) -> dict[str, Any]:
     return bounces
 
 
-def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
-    nl = get_newsletter(db, newsletter_id)
-    c = counts(db, newsletter_id)
-    bounces = newsletter_bounces(db, newsletter_id)
-    delivered = c[MessageState.SENT] + c[MessageState.BOUNCED]
-    duration = _num(db.fetchval("stats_span", {"id": newsletter_id}))
-    finished = sum(c[s] for s in FINAL_MESSAGE_STATES)
+def newsletter_bounces(db: Database, newsletter_id: int) -> dict[str, Any]:
+    """Bounces of a newsletter, including those a purge folded into its summary."""
+    summary = db.fetchone("summary_get", {"id": newsletter_id})
+    if summary is None:
+        return fold_bounces(bounce_rows(db, newsletter_id))
+    facts = json.loads(summary["facts"])
+    return fold_bounces(merge_bounce_rows(facts["bounce_rows"],
+                                          bounce_rows(db, newsletter_id, since=summary["cutoff"])))
+
+
+# The timeline's resolution: the finest of these that keeps a send within
+# TIMELINE_MAX_BUCKETS points (per second up to 5 minutes, per 10 s up to 50,
+# per minute up to 5 hours, per 10 minutes up to ~2 days, then hours, days).
+TIMELINE_BUCKETS = (1, 10, 60, 600, 3600, 86400)
+TIMELINE_MAX_BUCKETS = 300
+
+
+def timeline_bucket(span_seconds: float) -> int:
+    """Seconds per timeline point for a send that lasted ``span_seconds``."""
+    for bucket in TIMELINE_BUCKETS:
+        if span_seconds < bucket * TIMELINE_MAX_BUCKETS:
+            return bucket
+    return TIMELINE_BUCKETS[-1]
+
+
+def bucket_start(first: datetime, bucket: int) -> datetime:
+    """``first`` rounded down to a whole bucket of the (naive UTC) clock."""
+    epoch = datetime(1970, 1, 1)
+    seconds = int((first - epoch).total_seconds())
+    return epoch + timedelta(seconds=seconds - seconds % bucket)
+
+
+def timeline_detail(db: Database, newsletter_id: int) -> dict[str, Any]:
+    """Sent per worker per bucket, the bucket chosen from the send's length (HTML report)."""
+    span = db.fetchone("stats_sent_span", {"id": newsletter_id})
+    if not span or span["first"] is None:
+        return {"bucket_seconds": 1, "rows": []}
+    bucket = timeline_bucket((span["last"] - span["first"]).total_seconds())
+    start = bucket_start(span["first"], bucket)
+    rows = db.fetchall("stats_timeline_buckets",
+                       {"id": newsletter_id, "start": start, "bucket": bucket})
+    return {"bucket_seconds": bucket,
+            "rows": [{"at": (start + timedelta(seconds=int(r["bucket"]) * bucket))
+                      .strftime("%Y-%m-%dT%H:%M:%S"), "worker": r["worker"],
+                      "sent": int(r["sent"])} for r in rows]}
+
+
+def message_facts(db: Database, newsletter_id: int) -> dict[str, Any]:
+    """Everything `stats` derives from the message rows: what a purge keeps.
+
+    The keys are newsletter_stats' keys; retention.py stores this dict as the
+    newsletter's summary before it deletes the rows, and newsletter_stats reads
+    it back, so a purged newsletter reports the same numbers.
+    """
     return {
-        "newsletter": newsletter_id, "state": nl["state"], "subject": nl["subject"],
-        "list": nl["list_name"], "created_at": _iso(nl["created_at"]),
-        "released_at": _iso(nl["released_at"]), "finished_at": _iso(nl["finished_at"]),
-        "total": int(nl["total"]), "counts": c,
+        "counts": counts(db, newsletter_id),
         "workers": _workers(db, "stats_sort_workers", "sort", newsletter_id)
         + _workers(db, "stats_send_workers", "send", newsletter_id),
         "timeline": [{"minute": r["minute"], "worker": r["worker"], "sent": int(r["sent"])}
                      for r in db.fetchall("stats_timeline", {"id": newsletter_id})],
+        "timeline_detail": timeline_detail(db, newsletter_id),
         "replies": [{"code": int(r["code"]), "reply": r["reply"], "count": int(r["count"])}
                     for r in db.fetchall("stats_replies", {"id": newsletter_id})],
         # The ten commonest reasons, so a poison message or a render limit is
@@ -179,6 +248,33 @@ def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
         "failures": [{"reason": r["reason"], "count": int(r["count"])}
                      for r in db.fetchall("stats_failures", {"id": newsletter_id})],
         "deferrals": int(db.fetchval("stats_deferrals", {"id": newsletter_id}) or 0),
+        "duration_seconds": _num(db.fetchval("stats_span", {"id": newsletter_id})),
+    }
+
+
+def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
+    nl = get_newsletter(db, newsletter_id)
+    summary = db.fetchone("summary_get", {"id": newsletter_id})
+    if summary is None:
+        facts = message_facts(db, newsletter_id)
+        bounces = fold_bounces(bounce_rows(db, newsletter_id))
+    else:  # purged (or being purged): the rows may be gone; the summary has them
+        facts = json.loads(summary["facts"])
+        bounces = fold_bounces(merge_bounce_rows(
+            facts["bounce_rows"], bounce_rows(db, newsletter_id, since=summary["cutoff"])))
+    c = facts["counts"]
+    delivered = c[MessageState.SENT] + c[MessageState.BOUNCED]
+    duration = facts["duration_seconds"]
+    finished = sum(c[s] for s in FINAL_MESSAGE_STATES)
+    return {
+        "newsletter": newsletter_id, "state": nl["state"], "subject": nl["subject"],
+        "list": nl["list_name"], "created_at": _iso(nl["created_at"]),
+        "released_at": _iso(nl["released_at"]), "finished_at": _iso(nl["finished_at"]),
+        "total": int(nl["total"]), "counts": c,
+        "workers": facts["workers"], "timeline": facts["timeline"],
+        "timeline_detail": facts["timeline_detail"],
+        "replies": facts["replies"], "failures": facts["failures"],
+        "deferrals": facts["deferrals"],
         "bounces": bounces,
         "bounce_rate": round((bounces["hard"] + bounces["soft"]) / delivered, 6)
         if delivered else 0.0,
@@ -186,4 +282,5 @@ def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
         "pause_reason": nl["pause_reason"],
         "duration_seconds": duration,
         "rate": round(finished / duration, 1) if duration else None,
+        "purged_at": _iso(summary["purged_at"]) if summary else None,
     }

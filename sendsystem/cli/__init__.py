@@ -84,6 +84,7 @@ def run(argv: list[str] | None = None) -> int:
         dkim_cmds,
         monitor_cmds,
         ops_cmds,
+        retention_cmds,
         role_cmds,
     )
     try:

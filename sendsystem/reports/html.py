@@ -14,11 +14,12 @@ interpolation via :func:`_e`.
 
 from __future__ import annotations
 
+import colorsys
 import html
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..states import MessageState
@@ -55,6 +56,51 @@ BOUNCE_COLORS: Mapping[str, str] = {
     "hard": "#d64541", "soft": "#f2b134", "blocked": "#5f6b7a", "complaint": "#8e44ad",
     "autoreply": "#7f8c8d",
 }
+# Beyond the palette, further workers get hues a golden angle apart (still
+# deterministic by worker order, and never a repeat of a neighbour's colour).
+_GOLDEN_ANGLE = 137.508
+# What one timeline point covers, by the bucket stats.timeline_detail chose.
+_BUCKET_UNITS: Mapping[int, str] = {1: "second", 10: "10 s", 60: "minute", 600: "10 min",
+                                    3600: "hour", 86400: "day"}
+_TICK_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600,
+               43200, 86400, 172800, 604800)
+
+
+def worker_color(index: int) -> str:
+    """The colour of the ``index``-th worker (sorted by name): the palette, then distinct hues."""
+    if index < len(WORKER_COLORS):
+        return WORKER_COLORS[index]
+    hue = ((index - len(WORKER_COLORS)) * _GOLDEN_ANGLE + 15.0) % 360.0
+    r, g, b = colorsys.hls_to_rgb(hue / 360.0, 0.45, 0.55)
+    return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+
+
+def bucket_unit(bucket_seconds: int) -> str:
+    return _BUCKET_UNITS.get(bucket_seconds, f"{bucket_seconds} s")
+
+
+def pivot_buckets(detail: Mapping[str, Any]) -> Timeline:
+    """stats' ``timeline_detail`` ({"bucket_seconds", "rows": [{"at", "worker", "sent"}]})
+    as a dense :class:`Timeline`: every bucket from the first to the last, zeros filled."""
+    bucket = max(1, as_int(detail.get("bucket_seconds")))
+    cells: dict[tuple[datetime, str], int] = {}
+    for row in detail.get("rows") or ():
+        when = _parse(clean(row.get("at")))
+        if when is None:
+            continue
+        worker = clean(row.get("worker")) or "?"
+        cells[when, worker] = cells.get((when, worker), 0) + as_int(row.get("sent"))
+    if not cells:
+        return Timeline((), (), (), bucket)
+    first, last = min(t for t, _ in cells), max(t for t, _ in cells)
+    count = min(int((last - first).total_seconds()) // bucket + 1, 10_000)
+    points = [first + timedelta(seconds=i * bucket) for i in range(count)]
+    workers = sorted({w for _, w in cells})
+    sent = tuple(tuple(cells.get((p, w), 0) for p in points) for w in workers)
+    return Timeline(tuple(p.strftime("%Y-%m-%dT%H:%M:%S") for p in points), tuple(workers),
+                    sent, bucket)
+
+
 # Thresholds at which the health figures turn amber. Mailbox providers'
 # published sender guidelines ask for spam complaints well under 0.3% and
 # treat bounce rates of a few percent as a sign of a stale list.
@@ -95,24 +141,30 @@ _W, _H = 1000, 320
 _PAD_L, _PAD_R, _PAD_T, _PAD_B = 64, 20, 16, 44
 
 
-def _minute_labels(minutes: Sequence[str], max_labels: int = 9) -> list[tuple[int, str]]:
-    """(index, label) of the x-axis ticks, on round clock minutes when they parse."""
+def _minute_labels(minutes: Sequence[str], max_labels: int = 9, bucket: int = 60
+                   ) -> list[tuple[int, str]]:
+    """(index, label) of the x-axis ticks, on round clock times when they parse."""
     n = len(minutes)
-    step = next((s for s in (1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720, 1440)
-                 if n / s <= max_labels), max(1, n // max_labels))
+    span = n * bucket
+    step = next((s for s in _TICK_STEPS if s >= bucket and span / s <= max_labels),
+                max(bucket, span // max_labels))
+    every = max(1, step // bucket)
+    fmt = "%H:%M:%S" if step < 60 else "%H:%M"
     parsed = [_parse(m) for m in minutes]
     ticks: list[tuple[int, str]] = []
     last_day = None
+    epoch = datetime(1970, 1, 1)
     for i, (raw, when) in enumerate(zip(minutes, parsed, strict=True)):
-        on_tick = (when.hour * 60 + when.minute) % step == 0 if when else i % step == 0
+        on_tick = int((when.replace(tzinfo=None) - epoch).total_seconds()) % step == 0 \
+            if when else i % every == 0
         if not on_tick:
             continue
         if when is None:
             ticks.append((i, raw[-5:]))
             continue
         day = when.date()
-        label = when.strftime("%H:%M") if day == last_day or last_day is None \
-            else when.strftime("%b %d %H:%M")
+        label = when.strftime(fmt) if day == last_day or last_day is None \
+            else when.strftime(f"%b %d {fmt}")
         last_day = day
         ticks.append((i, label))
     return ticks or [(0, minutes[0][-5:])]
@@ -147,13 +199,14 @@ def _empty_svg(cls: str, label: str, message: str, width: int = _W, height: int 
 
 
 def timeline_svg(timeline: Timeline) -> str:
-    """Stacked area chart of messages sent per minute, one band per send worker.
+    """Stacked area chart of messages sent per bucket (second to day), one band per worker.
 
     A single minute cannot make an area, so it is drawn as one stacked column;
     either way there is exactly one ``class="series"`` element per worker.
     """
+    unit = bucket_unit(timeline.bucket_seconds)
     if not timeline.minutes:
-        return _empty_svg("timeline", "Messages sent per minute",
+        return _empty_svg("timeline", f"Messages sent per {unit}",
                           "Nothing sent yet: the chart appears with the first delivered message.")
     totals = timeline.totals()
     ticks = nice_ticks(max(totals))
@@ -170,11 +223,11 @@ def timeline_svg(timeline: Timeline) -> str:
         return _PAD_L + plot_w / 2 if single else _PAD_L + i / (n - 1) * plot_w
 
     parts = [f'<svg class="chart timeline" viewBox="0 0 {_W} {_H}" role="img" '
-             f'aria-label="Messages sent per minute by worker">']
-    parts += _y_axis(ticks, y_of, "messages / minute")
+             f'aria-label="Messages sent per {unit} by worker">']
+    parts += _y_axis(ticks, y_of, f"messages / {unit}")
     base = [0] * n
     for w, (worker, series) in enumerate(zip(timeline.workers, timeline.sent, strict=True)):
-        color = WORKER_COLORS[w % len(WORKER_COLORS)]
+        color = worker_color(w)
         top = [b + v for b, v in zip(base, series, strict=True)]
         title = f"<title>{_e(worker)}: {sum(series):,} sent</title>"
         if single:
@@ -194,7 +247,7 @@ def timeline_svg(timeline: Timeline) -> str:
         base = top
     parts.append(f'<line class="axis" x1="{_PAD_L}" x2="{_W - _PAD_R}" y1="{x_bottom}" '
                  f'y2="{x_bottom}"/>')
-    for i, label in _minute_labels(timeline.minutes):
+    for i, label in _minute_labels(timeline.minutes, bucket=timeline.bucket_seconds):
         x = x_of(i)
         parts.append(f'<line class="axis" x1="{x:.1f}" x2="{x:.1f}" y1="{x_bottom}" '
                      f'y2="{x_bottom + 5}"/>')
@@ -203,7 +256,8 @@ def timeline_svg(timeline: Timeline) -> str:
         parts.append(f'<text class="tick" x="{x:.1f}" y="{x_bottom + 20}" '
                      f'text-anchor="{anchor}">{_e(label)}</text>')
     parts.append(f'<text class="axis-title" x="{_PAD_L + plot_w / 2:.0f}" y="{_H - 4}" '
-                 f'text-anchor="middle">minute (UTC)</text>')
+                 f'text-anchor="middle">'
+                 f'{"minute" if timeline.bucket_seconds == 60 else "time"} (UTC)</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -211,10 +265,11 @@ def timeline_svg(timeline: Timeline) -> str:
 def _timeline_legend(timeline: Timeline) -> str:
     items = []
     for w, (worker, series) in enumerate(zip(timeline.workers, timeline.sent, strict=True)):
-        color = WORKER_COLORS[w % len(WORKER_COLORS)]
+        color = worker_color(w)
+        per = "min" if timeline.bucket_seconds == 60 else bucket_unit(timeline.bucket_seconds)
         items.append(f'<li><span class="swatch" style="background:{color}"></span>'
                      f'{_e(worker)} <span class="muted">{sum(series):,} sent, peak '
-                     f'{max(series):,}/min</span></li>')
+                     f'{max(series):,}/{_e(per)}</span></li>')
     return f'<ul class="legend">{"".join(items)}</ul>' if items else ""
 
 
@@ -325,7 +380,7 @@ def bounces_svg(bounces: Mapping[str, Any]) -> str:
 def _workers_table(workers: list[Mapping[str, Any]], timeline: Timeline) -> str:
     if not workers:
         return '<p class="muted">No worker has handled this newsletter yet.</p>'
-    colors = {w: WORKER_COLORS[i % len(WORKER_COLORS)] for i, w in enumerate(timeline.workers)}
+    colors = {w: worker_color(i) for i, w in enumerate(timeline.workers)}
     role_rank = {"sort": 0, "send": 1}
     shares = sorted(worker_shares(workers),
                     key=lambda ws: (role_rank.get(clean(ws[0].get("role")), 2),
@@ -407,7 +462,9 @@ def render_html(stats: Mapping[str, Any]) -> str:
     counted = sum(n for _, n in counts)
     total = as_int(stats.get("total")) or counted
     by_state = dict(counts)
-    timeline = pivot_timeline(stats.get("timeline"))
+    detail = stats.get("timeline_detail")
+    timeline = pivot_buckets(detail) if isinstance(detail, Mapping) and detail.get("rows") \
+        else pivot_timeline(stats.get("timeline"))
     ident, subject = _e(stats.get("newsletter", "?")), _e(stats.get("subject"))
     state = clean(stats.get("state")) or "unknown"
     # The stored subject is the template every recipient's subject came from.
@@ -451,7 +508,7 @@ def render_html(stats: Mapping[str, Any]) -> str:
 {pause}
 <section class="kpis">{kpis}</section>
 <section class="card">
-  <h2>Messages sent per minute</h2>
+  <h2>Messages sent per {_e(bucket_unit(timeline.bucket_seconds))}</h2>
   {timeline_svg(timeline)}
   {_timeline_legend(timeline)}
 </section>

@@ -168,14 +168,16 @@ def ordered_counts(counts: Mapping[str, Any] | None) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True)
 class Timeline:
-    """Sent messages per minute per worker, gaps filled with zeros.
+    """Sent messages per minute (or per ``bucket_seconds``) per worker, gaps filled with zeros.
 
-    ``sent[w][m]`` is what worker ``workers[w]`` sent in minute ``minutes[m]``.
+    ``sent[w][m]`` is what worker ``workers[w]`` sent in minute ``minutes[m]``
+    (the HTML report's buckets: the ``bucket_seconds`` starting at ``minutes[m]``).
     """
 
     minutes: tuple[str, ...]
     workers: tuple[str, ...]
     sent: tuple[tuple[int, ...], ...]
+    bucket_seconds: int = 60
 
     def totals(self) -> list[int]:
         """Sent per minute, all workers together."""

@@ -486,10 +486,23 @@ FROM messages m JOIN workers w ON w.id = m.send_worker_id
 WHERE m.newsletter_id = %(id)s AND m.state IN ('sent', 'bounced')
 GROUP BY minute, w.name ORDER BY minute, w.name;
 
+-- name: stats_sent_span
+SELECT MIN(finished_at) AS first, MAX(finished_at) AS last FROM messages
+WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced');
+
+-- name: stats_timeline_buckets
+-- Sent per worker per bucket of %(bucket)s seconds from %(start)s; stats.py picks
+-- the bucket from the send's length so there are at most ~300 of them.
+SELECT TIMESTAMPDIFF(SECOND, %(start)s, m.finished_at) DIV %(bucket)s AS bucket,
+       w.name AS worker, COUNT(*) AS sent
+FROM messages m JOIN workers w ON w.id = m.send_worker_id
+WHERE m.newsletter_id = %(id)s AND m.state IN ('sent', 'bounced')
+GROUP BY bucket, w.name ORDER BY bucket, w.name;
+
 -- name: stats_replies
 SELECT reply_code AS code, MIN(reply) AS reply, COUNT(*) AS count
 FROM messages WHERE newsletter_id = %(id)s AND reply_code IS NOT NULL
-GROUP BY reply_code ORDER BY count DESC LIMIT 10;
+GROUP BY reply_code ORDER BY count DESC, reply_code LIMIT 10;
 
 -- name: stats_failures
 -- Why messages failed: the relay's reply, or the merge's reason. Reads only the
@@ -513,6 +526,67 @@ WHERE verified = 0 AND received_at >= TIMESTAMPADD(HOUR, -%(hours)s, NOW(6));
 -- name: stats_span
 SELECT TIMESTAMPDIFF(MICROSECOND, MIN(merged_at), MAX(finished_at)) / 1000000 AS duration
 FROM messages WHERE newsletter_id = %(id)s;
+
+-- name: stats_bounces_between
+-- The bounce rows of a newsletter received in [since, before): what purge folds
+-- into the summary (since = the old cutoff) and what stats adds on top of it.
+SELECT kind, verified, COUNT(*) AS n
+FROM bounces
+WHERE newsletter_id = %(id)s AND received_at >= %(since)s AND received_at < %(before)s
+GROUP BY kind, verified;
+
+-- ============================================================= retention
+
+-- name: summary_get
+SELECT newsletter_id, facts, cutoff, summarized_at, purged_at, messages_purged, bounces_purged
+FROM newsletter_summaries WHERE newsletter_id = %(id)s;
+
+-- name: summary_get_for_update
+SELECT newsletter_id, facts, cutoff FROM newsletter_summaries
+WHERE newsletter_id = %(id)s FOR UPDATE;
+
+-- name: summary_insert
+-- INSERT IGNORE: two purges racing on one newsletter keep the first summary.
+INSERT IGNORE INTO newsletter_summaries (newsletter_id, facts, cutoff, summarized_at)
+VALUES (%(id)s, %(facts)s, %(cutoff)s, NOW(6));
+
+-- name: summary_fold_bounces
+UPDATE newsletter_summaries SET facts = %(facts)s, cutoff = %(cutoff)s
+WHERE newsletter_id = %(id)s;
+
+-- name: summary_mark_purged
+UPDATE newsletter_summaries
+SET purged_at = NOW(6), messages_purged = messages_purged + %(messages)s,
+    bounces_purged = bounces_purged + %(bounces)s
+WHERE newsletter_id = %(id)s;
+
+-- name: retention_cutoff
+-- The database's clock decides what is old, as it does for heartbeats.
+SELECT TIMESTAMPADD(MICROSECOND, -%(seconds)s * 1000000, NOW(6)) AS cutoff;
+
+-- name: retention_candidates
+-- Finished (done or cancelled) before the cut-off. Newsletters are few; the
+-- per-newsletter work is bounded by the chunked deletes.
+SELECT n.id, n.state, n.subject, n.finished_at, s.purged_at, s.cutoff AS summary_cutoff
+FROM newsletters n LEFT JOIN newsletter_summaries s ON s.newsletter_id = n.id
+WHERE n.state IN ('done', 'cancelled') AND n.finished_at < %(cutoff)s
+ORDER BY n.id;
+
+-- name: retention_message_span
+-- One pass over the newsletter's index entries; the deletes then walk the
+-- primary key in ranges, so each chunk locks at most `chunk` rows.
+SELECT MIN(id) AS lo, MAX(id) AS hi, COUNT(*) AS n FROM messages WHERE newsletter_id = %(id)s;
+
+-- name: retention_old_bounces
+SELECT COUNT(*) AS n FROM bounces WHERE newsletter_id = %(id)s AND received_at < %(cutoff)s;
+
+-- name: retention_delete_messages
+DELETE FROM messages
+WHERE id >= %(lo)s AND id < %(lo)s + %(chunk)s AND newsletter_id = %(id)s;
+
+-- name: retention_delete_bounces
+DELETE FROM bounces WHERE newsletter_id = %(id)s AND received_at < %(cutoff)s
+ORDER BY id LIMIT %(chunk)s;
 
 -- ============================================================ recipients
 

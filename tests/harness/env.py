@@ -22,7 +22,7 @@ from sendsystem.db import Database
 
 TABLES = ("bounces", "blocklist", "messages", "batches", "workers", "attachments",
           "newsletters", "templates", "subscribers", "lists", "leases",
-          "relay_usage", "relay_health")
+          "relay_usage", "relay_health", "newsletter_summaries")
 
 
 def server_settings() -> dict[str, object]:

@@ -314,3 +314,19 @@ def test_schema_upgrade_v8_to_v9_adds_webhook_evidence(scratch_db) -> None:  # t
         assert cur.fetchall() == (("a@x.example", "verp"), ("b@x.example", "smtp"),
                                   ("c@x.example", "webhook"))
     conn.close()
+
+
+def test_schema_upgrade_v9_to_v10_adds_newsletter_summaries(scratch_db) -> None:  # type: ignore[no-untyped-def]
+    """Version 10 (retention): the summaries table starts empty; stats of an
+    existing newsletter still come from its rows."""
+    path, _name = scratch_db
+    db = Database(load_config(path).database)
+    assert db.init_schema(up_to=9) == (0, 9)
+    db.insert("list_insert", {"name": "old", "from_name": "Old", "from_address": "o@example.com"})
+    with pytest.raises(SchemaError, match=r"version 9.*db init"):
+        db.check_schema_version()
+    assert db.init_schema() == (9, SCHEMA_VERSION)
+    db.prepare(["summary_get", "summary_insert", "retention_candidates",
+                "retention_delete_messages", "retention_delete_bounces", "stats_bounces_between"])
+    assert db.fetchone("summary_get", {"id": 1}) is None
+    assert db.fetchall("retention_candidates", {"cutoff": "2100-01-01"}) == []

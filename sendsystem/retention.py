@@ -1,0 +1,166 @@
+"""Retention: `sendsystem purge` deletes the message rows of old finished newsletters.
+
+The messages table grows by one row per recipient per newsletter and is what
+every role's hot queries read, so an old newsletter's rows cost index space and
+buffer pool long after anyone needs them. What people still look at is `stats`;
+so before a newsletter loses a row, everything `stats` derives from its rows
+(stats.message_facts, plus its bounce counts) is stored as its summary in
+`newsletter_summaries`, and stats reads the summary from then on: the text,
+JSON and HTML reports show the same numbers after the purge as before.
+
+Only newsletters that finished (done or cancelled) before the cut-off are
+touched; subscribers and lists are not (forgetting a person is a separate
+command). Bounce rows of such a newsletter received before the cut-off go
+too; one that arrives later stays and is added on top of the summary, and a
+later purge folds it in (the summary's `cutoff` says which rows it holds, so
+nothing is counted twice or lost, whatever order the steps are interrupted in).
+
+Deleting is chunked so it never holds many locks nor makes one big
+transaction (a Galera write set or a replication event of a million rows
+stalls every node): each chunk is one autocommitted DELETE over a range of at
+most `chunk` primary keys, and the purge sleeps `pause` seconds between
+chunks so the send path's short transactions get the server in between.
+A newsletter's messages were inserted together at enqueue, so their ids are
+(nearly) contiguous and a range of `chunk` ids is about `chunk` rows; the
+running newsletter's rows have newer ids and never share a range with them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from . import stats
+from .db import Database
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+
+STATEMENTS = (
+    "retention_cutoff", "retention_candidates", "retention_message_span",
+    "retention_old_bounces", "retention_delete_messages", "retention_delete_bounces",
+    "summary_get", "summary_get_for_update", "summary_insert", "summary_fold_bounces",
+    "summary_mark_purged", "stats_bounces_between",
+)
+
+
+def parse_duration(text: str) -> int:
+    """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` in seconds."""
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise UserError(f"Cannot read the duration {text!r}: give a number and a unit, "
+                        "like 90d, 12h, 30m, 45s or 2w.")
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise UserError("The duration must be more than zero, like 90d.")
+    return seconds
+
+
+@dataclass
+class Purged:
+    """What a purge did (or, with --dry-run, would do) to one newsletter."""
+
+    newsletter_id: int
+    state: str
+    finished_at: datetime
+    messages: int
+    bounces: int
+    summarized: bool  # the summary was written by this run
+
+
+@dataclass
+class Options:
+    older_than: int  # seconds
+    dry_run: bool = False
+    chunk: int = 5000
+    pause: float = 0.1  # seconds between chunks
+
+
+def purge(db: Database, options: Options,
+          sleep: Callable[[float], None] = time.sleep) -> list[Purged]:
+    """Purge every finished newsletter older than the cut-off; what was (or would be) done."""
+    if options.chunk < 1:
+        raise UserError("--chunk-size must be at least 1.")
+    db.check_schema_version()
+    cutoff = db.fetchval("retention_cutoff", {"seconds": options.older_than})
+    out = []
+    for row in db.fetchall("retention_candidates", {"cutoff": cutoff}):
+        nid = int(row["id"])
+        span = db.fetchone("retention_message_span", {"id": nid}) or {}
+        messages = int(span.get("n") or 0)
+        old_bounces = int(db.fetchval("retention_old_bounces", {"id": nid, "cutoff": cutoff})
+                          or 0)
+        if row["purged_at"] is not None and not messages and not old_bounces:
+            continue  # purged before, nothing new
+        item = Purged(nid, str(row["state"]), row["finished_at"], messages, old_bounces,
+                      summarized=row["summary_cutoff"] is None)
+        out.append(item)
+        if options.dry_run:
+            continue
+        _summarize(db, nid, cutoff)
+        deleted = _delete_messages(db, nid, span, options, sleep)
+        gone = _delete_bounces(db, nid, cutoff, options, sleep)
+        db.execute("summary_mark_purged", {"id": nid, "messages": deleted, "bounces": gone})
+        item.messages, item.bounces = deleted, gone
+        log.info("purged newsletter %d: %d messages, %d bounce rows", nid, deleted, gone)
+    return out
+
+
+def _summarize(db: Database, newsletter_id: int, cutoff: datetime) -> None:
+    """Write the summary, or fold the bounce rows that arrived since the last purge into it.
+
+    One transaction, with the summary row locked: the bounce rows counted are
+    exactly those received before `cutoff` (all of which are deleted next),
+    and the summary's own cutoff moves to the same instant.
+    """
+    with db.transaction():
+        existing = db.fetchone("summary_get_for_update", {"id": newsletter_id})
+        if existing is None:
+            facts: dict[str, Any] = stats.message_facts(db, newsletter_id)
+            facts["bounce_rows"] = stats.bounce_rows(db, newsletter_id, before=cutoff)
+            db.execute("summary_insert", {"id": newsletter_id, "cutoff": cutoff,
+                                          "facts": json.dumps(facts, sort_keys=True)})
+        elif existing["cutoff"] < cutoff:
+            facts = json.loads(existing["facts"])
+            facts["bounce_rows"] = stats.merge_bounce_rows(
+                facts["bounce_rows"],
+                stats.bounce_rows(db, newsletter_id, since=existing["cutoff"], before=cutoff))
+            db.execute("summary_fold_bounces", {"id": newsletter_id, "cutoff": cutoff,
+                                                "facts": json.dumps(facts, sort_keys=True)})
+
+
+def _delete_messages(db: Database, newsletter_id: int, span: dict[str, Any], options: Options,
+                     sleep: Callable[[float], None]) -> int:
+    if not span.get("n"):
+        return 0
+    lo, hi = int(span["lo"]), int(span["hi"])
+    deleted = 0
+    while lo <= hi:
+        n = db.execute("retention_delete_messages",
+                       {"id": newsletter_id, "lo": lo, "chunk": options.chunk})
+        deleted += n
+        lo += options.chunk
+        if n and lo <= hi:
+            sleep(options.pause)
+    return deleted
+
+
+def _delete_bounces(db: Database, newsletter_id: int, cutoff: datetime, options: Options,
+                    sleep: Callable[[float], None]) -> int:
+    deleted = 0
+    while True:
+        n = db.execute("retention_delete_bounces",
+                       {"id": newsletter_id, "cutoff": cutoff, "chunk": options.chunk})
+        deleted += n
+        if n < options.chunk:
+            return deleted
+        sleep(options.pause)
