@@ -158,6 +158,10 @@ class SendSystemCollector:
             if r["state"] in outcome:
                 outcome[r["state"]] = int(r["n"])
             deferred += int(r["deferrals"])
+        purged = db.fetchone("metrics_purged_deliveries") or {}
+        for name in OUTCOMES:
+            outcome[name] += int(purged.get(name) or 0)
+        deferred += int(purged.get("deferrals") or 0)
         for name in OUTCOMES:
             deliveries.add_metric([name], outcome[name])
         deferrals.add_metric([], deferred)

@@ -763,6 +763,17 @@ GROUP BY m.newsletter_id, m.state;
 SELECT state, COUNT(*) AS n, COALESCE(SUM(deferrals), 0) AS deferrals
 FROM messages GROUP BY state;
 
+-- name: metrics_purged_deliveries
+-- The same counts for newsletters whose rows `purge` deleted, from their
+-- summaries, so the delivery counters do not drop when a purge runs.
+SELECT COALESCE(SUM(JSON_VALUE(facts, '$.counts.sent')), 0) AS sent,
+       COALESCE(SUM(JSON_VALUE(facts, '$.counts.bounced')), 0) AS bounced,
+       COALESCE(SUM(JSON_VALUE(facts, '$.counts.failed')), 0) AS failed,
+       COALESCE(SUM(JSON_VALUE(facts, '$.counts.skipped')), 0) AS skipped,
+       COALESCE(SUM(JSON_VALUE(facts, '$.counts.cancelled')), 0) AS cancelled,
+       COALESCE(SUM(JSON_VALUE(facts, '$.deferrals')), 0) AS deferrals
+FROM newsletter_summaries WHERE purged_at IS NOT NULL;
+
 -- name: metrics_bounces
 -- Bounce and complaint reports by kind, signed evidence (verified = 1) apart.
 SELECT kind, verified, COUNT(*) AS n FROM bounces GROUP BY kind, verified;

@@ -53,6 +53,21 @@ def _rows(env: Env, table: str, nid: int) -> int:
                    (nid,))[0]["n"])
 
 
+def _delivery_counters(env: Env) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code, out, err = env.cli("metrics")
+    assert code == 0, err
+    found = {}
+    for family in text_string_to_metric_families(out):
+        if family.name in ("sendsystem_deliveries", "sendsystem_deferrals"):
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    found[f"{sample.name}{sorted(sample.labels.items())}"] = sample.value
+    assert found
+    return found
+
+
 def test_purge_keeps_stats_and_touches_only_old_finished_newsletters(env: Env) -> None:
     old = _sent_newsletter(env, "old", 12)
     recent = _sent_newsletter(env, "recent", 5)
@@ -74,6 +89,7 @@ def test_purge_keeps_stats_and_touches_only_old_finished_newsletters(env: Env) -
     assert facts["replies"] and facts["failures"] and facts["timeline"] and facts["workers"]
     subscribers = sql(env, "SELECT COUNT(*) AS n FROM subscribers")[0]["n"]
     old_bounces = _rows(env, "bounces", old)
+    deliveries_before = _delivery_counters(env)
 
     code, out, err = env.cli("purge", "--older-than", "90d", "--dry-run")
     assert code == 0, err
@@ -87,6 +103,8 @@ def test_purge_keeps_stats_and_touches_only_old_finished_newsletters(env: Env) -
     assert code == 0, err
     assert f"purged newsletter {old}" in out and "12 messages" in out
     assert _rows(env, "messages", old) == 0
+    # Prometheus counters must not drop when rows go (a drop reads as a reset).
+    assert _delivery_counters(env) == deliveries_before
     assert _rows(env, "bounces", old) == 0 < old_bounces
     # Recent and running newsletters, subscribers and lists are untouched.
     assert states(env, recent) == {"sent": 3, "failed": 2}
