@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from sendsystem import admin, retention
 from tests.harness.env import Env
 from tests.harness.helpers import make_newsletter, sql, states
@@ -148,12 +150,27 @@ def test_purge_deletes_in_chunks_and_sleeps_between_them(env: Env) -> None:
     for _ in range(7):
         _bounce(env, nid, "soft", 1, 95)
     pauses: list[float] = []
-    done = retention.purge(env.db, retention.Options(older_than=86400, chunk=5, pause=0.25),
-                           sleep=pauses.append)
+    # A clock on which every chunk takes 0.1 s: the pause is the larger of
+    # --pause and --sleep-coef x that, so 0.4 s here, 0.25 s without the coefficient.
+    ticks = iter(range(10_000))
+    clock = lambda: next(ticks) * 0.05  # noqa: E731 - start() and rest() each read it once
+    done = retention.purge(env.db, retention.Options(older_than=86400, chunk=5, pause=0.25,
+                                                     sleep_coef=8.0),
+                           sleep=pauses.append, clock=clock)
     assert [(p.messages, p.bounces) for p in done] == [(23, 7)]
     # 23 messages in 5 chunks (4 pauses between), 7 bounces in 2 (1 pause).
-    assert pauses == [0.25] * 5
+    assert pauses == [pytest.approx(0.4)] * 5
     assert _rows(env, "messages", nid) == 0
+
+
+def test_pause_is_at_least_the_floor(env: Env) -> None:
+    nid = _sent_newsletter(env, "floor", 12)
+    _age(env, nid, 100)
+    pauses: list[float] = []
+    done = retention.purge(env.db, retention.Options(older_than=86400, chunk=5, pause=0.25,
+                                                     sleep_coef=0.0), sleep=pauses.append)
+    assert [p.messages for p in done] == [12]
+    assert pauses == [0.25] * 2
 
 
 def test_cancelled_newsletters_are_purged_too(env: Env) -> None:
