@@ -2,7 +2,9 @@
 
 Each function takes the :class:`Database` it works on and raises a
 :class:`UserError` that says what to fix; nothing is half-done: every
-change that spans several rows runs in one transaction.
+change that spans several rows runs in one transaction, except the two that
+may touch millions (creating a newsletter's messages, see release.py, and
+importing a list), which work in resumable chunks.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import io
 import json
 import logging
 import mimetypes
+import os
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +26,7 @@ from .addresses import domain_of, parse_from, validate_email
 from .db import Database
 from .errors import ImportRowsError, UserError
 from .merge import TemplateSource, check_template
-from .states import NewsletterState
+from .release import release
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +200,7 @@ def enqueue(db: Database, list_name: str, template_name: str, *, at: str | None 
     """Create a newsletter; (newsletter id, message rows created now).
 
     Unscheduled newsletters are released at once (message rows created in
-    one set-based statement); scheduled ones are released by the sort
+    chunks, see release.py); scheduled ones are released by the sort
     balancer when due, so the audience is the list as it is at send time.
     """
     lst = get_list(db, list_name)
@@ -224,37 +228,11 @@ def enqueue(db: Database, list_name: str, template_name: str, *, at: str | None 
             db.execute("attachment_insert", {"newsletter_id": nid, **f})
     created = 0
     if send_at is None or send_at <= datetime.now(UTC).replace(tzinfo=None):
-        created = release(db, nid, int(lst["id"]), progress)
+        # If this command dies half-way, the sort balancer carries on once the
+        # lease runs out (the newsletter is due: send_at is NULL).
+        holder = f"enqueue:{socket.gethostname()}:{os.getpid()}"
+        created = release(db, nid, int(lst["id"]), holder=holder, progress=progress).total
     return nid, created
-
-
-RELEASE_CHUNK = 100_000
-
-
-def release(db: Database, newsletter_id: int, list_id: int,
-            progress: Callable[[int], None] | None = None) -> int:
-    """Create the message rows of a scheduled newsletter and start it; idempotent.
-
-    One transaction; the rows are created by set-based statements over
-    ranges of subscriber ids, so a progress bar can follow a large list.
-    """
-    with db.transaction():
-        state = db.fetchval("newsletter_lock_for_release", {"id": newsletter_id})
-        if state != NewsletterState.SCHEDULED:
-            return 0
-        bounds = db.fetchone("list_subscriber_id_range", {"list_id": list_id}) or {}
-        created = 0
-        lo, hi = bounds.get("lo"), bounds.get("hi")
-        if lo is not None and hi is not None:
-            for start in range(int(lo), int(hi) + 1, RELEASE_CHUNK):
-                end = min(start + RELEASE_CHUNK - 1, int(hi))
-                created += db.execute("newsletter_release_messages", {
-                    "id": newsletter_id, "list_id": list_id, "lo": start, "hi": end})
-                if progress:
-                    progress(end - start + 1)
-        db.execute("newsletter_mark_released", {"id": newsletter_id, "total": created})
-    log.info("newsletter %s released with %d messages", newsletter_id, created)
-    return created
 
 
 def get_newsletter(db: Database, newsletter_id: int) -> dict[str, Any]:

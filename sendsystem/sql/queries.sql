@@ -114,20 +114,46 @@ WHERE state = 'scheduled' AND (send_at IS NULL OR send_at <= NOW(6))
 ORDER BY id;
 
 -- name: newsletter_release_messages
--- Set-based: one statement creates the message rows of a range of
--- subscriber ids (the whole list in a few statements, never a Python loop
--- over rows). The audience is the list's active subscribers at release time.
+-- Set-based: one statement creates the message rows of a range of subscriber
+-- ids (a chunk of the list, never a Python loop over rows). The audience is the
+-- list's active subscribers at release time. IGNORE: a chunk re-run after a
+-- crash creates only the rows that are missing (uq_messages_newsletter_subscriber).
 INSERT IGNORE INTO messages (newsletter_id, subscriber_id)
 SELECT %(id)s, s.id FROM subscribers s
 WHERE s.list_id = %(list_id)s AND s.status = 'active' AND s.id BETWEEN %(lo)s AND %(hi)s
 ORDER BY s.id;
 
--- name: newsletter_mark_released
-UPDATE newsletters SET state = 'running', released_at = NOW(6), total = %(total)s
-WHERE id = %(id)s AND state = 'scheduled';
+-- name: newsletter_release_claim
+-- Take (or renew) the release lease of a scheduled newsletter: free, ours, or
+-- expired (its holder died; the cursor says where it got to).
+UPDATE newsletters
+SET release_holder = %(holder)s, release_until = TIMESTAMPADD(MICROSECOND, %(lease_us)s, NOW(6)),
+    release_next = COALESCE(release_next, 0)
+WHERE id = %(id)s AND state = 'scheduled'
+  AND (release_holder IS NULL OR release_holder = %(holder)s OR release_until < NOW(6));
 
 -- name: newsletter_lock_for_release
-SELECT state FROM newsletters WHERE id = %(id)s FOR UPDATE;
+-- First statement of each chunk's transaction: the chunk goes ahead only if the
+-- newsletter is still scheduled and the lease is still ours (a releaser that
+-- stalled past its lease and was taken over stops here, so no chunk runs twice
+-- at once; one that ran twice anyway would create nothing: INSERT IGNORE).
+SELECT state, release_next, release_holder = %(holder)s AND release_until >= NOW(6) AS ours
+FROM newsletters WHERE id = %(id)s FOR UPDATE;
+
+-- name: newsletter_release_advance
+UPDATE newsletters
+SET release_next = %(next)s, total = total + %(created)s,
+    release_until = TIMESTAMPADD(MICROSECOND, %(lease_us)s, NOW(6))
+WHERE id = %(id)s AND release_holder = %(holder)s;
+
+-- name: newsletter_get_total
+SELECT state, total FROM newsletters WHERE id = %(id)s;
+
+-- name: newsletter_mark_released
+UPDATE newsletters
+SET state = 'running', released_at = NOW(6), release_next = NULL, release_holder = NULL,
+    release_until = NULL
+WHERE id = %(id)s AND state = 'scheduled' AND release_holder = %(holder)s;
 
 -- name: newsletters_running
 SELECT id FROM newsletters WHERE state = 'running' ORDER BY id;

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sendsystem import admin
+from sendsystem import admin, release
 from sendsystem.errors import ImportRowsError, TemplateError, UserError
 from tests.harness.env import Env
 from tests.harness.helpers import sql
@@ -145,7 +145,7 @@ def test_release_in_id_ranges_with_progress(news: Env, monkeypatch: pytest.Monke
     news.db.execute("subscriber_set_status", {"id": 3, "status": "unsubscribed"})
     html = write(news.tmp / "t.html", "<p>Hi</p>")
     admin.add_template(news.db, "t", "Hi", html, None)
-    monkeypatch.setattr(admin, "RELEASE_CHUNK", 7)
+    monkeypatch.setattr(release, "RELEASE_CHUNK", 7)
     seen: list[int] = []
     nid, created = admin.enqueue(news.db, "news", "t", progress=seen.append)
     assert created == 49 and sum(seen) == 50 and len(seen) == 8
