@@ -1,4 +1,4 @@
--- Version 12: a newsletter's message rows are created in chunks, each its own
+-- Version 11: a newsletter's message rows are created in chunks, each its own
 -- short transaction (sendsystem/admin.py `release`), so ten million rows never
 -- make one multi-minute transaction or one huge Galera write set.
 -- `release_next`: the next subscriber id to release (the resumable cursor);
@@ -14,4 +14,4 @@ ALTER TABLE newsletters
     ADD COLUMN IF NOT EXISTS release_holder VARCHAR(120) NULL,
     ADD COLUMN IF NOT EXISTS release_until DATETIME(6) NULL;
 
-INSERT IGNORE INTO schema_version (version) VALUES (12);
+INSERT IGNORE INTO schema_version (version) VALUES (11);
