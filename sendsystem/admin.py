@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .addresses import domain_of, parse_from, validate_email
+from .config import format_track, parse_track
 from .db import Database
 from .errors import ImportRowsError, UserError
 from .merge import TemplateSource, check_template
@@ -196,7 +197,8 @@ def parse_at(text: str, now: datetime | None = None) -> datetime:
 
 def enqueue(db: Database, list_name: str, template_name: str, *, at: str | None = None,
             attachments: tuple[Path, ...] = (),
-            progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+            progress: Callable[[int], None] | None = None,
+            track: bool | None = None) -> tuple[int, int]:
     """Create a newsletter; (newsletter id, message rows created now).
 
     Unscheduled newsletters are released at once (message rows created in
@@ -226,6 +228,10 @@ def enqueue(db: Database, list_name: str, template_name: str, *, at: str | None 
         })
         for f in files:
             db.execute("attachment_insert", {"newsletter_id": nid, **f})
+        # What it tracks is fixed now, like its template: the list's setting, or
+        # --track (opens and clicks) / --no-track.
+        db.execute("newsletter_set_track", {
+            "id": nid, "track": None if track is None else "opens,clicks" if track else ""})
     created = 0
     if send_at is None or send_at <= datetime.now(UTC).replace(tzinfo=None):
         # If this command dies half-way, the sort balancer carries on once the
@@ -305,6 +311,15 @@ def set_list_relays(db: Database, name: str, group: str, known: set[str] | None 
                         f"{have}). Add group = {group} to a [relay NAME] section first, on "
                         "every send server.")
     db.execute("list_set_relay_group", {"name": name, "group": group or None})
+
+
+def set_list_track(db: Database, name: str, track: str) -> str:
+    """What the list's newsletters track from now on: ``opens,clicks``, ``opens``,
+    ``clicks`` or ``none``; the stored form. ``[tracking] enabled`` still wins."""
+    get_list(db, name)
+    value = format_track(parse_track(track))
+    db.execute("list_set_track", {"name": name, "track": value})
+    return value
 
 
 # ----------------------------------------------------------------- workers

@@ -261,6 +261,74 @@ class WebhooksConfig:
         return tuple(a.strip() for a in self.sns_topic_arns.split(",") if a.strip())
 
 
+TRACK_KINDS = ("opens", "clicks")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Opt-in open and click tracking (sendsystem/tracking/).
+
+    ``enabled`` is the global switch and wins over every list and newsletter
+    setting: off, no sort worker rewrites a link or adds a pixel (the web app
+    still redirects the links of mail already sent, and records nothing).
+    """
+
+    enabled: bool = False
+    # Where /c/<token> (clicks) and /o/<token> (opens) are served: the same web
+    # app as the unsubscribe links, e.g. https://lists.example.com.
+    base_url: str = ""
+    # Rewrite the http(s) links of the text part too (off: only the HTML part).
+    track_text_links: bool = False
+    # Hits the database could not take are appended here (one file per web
+    # worker process, fsync'd) and replayed when it is back. Local disk.
+    spool_dir: Path = Path("/var/lib/sendsystem/tracking-spool")
+    # Each web worker writes its hits in one multi-row INSERT this often, or
+    # sooner when flush_rows are waiting.
+    flush_interval: float = 0.5
+    flush_rows: int = 2000
+    # Machine hits (counted apart): within machine_seconds of delivery, and a
+    # recipient's clicks on burst_links or more distinct links within
+    # burst_seconds (a link scanner opening every link at once).
+    machine_seconds: float = 10.0
+    burst_links: int = 3
+    burst_seconds: float = 2.0
+    # Distinct URLs tracked per newsletter (per sort worker); links beyond it
+    # (e.g. a URL that carries per-recipient data) are left as written.
+    max_links: int = 1000
+
+    @property
+    def click_prefix(self) -> str:
+        return self.base_url.rstrip("/") + "/c/"
+
+    @property
+    def open_prefix(self) -> str:
+        return self.base_url.rstrip("/") + "/o/"
+
+
+def parse_track(text: str, where: str = "--track") -> frozenset[str]:
+    """``opens,clicks`` (either, both, or ``none``/empty) as a set of kinds."""
+    kinds: set[str] = set()
+    for item in text.replace(";", ",").split(","):
+        item = item.strip().lower()
+        if not item or item in ("none", "off", "no"):
+            continue
+        if item in ("open", "click", "all", "yes", "on"):
+            item = {"open": "opens", "click": "clicks"}.get(item, item)
+        if item in ("all", "yes", "on"):
+            kinds.update(TRACK_KINDS)
+        elif item in TRACK_KINDS:
+            kinds.add(item)
+        else:
+            raise ConfigError(f"{where}: {item!r} is not a tracking kind; use opens, clicks, "
+                              "opens,clicks or none")
+    return frozenset(kinds)
+
+
+def format_track(kinds: frozenset[str] | set[str]) -> str:
+    """The stored form of a set of tracking kinds: ``opens,clicks``, ``opens``, or ``""``."""
+    return ",".join(k for k in TRACK_KINDS if k in kinds)
+
+
 @dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = DatabaseConfig()
@@ -273,6 +341,7 @@ class Config:
     sorting: SortingConfig = SortingConfig()
     check: CheckConfig = CheckConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
+    tracking: TrackingConfig = TrackingConfig()
     source: str = "(defaults)"
 
     def secret(self) -> bytes:
@@ -452,6 +521,7 @@ SECTIONS: Mapping[str, type] = {
     "sorting": SortingConfig,
     "check": CheckConfig,
     "webhooks": WebhooksConfig,
+    "tracking": TrackingConfig,
 }
 
 
@@ -547,6 +617,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         sorting=SortingConfig(**_section(cp, "sorting", SortingConfig, source)),  # type: ignore[arg-type]
         check=CheckConfig(**_section(cp, "check", CheckConfig, source)),  # type: ignore[arg-type]
         webhooks=WebhooksConfig(**_section(cp, "webhooks", WebhooksConfig, source)),  # type: ignore[arg-type]
+        tracking=TrackingConfig(**_section(cp, "tracking", TrackingConfig, source)),  # type: ignore[arg-type]
         source=source,
     )
     _validate(config)
@@ -599,6 +670,27 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{config.source}: [sorting] render_failures_pause must be 0 (never "
                           "pause) or more")
     _validate_webhooks(config)
+    _validate_tracking(config)
+
+
+def _validate_tracking(config: Config) -> None:
+    t = config.tracking
+    where = f"{config.source}: [tracking]"
+    if t.base_url:
+        m = re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", t.base_url)
+        if m is None:
+            raise ConfigError(f"{where} base_url = {t.base_url!r} must be an http(s) URL "
+                              "without query or fragment, e.g. https://lists.example.com")
+    elif t.enabled:
+        raise ConfigError(f"{where} enabled needs base_url: the address of the web app that "
+                          "serves the unsubscribe links, e.g. https://lists.example.com")
+    if t.flush_interval <= 0 or t.flush_rows < 1:
+        raise ConfigError(f"{where} flush_interval must be above 0 and flush_rows at least 1")
+    if t.machine_seconds < 0 or t.burst_seconds <= 0 or t.burst_links < 2:
+        raise ConfigError(f"{where} need machine_seconds >= 0, burst_seconds > 0 and "
+                          "burst_links >= 2")
+    if t.max_links < 1:
+        raise ConfigError(f"{where} max_links must be at least 1")
 
 
 def validate_check(c: CheckConfig, where: str) -> None:

@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from email.utils import parseaddr
 from itertools import islice
 from types import MappingProxyType, TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import jinja2
 from jinja2 import meta, nodes
@@ -89,6 +89,9 @@ from markupsafe import Markup
 
 from sendsystem import mime
 from sendsystem.errors import TemplateError
+
+if TYPE_CHECKING:
+    from sendsystem.tracking.links import Rewriter
 
 log = logging.getLogger(__name__)
 
@@ -797,8 +800,11 @@ class Merger:
     """Everything constant for one newsletter, prepared once; ``render`` per recipient."""
 
     def __init__(self, src: TemplateSource, info: NewsletterInfo, *,
-                 zdict: bytes | None = None, limit: Limit = contextlib.nullcontext) -> None:
-        """``zdict``: the stored dictionary, else it is computed (each part under ``limit``)."""
+                 zdict: bytes | None = None, limit: Limit = contextlib.nullcontext,
+                 tracker: Rewriter | None = None) -> None:
+        """``zdict``: the stored dictionary, else it is computed (each part under ``limit``).
+        ``tracker``: rewrites links and adds the open pixel (open and click tracking)."""
+        self.tracker = tracker
         env = _Environment(jinja2.StrictUndefined)
         with limit():  # compiling folds constants: customer code runs here too
             self._subject = _compile(env, "subject", src.subject)
@@ -815,11 +821,19 @@ class Merger:
         self.zdict: bytes = zdict if zdict is not None else compression_dictionary(src, limit)
         self._compressor = Compressor(self.zdict)
 
-    def render(self, email: str, fields: Mapping[str, str], unsubscribe_url: str) -> bytes:
+    def render(self, email: str, fields: Mapping[str, str], unsubscribe_url: str, *,
+               message_id: int | None = None,
+               new_links: list[tuple[int, str]] | None = None) -> bytes:
         """The stored form of one recipient's message (RFC 5322, CRLF, 7-bit).
 
-        Raises MergeError when this recipient's message cannot be built.
+        With a ``tracker`` and a ``message_id`` the rendered parts' links are
+        rewritten (sendsystem/tracking/links.py); link table rows it made for the
+        first time are appended to ``new_links``. Raises MergeError when this
+        recipient's message cannot be built.
         """
+        tracker = self.tracker if message_id is not None else None
+        if new_links is None:
+            new_links = []
         to = _check_address(email)
         context: dict[str, Any] = dict(fields)
         subscriber = dict(fields)
@@ -833,11 +847,15 @@ class Merger:
         subject = mime.safe_header_value(_render(self._subject, "subject", context))
         newsletter["subject"] = subject
         html = _render(self._html, "html", context)
+        if tracker is not None:
+            html = tracker.html(html, cast(int, message_id), new_links)
         sk = self._skeleton
         head = (sk.from_line, b"To: ", to, b"\r\n", mime.header_line("Subject", subject), sk.head)
         if self._text is None:
             return b"".join((*head, mime.encode_qp(html), sk.end))
         text = _render(self._text, "text", context)
+        if tracker is not None:
+            text = tracker.text(text, cast(int, message_id), new_links)
         return b"".join((*head, mime.encode_qp(text), sk.mid, mime.encode_qp(html), sk.end))
 
     def compress(self, message: bytes) -> bytes:

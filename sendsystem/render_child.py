@@ -95,6 +95,20 @@ class RenderLimits:
         return 5 * self.watchdog
 
 
+@dataclass(frozen=True)
+class TrackingJob:
+    """Open and click tracking of one newsletter (sendsystem/tracking/links.py)."""
+
+    key: bytes                    # tokens.tracking_key(secret)
+    click_base: str
+    open_base: str
+    skip_prefixes: tuple[str, ...]
+    opens: bool
+    clicks: bool
+    text_links: bool = False
+    max_links: int = 1000
+
+
 @dataclass
 class NewsletterJob:
     """What the child needs to render one newsletter; ``zdict`` None: compute it."""
@@ -103,6 +117,7 @@ class NewsletterJob:
     src: TemplateSource
     info: NewsletterInfo
     zdict: bytes | None = None
+    tracking: TrackingJob | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,8 @@ class Rendered:
     kind: str | None = None      # for failed: render | limit | recipient | data
     body: bytes | None = None
     detail: str | None = None
+    # Link table rows (idx, url) this message used first (tracking): stored with it.
+    links: tuple[tuple[int, str], ...] = ()
 
 
 class RendererUnavailable(SendSystemError):
@@ -176,19 +193,41 @@ def _limit_memory(megabytes: int) -> None:
 def _load(job: NewsletterJob, alarm: _CpuAlarm) -> Merger:
     # Compiling folds constants, so it runs customer code too: Merger compiles
     # and renders the dictionary (when not stored yet) each under the alarm.
-    return Merger(job.src, job.info, zdict=job.zdict, limit=alarm)
+    tracker = None
+    t = job.tracking
+    if t is not None and (t.opens or t.clicks):
+        from .tracking.links import Rewriter
+        from .tracking.tokens import Signer
+        tracker = Rewriter(Signer(t.key), job.newsletter_id, t.click_base, t.open_base,
+                           t.skip_prefixes, clicks=t.clicks, opens=t.opens,
+                           text_links=t.text_links, max_links=t.max_links)
+    return Merger(job.src, job.info, zdict=job.zdict, limit=alarm, tracker=tracker)
+
+
+def _render_tracked(merger: Merger, alarm: _CpuAlarm, row: tuple[int, str, str, str]
+                    ) -> tuple[Any, ...]:
+    mid, email, fields_json, url = row
+    new_links: list[tuple[int, str]] = []
+    try:
+        try:
+            with alarm():
+                message = merger.render(email, json.loads(fields_json), url, message_id=mid,
+                                        new_links=new_links)
+        except RenderTimeout as exc:  # fired between two template statements
+            raise MergeError(str(exc), "limit") from None
+        return ("r", mid, MessageState.MERGED, None, merger.compress(message),
+                tuple(new_links))
+    except BaseException:
+        if merger.tracker is not None:
+            merger.tracker.unlearn(new_links)
+        raise
 
 
 def _render_one(merger: Merger, alarm: _CpuAlarm, row: tuple[int, str, str, str],
                 memory_mb: int) -> tuple[Any, ...]:
-    mid, email, fields_json, url = row
+    mid = row[0]
     try:
-        try:
-            with alarm():
-                message = merger.render(email, json.loads(fields_json), url)
-        except RenderTimeout as exc:  # fired between two template statements
-            raise MergeError(str(exc), "limit") from None
-        return ("r", mid, MessageState.MERGED, None, merger.compress(message))
+        return _render_tracked(merger, alarm, row)
     except MergeError as exc:
         reason = str(exc)
         if "render memory limit" in reason:
@@ -474,11 +513,12 @@ class RenderProcess:
                         in_chunk = False
                         yield Rendered(mid, MessageState.FAILED, "limit", detail=reason[:500])
                         break
-                    _, mid, state, kind, payload = reply
+                    _, mid, state, kind, payload, *links = reply
                     assert mid == pending[0][0], "render child answered out of order"
                     pending.pop(0)
                     if state == MessageState.MERGED:
-                        yield Rendered(mid, MessageState.MERGED, body=payload)
+                        yield Rendered(mid, MessageState.MERGED, body=payload,
+                                       links=links[0] if links else ())
                     else:
                         if kind in ("limit", "data"):
                             log.warning("newsletter %s message %s: %s", job.newsletter_id,

@@ -87,23 +87,38 @@ def _count_lines(path: Path) -> int:
 @pass_ctx
 def list_show(ctx: Context) -> None:
     """Show the lists with their subscriber counts and relay group."""
-    for row in ctx.db().fetchall("list_all"):
+    database = ctx.db()
+    track = {r["name"]: r["track"] for r in database.fetchall("list_track_all")}
+    for row in database.fetchall("list_all"):
         click.echo(f"{row['id']:>4}  {row['name']:<24} {row['active']:>9} active "
                    f"{row['total']:>9} total  relays: {row['relay_group'] or 'default':<12} "
+                   f"track: {track.get(row['name']) or 'none':<13}"
                    f"{row['from_name']} <{row['from_address']}>")
 
 
 @list_group.command("set")
 @click.argument("name")
-@click.option("--relays", "group", required=True, metavar="GROUP",
+@click.option("--relays", "group", metavar="GROUP",
               help="Relay group the list's mail leaves through ('default': the relays "
                    "without a group).")
+@click.option("--track", metavar="KINDS",
+              help="Track opens, clicks, both (opens,clicks) or none in the list's "
+                   "newsletters from now on ([tracking] enabled must be on too).")
 @pass_ctx
-def list_set(ctx: Context, name: str, group: str) -> None:
-    """Change a list's settings: its relay group."""
-    known = {r.group for r in ctx.config.sending.relays}
-    admin.set_list_relays(ctx.db(), name, group, known)
-    click.echo(f"List {name!r} now sends through relay group {group!r}.")
+def list_set(ctx: Context, name: str, group: str | None, track: str | None) -> None:
+    """Change a list's settings: its relay group, what it tracks."""
+    if group is None and track is None:
+        raise click.UsageError("give --relays GROUP and/or --track KINDS")
+    database = ctx.db()
+    if group is not None:
+        known = {r.group for r in ctx.config.sending.relays}
+        admin.set_list_relays(database, name, group, known)
+        click.echo(f"List {name!r} now sends through relay group {group!r}.")
+    if track is not None:
+        value = admin.set_list_track(database, name, track)
+        note = "" if ctx.config.tracking.enabled or not value else \
+            " (not yet in effect: [tracking] enabled is off in this server's config)"
+        click.echo(f"List {name!r} now tracks {value.replace(',', ' and ') or 'nothing'}{note}.")
 
 
 @cli.group()
@@ -129,9 +144,12 @@ def template_add(ctx: Context, name: str, subject: str, html_file: Path,
 @click.option("--template", "template_name", required=True)
 @click.option("--at", help='Send time "YYYY-MM-DD HH:MM" (local time of this machine).')
 @click.option("--attach", "attachments", multiple=True, type=path_arg(dir_okay=False))
+@click.option("--track/--no-track", default=None,
+              help="Track opens and clicks in this newsletter, or not (default: what the "
+                   "list tracks; [tracking] enabled must be on too).")
 @pass_ctx
 def enqueue(ctx: Context, list_name: str, template_name: str, at: str | None,
-            attachments: tuple[Path, ...]) -> None:
+            attachments: tuple[Path, ...], track: bool | None) -> None:
     """Create a newsletter for a list."""
     database = ctx.db(retry_for=30.0)
     if interactive() and not at:
@@ -141,10 +159,11 @@ def enqueue(ctx: Context, list_name: str, template_name: str, at: str | None,
         with click.progressbar(length=max(length, 1), label="Creating messages",
                                file=sys.stderr) as bar:
             nid, created = admin.enqueue(database, list_name, template_name, at=at,
-                                         attachments=attachments, progress=bar.update)
+                                         attachments=attachments, progress=bar.update,
+                                         track=track)
     else:
         nid, created = admin.enqueue(database, list_name, template_name, at=at,
-                                     attachments=attachments)
+                                     attachments=attachments, track=track)
     if created or not at:
         click.echo(f"Newsletter {nid} queued: {created} messages.")
     else:

@@ -40,13 +40,15 @@ from typing import Any
 
 from ..addresses import FromAddress
 from ..brakes import RenderStreak
-from ..config import Config
+from ..config import Config, parse_track
 from ..merge import NewsletterInfo, TemplateSource
 from ..ratelimit import RateLimiter
-from ..render_child import NewsletterJob, Rendered, RenderLimits, RenderProcess
+from ..render_child import NewsletterJob, Rendered, RenderLimits, RenderProcess, TrackingJob
 from ..runner import RunOptions
 from ..states import SORT_PENDING, MessageState, NewsletterState, skip_reason
 from ..tokens import unsubscribe_token
+from ..tracking.links import skip_prefixes
+from ..tracking.tokens import tracking_key
 from .batch_worker import BATCH_STATEMENTS, LIMIT_BURST, BatchWorker
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class MergeResult:
     state: MessageState  # MERGED, SKIPPED or FAILED
     body: bytes | None = None
     detail: str | None = None
+    links: tuple[tuple[int, str], ...] = ()  # tracked links it used first
 
 
 def newsletter_job(row: Mapping[str, Any]) -> NewsletterJob:
@@ -79,7 +82,8 @@ class SortWorker(BatchWorker):
     pending_states = SORT_PENDING
     statements = (*BATCH_STATEMENTS, "sort_batch_messages", "sort_mark", "newsletter_set_zdict",
                   "newsletter_zdict", "newsletter_render_state", "newsletter_set_render_failures",
-                  "newsletter_pause", "batch_hand_back_messages")
+                  "newsletter_pause", "batch_hand_back_messages", "newsletter_track",
+                  "tracking_links_insert")
 
     def __init__(self, config: Config, options: RunOptions) -> None:
         super().__init__(config, options)
@@ -106,10 +110,27 @@ class SortWorker(BatchWorker):
         if newsletter_id not in self.jobs:
             row = self.db.fetchone("newsletter_get", {"id": newsletter_id})
             job = newsletter_job(row) if row else None
+            if job is not None:
+                job.tracking = self.tracking_job(newsletter_id)
             if job is not None and job.zdict is not None:
                 self.zdict_stored.add(newsletter_id)
             self.jobs[newsletter_id] = job
         return self.jobs[newsletter_id]
+
+    def tracking_job(self, newsletter_id: int) -> TrackingJob | None:
+        """The newsletter's open/click tracking, or None: ``[tracking] enabled`` wins, then
+        what the newsletter was enqueued with (sendsystem/tracking/links.py)."""
+        t = self.config.tracking
+        if not t.enabled:
+            return None
+        kinds = parse_track(self.db.fetchval("newsletter_track", {"id": newsletter_id}) or "")
+        if not kinds:
+            return None
+        return TrackingJob(
+            key=tracking_key(self.secret), click_base=t.click_prefix, open_base=t.open_prefix,
+            skip_prefixes=skip_prefixes(self.url_template, t.click_prefix, t.open_prefix),
+            opens="opens" in kinds, clicks="clicks" in kinds, text_links=t.track_text_links,
+            max_links=t.max_links)
 
     def ensure_dictionary(self, job: NewsletterJob) -> str | None:
         """Compute (in the child) and store the compression dictionary once; why not, or None.
@@ -179,7 +200,13 @@ class SortWorker(BatchWorker):
         limited, limited_time = 0, 0.0
         if job is not None and todo:
             limited, limited_time = self.render(job, todo, streak, results)
-        self.store(batch, newsletter_id, results, streak, initial)
+        try:
+            self.store(batch, newsletter_id, results, streak, initial)
+        except BaseException:
+            # The child counts the links it reported as stored; they were not.
+            # Reloading the newsletter there makes it report them again.
+            self.renderer.forget(newsletter_id)
+            raise
         if streak.tripped:
             self.hand_back_paused(batch, newsletter_id)
         # The measured rate is what the balancer sizes batches by: time spent
@@ -235,7 +262,8 @@ class SortWorker(BatchWorker):
                 last = now
                 if r.state == MessageState.MERGED:
                     streak.success()
-                    results.append(MergeResult(r.message_id, MessageState.MERGED, body=r.body))
+                    results.append(MergeResult(r.message_id, MessageState.MERGED, body=r.body,
+                                               links=r.links))
                     continue
                 results.append(MergeResult(r.message_id, MessageState.FAILED, detail=r.detail))
                 # Only the template's failures count; a recipient's bad
@@ -253,7 +281,12 @@ class SortWorker(BatchWorker):
               streak: RenderStreak, initial: int) -> None:
         """Write a chunk's results (only rows still in ``batch``) and the render streak, and
         pause the newsletter when the streak tripped: one transaction."""
+        links = {(idx, url) for r in results for idx, url in r.links}
         with self.db.transaction():
+            if links:
+                # Before the messages that use them: a click can never find no row.
+                self.db.execute_values("tracking_links_insert",
+                                       [(newsletter_id, idx, url) for idx, url in sorted(links)])
             if results:
                 self.db.execute_values("sort_mark",
                                        [(r.message_id, r.state, r.body, r.detail)

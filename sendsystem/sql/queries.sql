@@ -832,3 +832,134 @@ WHERE n.state = 'running' AND m.state = 'deferred';
 
 -- name: check_last_finished
 SELECT id FROM newsletters WHERE state = 'done' ORDER BY finished_at DESC, id DESC LIMIT 1;
+
+-- ================================================================ tracking
+-- Opt-in open and click tracking (sendsystem/tracking/, migration 014).
+
+-- name: list_set_track
+UPDATE lists SET track = %(track)s WHERE name = %(name)s;
+
+-- name: list_track_all
+SELECT name, track FROM lists ORDER BY name;
+
+-- name: newsletter_set_track
+-- At enqueue, in its transaction: the newsletter keeps what it tracks, like its
+-- template copy; %(track)s NULL takes the list's setting.
+UPDATE newsletters n JOIN lists l ON l.id = n.list_id
+SET n.track = COALESCE(%(track)s, l.track)
+WHERE n.id = %(id)s;
+
+-- name: newsletter_track
+SELECT track FROM newsletters WHERE id = %(id)s;
+
+-- name: tracking_links_insert
+-- values: newsletter_id, idx, url
+-- A link's idx is a keyed hash of its URL: every sort worker writes the same row.
+INSERT IGNORE INTO newsletter_links (newsletter_id, idx, url)
+SELECT v.newsletter_id, v.idx, v.url FROM (%(values)s) AS v;
+
+-- name: tracking_links_get
+SELECT idx, url FROM newsletter_links WHERE newsletter_id = %(id)s AND idx IN %(idx)s;
+
+-- name: tracking_links_all
+SELECT idx, url FROM newsletter_links WHERE newsletter_id = %(id)s;
+
+-- name: tracking_events_insert
+-- values: hit, newsletter_id, message_id, kind, link_idx, at, verdict
+-- A batch of hits in one statement; a hit already stored (a spooled batch
+-- replayed after its commit got lost) is skipped by its own id.
+INSERT IGNORE INTO tracking_events (hit, newsletter_id, message_id, kind, link_idx, at, verdict)
+SELECT v.hit, v.newsletter_id, v.message_id, v.kind, v.link_idx, v.at, v.verdict
+FROM (%(values)s) AS v;
+
+-- name: tracking_delivered_at
+-- When each message of a batch of hits was accepted by the relay (the
+-- "within seconds of delivery" rule); purged messages are simply absent.
+SELECT id, finished_at FROM messages WHERE id IN %(ids)s AND state IN ('sent', 'bounced');
+
+-- name: tracking_recent_clicks
+-- The clicks of these recipients since %(since)s: the burst rule's input.
+SELECT id, message_id, link_idx, at, verdict FROM tracking_events
+WHERE message_id IN %(ids)s AND kind = 'click' AND at >= %(since)s
+ORDER BY message_id, at, id;
+
+-- name: tracking_mark_burst
+-- The hits the burst rule found to be one of a scanner's clicks on many links.
+UPDATE tracking_events SET verdict = 4 WHERE id IN %(ids)s AND verdict < 4;
+
+-- name: tracking_unique_delete
+DELETE FROM tracking_unique WHERE message_id IN %(ids)s;
+
+-- name: tracking_unique_rebuild
+-- The unique rows of these recipients, from all their events: rebuilding
+-- (rather than adding) keeps them right whatever order hits, replays and
+-- re-classifications come in.
+INSERT INTO tracking_unique (newsletter_id, kind, message_id, link_idx, hits, human_hits,
+                             first_at, last_at, first_human_at, verdict)
+SELECT newsletter_id, kind, message_id, link_idx, COUNT(*), SUM(verdict = 0), MIN(at), MAX(at),
+       MIN(IF(verdict = 0, at, NULL)), MAX(verdict)
+FROM tracking_events WHERE message_id IN %(ids)s
+GROUP BY newsletter_id, kind, message_id, link_idx;
+
+-- name: tracking_counts
+-- Unique per recipient: human = a recipient with at least one human hit;
+-- machine = a recipient whose every hit was a machine's (by its strongest verdict).
+SELECT kind, IF(human_hits > 0, 0, verdict) AS verdict, COUNT(DISTINCT message_id) AS recipients,
+       SUM(hits) AS hits
+FROM tracking_unique
+WHERE newsletter_id = %(id)s AND first_at < %(before)s
+GROUP BY kind, IF(human_hits > 0, 0, verdict);
+
+-- name: tracking_clickers
+-- Recipients who clicked at all: human if any click of theirs was human.
+SELECT COUNT(*) AS recipients, COALESCE(SUM(human), 0) AS human FROM (
+    SELECT message_id, MAX(human_hits > 0) AS human FROM tracking_unique
+    WHERE newsletter_id = %(id)s AND kind = 'click' AND first_at < %(before)s
+    GROUP BY message_id
+) AS c;
+
+-- name: tracking_links_counts
+-- Clicks per link: unique human and machine recipients, and all hits.
+SELECT u.link_idx AS idx, l.url, SUM(u.human_hits > 0) AS clicks,
+       SUM(u.human_hits = 0) AS machine_clicks, SUM(u.hits) AS hits
+FROM tracking_unique u
+LEFT JOIN newsletter_links l ON l.newsletter_id = u.newsletter_id AND l.idx = u.link_idx
+WHERE u.newsletter_id = %(id)s AND u.kind = 'click' AND u.first_at < %(before)s
+GROUP BY u.link_idx, l.url
+ORDER BY clicks DESC, hits DESC, u.link_idx
+LIMIT %(limit)s;
+
+-- name: tracking_timeline
+-- Unique recipients by the hour of their first hit (human: their first human
+-- hit); the report folds hours into days for long spans.
+SELECT DATE_FORMAT(COALESCE(first_human_at, first_at), '%%Y-%%m-%%dT%%H:00:00') AS hour, kind,
+       SUM(human_hits > 0) AS human, SUM(human_hits = 0) AS machine
+FROM tracking_unique
+WHERE newsletter_id = %(id)s AND first_at < %(before)s
+GROUP BY hour, kind ORDER BY hour, kind;
+
+-- name: tracking_newsletters_facts
+-- For `list stats`: unique human/machine opens and clicks of many newsletters at once.
+SELECT newsletter_id, kind, COUNT(DISTINCT IF(human_hits > 0, message_id, NULL)) AS human,
+       COUNT(DISTINCT message_id) AS recipients
+FROM tracking_unique WHERE newsletter_id IN %(ids)s
+GROUP BY newsletter_id, kind;
+
+-- name: retention_delete_tracking_events
+DELETE FROM tracking_events WHERE newsletter_id = %(id)s AND at < %(cutoff)s
+ORDER BY at, id LIMIT %(chunk)s;
+
+-- name: retention_delete_tracking_unique
+DELETE FROM tracking_unique WHERE newsletter_id = %(id)s AND first_at < %(cutoff)s
+ORDER BY kind, message_id, link_idx LIMIT %(chunk)s;
+
+-- name: forget_tracking_events
+-- `subscriber forget`: a person's opens and clicks (before their messages go).
+DELETE e FROM tracking_events e JOIN messages m ON m.id = e.message_id
+JOIN subscribers s ON s.id = m.subscriber_id
+WHERE s.email = %(email)s;
+
+-- name: forget_tracking_unique
+DELETE u FROM tracking_unique u JOIN messages m ON m.id = u.message_id
+JOIN subscribers s ON s.id = m.subscriber_id
+WHERE s.email = %(email)s;

@@ -29,8 +29,10 @@ from ..bounce.webhooks import (
 )
 from ..config import Config, DatabaseConfig, load_config
 from ..db import Database
+from ..errors import ConfigError
 from ..states import SubscriberStatus
 from ..tokens import UnsubscribeTarget
+from ..tracking.web import mount, tracking_app
 from .app import UnsubscribeResult, make_app, path_prefix_from_url
 
 
@@ -103,12 +105,22 @@ def webhooks_enabled(config: Config) -> bool:
 def unsubscribe_wsgi_app(config: Config, service: UnsubscribeService | None = None,
                          webhooks: WebhookService | None = None) -> WSGIApplication:
     """The one-click unsubscribe WSGI app over this config's database, with the
-    ESP webhooks when ``[webhooks]`` enables any."""
+    ESP webhooks when ``[webhooks]`` enables any, and the open/click tracking
+    routes (/c/, /o/) when ``[tracking] base_url`` is set."""
     service = service or UnsubscribeService(config.database)
     if webhooks is None and webhooks_enabled(config):
         webhooks = WebhookService(config)
-    return make_app(config.secret(), service.unsubscribe, lookup=service.lookup,
-                    path_prefix=path_prefix_from_url(config.unsubscribe.url), webhooks=webhooks)
+    prefix = path_prefix_from_url(config.unsubscribe.url)
+    app = make_app(config.secret(), service.unsubscribe, lookup=service.lookup,
+                   path_prefix=prefix, webhooks=webhooks)
+    tracking = tracking_app(config)
+    if tracking is None:
+        return app
+    if tracking.handles(prefix) or prefix.startswith((tracking.click_path, tracking.open_path)):
+        raise ConfigError(f"[unsubscribe] url's path {prefix!r} collides with the tracking "
+                          f"routes {tracking.click_path} and {tracking.open_path}; give "
+                          "[tracking] base_url a path of its own (e.g. https://host/t)")
+    return mount(app, tracking)
 
 
 def create_app(config_path: str | None = None) -> WSGIApplication:
