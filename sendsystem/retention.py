@@ -47,6 +47,7 @@ from typing import Any
 from . import stats
 from .db import Database
 from .errors import UserError
+from .tracking import report as tracking_report
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ STATEMENTS = (
     "retention_old_bounces", "retention_delete_messages", "retention_delete_bounces",
     "summary_get", "summary_get_for_update", "summary_insert", "summary_fold_bounces",
     "summary_mark_purged", "stats_bounces_between",
+    "retention_delete_tracking_events", "retention_delete_tracking_unique",
 )
 
 
@@ -83,6 +85,7 @@ class Purged:
     messages: int
     bounces: int
     summarized: bool  # the summary was written by this run
+    tracking: int = 0  # open/click rows (events and unique rows) deleted
 
 
 @dataclass
@@ -120,6 +123,7 @@ def purge(db: Database, options: Options,
         pace = _Pacer(options, sleep, clock)
         deleted = _delete_messages(db, nid, span, options, pace)
         gone = _delete_bounces(db, nid, cutoff, options, pace)
+        item.tracking = _delete_tracking(db, nid, cutoff, options, pace)
         db.execute("summary_mark_purged", {"id": nid, "messages": deleted, "bounces": gone})
         item.messages, item.bounces = deleted, gone
         log.info("purged newsletter %d: %d messages, %d bounce rows", nid, deleted, gone)
@@ -138,6 +142,8 @@ def _summarize(db: Database, newsletter_id: int, cutoff: datetime) -> None:
         if existing is None:
             facts: dict[str, Any] = stats.message_facts(db, newsletter_id)
             facts["bounce_rows"] = stats.bounce_rows(db, newsletter_id, before=cutoff)
+            # Opens and clicks whose first hit came before the cut-off (those rows go).
+            facts["tracking"] = tracking_report.raw_facts(db, newsletter_id, before=cutoff)
             db.execute("summary_insert", {"id": newsletter_id, "cutoff": cutoff,
                                           "facts": json.dumps(facts, sort_keys=True)})
         elif existing["cutoff"] < cutoff:
@@ -145,6 +151,10 @@ def _summarize(db: Database, newsletter_id: int, cutoff: datetime) -> None:
             facts["bounce_rows"] = stats.merge_bounce_rows(
                 facts["bounce_rows"],
                 stats.bounce_rows(db, newsletter_id, since=existing["cutoff"], before=cutoff))
+            facts["tracking"] = tracking_report.merge(
+                facts.get("tracking"),
+                tracking_report.raw_facts(db, newsletter_id, since=existing["cutoff"],
+                                          before=cutoff))
             db.execute("summary_fold_bounces", {"id": newsletter_id, "cutoff": cutoff,
                                                 "facts": json.dumps(facts, sort_keys=True)})
 
@@ -193,3 +203,21 @@ def _delete_bounces(db: Database, newsletter_id: int, cutoff: datetime, options:
         if n < options.chunk:
             return deleted
         pace.rest()
+
+
+def _delete_tracking(db: Database, newsletter_id: int, cutoff: datetime, options: Options,
+                     pace: _Pacer) -> int:
+    """Open and click rows from before the cut-off (their counts are in the summary): the
+    per-recipient rows, then every hit, in the same paced chunks. The link table stays:
+    links in old mail keep redirecting."""
+    deleted = 0
+    for statement in ("retention_delete_tracking_unique", "retention_delete_tracking_events"):
+        while True:
+            pace.start()
+            n = db.execute(statement, {"id": newsletter_id, "cutoff": cutoff,
+                                       "chunk": options.chunk})
+            deleted += n
+            if n < options.chunk:
+                break
+            pace.rest()
+    return deleted

@@ -15,6 +15,7 @@ from .admin import get_newsletter
 from .config import Relay
 from .db import Database
 from .states import FINAL_MESSAGE_STATES, MESSAGE_STATES, MessageState, worker_alive
+from .tracking import report as tracking_report
 
 
 def _iso(value: Any) -> str | None:
@@ -266,7 +267,7 @@ def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
     delivered = c[MessageState.SENT] + c[MessageState.BOUNCED]
     duration = facts["duration_seconds"]
     finished = sum(c[s] for s in FINAL_MESSAGE_STATES)
-    return {
+    out: dict[str, Any] = {
         "newsletter": newsletter_id, "state": nl["state"], "subject": nl["subject"],
         "list": nl["list_name"], "created_at": _iso(nl["created_at"]),
         "released_at": _iso(nl["released_at"]), "finished_at": _iso(nl["finished_at"]),
@@ -284,3 +285,6 @@ def newsletter_stats(db: Database, newsletter_id: int) -> dict[str, Any]:
         "rate": round(finished / duration, 1) if duration else None,
         "purged_at": _iso(summary["purged_at"]) if summary else None,
     }
+    # Opens and clicks (sendsystem/tracking/report.py): counted from their own tables.
+    out["tracking"] = tracking_report.newsletter_tracking(db, newsletter_id, summary)
+    return out

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..states import MessageState
+from ..tracking.present import html_section as tracking_html_section
 from .text import (
     BOUNCE_CLASSES,
     Timeline,
@@ -527,7 +528,7 @@ def render_html(stats: Mapping[str, Any]) -> str:
     {_health(stats)}
   </div>
 </section>
-<section class="card">
+{tracking_html_section(stats)}<section class="card">
   <h2>Workers</h2>
   {_workers_table(list(stats.get("workers") or []), timeline)}
 </section>

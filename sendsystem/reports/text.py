@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..states import MessageState, NewsletterState, WorkerState, worker_dead
+from ..tracking.present import text_lines as tracking_text_lines
 
 log = logging.getLogger(__name__)
 
@@ -591,4 +592,5 @@ def format_stats(stats: Mapping[str, Any], *, ascii_only: bool = False) -> str:
               f"complaint rate {format_percent(stats.get('complaint_rate'), 4)}",
               f"  unverified reports (no signed evidence, changed nothing): "
               f"{_unverified_summary(bounces)}"]
+    lines += tracking_text_lines(stats)
     return "\n".join(lines) + "\n"

@@ -907,14 +907,15 @@ GROUP BY newsletter_id, kind, message_id, link_idx;
 SELECT kind, IF(human_hits > 0, 0, verdict) AS verdict, COUNT(DISTINCT message_id) AS recipients,
        SUM(hits) AS hits
 FROM tracking_unique
-WHERE newsletter_id = %(id)s AND first_at < %(before)s
+WHERE newsletter_id = %(id)s AND first_at >= %(since)s AND first_at < %(before)s
 GROUP BY kind, IF(human_hits > 0, 0, verdict);
 
 -- name: tracking_clickers
 -- Recipients who clicked at all: human if any click of theirs was human.
 SELECT COUNT(*) AS recipients, COALESCE(SUM(human), 0) AS human FROM (
     SELECT message_id, MAX(human_hits > 0) AS human FROM tracking_unique
-    WHERE newsletter_id = %(id)s AND kind = 'click' AND first_at < %(before)s
+    WHERE newsletter_id = %(id)s AND kind = 'click' AND first_at >= %(since)s
+      AND first_at < %(before)s
     GROUP BY message_id
 ) AS c;
 
@@ -924,7 +925,8 @@ SELECT u.link_idx AS idx, l.url, SUM(u.human_hits > 0) AS clicks,
        SUM(u.human_hits = 0) AS machine_clicks, SUM(u.hits) AS hits
 FROM tracking_unique u
 LEFT JOIN newsletter_links l ON l.newsletter_id = u.newsletter_id AND l.idx = u.link_idx
-WHERE u.newsletter_id = %(id)s AND u.kind = 'click' AND u.first_at < %(before)s
+WHERE u.newsletter_id = %(id)s AND u.kind = 'click' AND u.first_at >= %(since)s
+  AND u.first_at < %(before)s
 GROUP BY u.link_idx, l.url
 ORDER BY clicks DESC, hits DESC, u.link_idx
 LIMIT %(limit)s;
@@ -935,7 +937,7 @@ LIMIT %(limit)s;
 SELECT DATE_FORMAT(COALESCE(first_human_at, first_at), '%%Y-%%m-%%dT%%H:00:00') AS hour, kind,
        SUM(human_hits > 0) AS human, SUM(human_hits = 0) AS machine
 FROM tracking_unique
-WHERE newsletter_id = %(id)s AND first_at < %(before)s
+WHERE newsletter_id = %(id)s AND first_at >= %(since)s AND first_at < %(before)s
 GROUP BY hour, kind ORDER BY hour, kind;
 
 -- name: tracking_newsletters_facts
