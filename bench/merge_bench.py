@@ -2,6 +2,7 @@
 """Merge throughput on one core: render + compress, as the sort worker does it.
 
     .venv/bin/python bench/merge_bench.py [--recipients 20000] [--profile] [--send-side] [--child]
+    .venv/bin/python bench/merge_bench.py --track [--child]
 
 A realistic ~20 KB newsletter (HTML with a 10-article loop defined by
 ``{% set %}``, a text version, 5 merge fields) merged for N recipients with
@@ -13,6 +14,13 @@ decompress + finalize + DKIM sign (2048-bit key from ``sendsystem.dkim.generate_
 its render child (render_child.py, under the default limits) in chunks of 200
 over the pipe, timed from the parent; prints msgs/s, the parent's and the
 child's peak RSS, and the child's CPU seconds per message.
+``--track`` measures open and click tracking instead: the same newsletter with
+a navigation bar and a footer of links added (30 links in all, one the
+unsubscribe link), merged with tracking off and then on (every http link
+rewritten to a signed /c/ token, the open pixel added; sendsystem/tracking),
+alternating rounds so machine noise hits both alike; prints both rates and the
+slowdown (target: at most 20 %), and the stored size. With ``--child`` also
+through the render child.
 """
 
 from __future__ import annotations
@@ -158,13 +166,116 @@ def recipient(i: int) -> tuple[str, dict[str, str], str]:
     return email, fields, unsub
 
 
+NAV = ('<tr><td class="article">' + " | ".join(
+    f'<a href="https://www.example.dk/{p}?utm_source=newsletter">{p.title()}</a>'
+    for p in ("forside", "medlemmer", "arrangementer", "butik", "kontakt")) + "</td></tr>\n")
+FOOTER = ('<p>' + " &middot; ".join(
+    f'<a href="https://{host}/foreningen">{name}</a>'
+    for host, name in (("www.facebook.com", "Facebook"), ("www.instagram.com", "Instagram"),
+                       ("www.linkedin.com", "LinkedIn"), ("www.example.dk/privatliv",
+                                                          "Privatlivspolitik"))) + "</p>\n")
+
+
+def linky_html() -> str:
+    """The bench HTML with 9 more links: 10 articles x 2 + 5 + 4 + unsubscribe = 30."""
+    html = HTML.replace('<tr><td class="header">{{ list.name }}</td></tr>\n',
+                        '<tr><td class="header">{{ list.name }}</td></tr>\n' + NAV, 1)
+    return html.replace('<p><a href="{{ unsubscribe_url }}"', FOOTER + '<p><a href="{{ unsubscribe_url }}"', 1)
+
+
+def track_bench(args: argparse.Namespace) -> None:
+    """Tracking off vs on, same newsletter, alternating rounds (see the module docstring)."""
+    from sendsystem.tracking.links import Rewriter, skip_prefixes
+    from sendsystem.tracking.tokens import Signer, tracking_key
+
+    html = linky_html()
+    src = TemplateSource(subject=SUBJECT, html=html, text=TEXT)
+    info = NewsletterInfo(newsletter_id=4711, list_name="Medlemsnyt",
+                          from_header="Foreningen Ærø <nyhedsbrev@example.dk>")
+    base = "https://lists.example.com"
+    key = tracking_key(b"bench-secret-" + b"x" * 32)
+    signer = Signer(key)
+
+    def tracker() -> Rewriter:
+        return Rewriter(signer, 4711, base + "/c/", base + "/o/",
+                        skip_prefixes("https://lists.example.com/u/{token}", base + "/c/",
+                                      base + "/o/"))
+
+    off = Merger(src, info)
+    on = Merger(src, info, zdict=off.zdict, tracker=tracker())
+    people = [recipient(i) for i in range(args.recipients)]
+    sample = on.render(*people[0], message_id=1)
+    n_links = html.count("<a ")
+    tracked = sample.count(b"/c/")
+    times = {"off": 0.0, "on": 0.0}
+    stored = {"off": 0, "on": 0}
+    rounds = 5
+    chunk = max(1, len(people) // rounds)
+    for r in range(rounds):
+        part = people[r * chunk:(r + 1) * chunk]
+        for label, merger in (("off", off), ("on", on)) if r % 2 == 0 else (("on", on),
+                                                                               ("off", off)):
+            t0 = time.perf_counter()
+            for i, (email, fields, unsub) in enumerate(part):
+                blob = merger.compress(merger.render(email, fields, unsub,
+                                                     message_id=r * chunk + i + 1))
+                stored[label] += len(blob)
+            times[label] += time.perf_counter() - t0
+    n = chunk * rounds
+    rate_off, rate_on = n / times["off"], n / times["on"]
+    print(f"python {sys.version.split()[0]}, {n} recipients, {n_links} links in the HTML "
+          f"({tracked} rewritten + the open pixel; the unsubscribe link left alone)")
+    print(f"tracking off           {rate_off:,.0f} msgs/s, {stored['off'] / n:,.0f} stored "
+          "bytes/msg")
+    print(f"tracking on            {rate_on:,.0f} msgs/s, {stored['on'] / n:,.0f} stored "
+          "bytes/msg")
+    print(f"slowdown               {(1 - rate_on / rate_off) * 100:.1f} % (target <= 20 %)")
+    print(f"peak RSS               {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MB")
+    if args.child:
+        from sendsystem.render_child import TrackingJob
+
+        job_t = TrackingJob(key=key,
+                            click_base=base + "/c/", open_base=base + "/o/",
+                            skip_prefixes=skip_prefixes("https://lists.example.com/u/{token}",
+                                                        base + "/c/", base + "/o/"),
+                            opens=True, clicks=True)
+        for label, tracking in (("off", None), ("on", job_t)):
+            rate = child_rate(src, info, people, tracking)
+            print(f"via render child, {label:<3}  {rate:,.0f} msgs/s")
+
+
+def child_rate(src: TemplateSource, info: NewsletterInfo,
+               people: list[tuple[str, dict[str, str], str]], tracking: object) -> float:
+    import json
+
+    from sendsystem.render_child import NewsletterJob, RenderLimits, RenderProcess
+
+    rp = RenderProcess(RenderLimits(), lambda: None)
+    job = NewsletterJob(info.newsletter_id, src, info, tracking=tracking)  # type: ignore[arg-type]
+    rp.dictionary(job)
+    rows = [(i + 1, e, json.dumps(f), u) for i, (e, f, u) in enumerate(people)]
+    t0 = time.perf_counter()
+    merged = 0
+    for start in range(0, len(rows), 200):
+        merged += sum(r.state == "merged" for r in rp.render(job, rows[start:start + 200]))
+    elapsed = time.perf_counter() - t0
+    rp.close()
+    assert merged == len(rows)
+    return len(rows) / elapsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipients", type=int, default=20_000)
     parser.add_argument("--profile", action="store_true", help="cProfile the loop")
     parser.add_argument("--send-side", action="store_true", help="time decompress+finalize+DKIM")
     parser.add_argument("--child", action="store_true", help="also through the render child")
+    parser.add_argument("--track", action="store_true",
+                        help="tracking off vs on (a 30-link newsletter)")
     args = parser.parse_args()
+    if args.track:
+        track_bench(args)
+        return
 
     src = TemplateSource(subject=SUBJECT, html=HTML, text=TEXT)
     info = NewsletterInfo(

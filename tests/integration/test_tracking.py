@@ -334,7 +334,7 @@ def test_purge_keeps_the_figures_and_forget_removes_a_person(site: Site) -> None
                   "last_at = TIMESTAMPADD(DAY, -95, last_at), "
                   "first_human_at = TIMESTAMPADD(DAY, -95, first_human_at)")
     before = json.loads(site.env.cli("stats", str(site.nid), "--json")[1])["tracking"]
-    code, out, err = site.env.cli("purge", "--older-than", "90d", "--pause", "0",
+    code, _out, err = site.env.cli("purge", "--older-than", "90d", "--pause", "0",
                                   "--sleep-coef", "0")
     assert code == 0, err
     assert int(sql(site.env, "SELECT COUNT(*) AS n FROM tracking_events")[0]["n"]) == 0
