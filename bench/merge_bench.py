@@ -204,9 +204,8 @@ def track_bench(args: argparse.Namespace) -> None:
     off = Merger(src, info)
     on = Merger(src, info, zdict=off.zdict, tracker=tracker())
     people = [recipient(i) for i in range(args.recipients)]
-    sample = on.render(*people[0], message_id=1)
-    n_links = html.count("<a ")
-    tracked = sample.count(b"/c/")
+    # QP may break a line inside a URL; the tokens' path is short enough not to be split.
+    tracked = on.render(*people[0], message_id=1).count(b"/c/")
     times = {"off": 0.0, "on": 0.0}
     stored = {"off": 0, "on": 0}
     rounds = 5
@@ -223,8 +222,8 @@ def track_bench(args: argparse.Namespace) -> None:
             times[label] += time.perf_counter() - t0
     n = chunk * rounds
     rate_off, rate_on = n / times["off"], n / times["on"]
-    print(f"python {sys.version.split()[0]}, {n} recipients, {n_links} links in the HTML "
-          f"({tracked} rewritten + the open pixel; the unsubscribe link left alone)")
+    print(f"python {sys.version.split()[0]}, {n} recipients, {tracked} links rewritten + the "
+          "open pixel (the unsubscribe link left alone)")
     print(f"tracking off           {rate_off:,.0f} msgs/s, {stored['off'] / n:,.0f} stored "
           "bytes/msg")
     print(f"tracking on            {rate_on:,.0f} msgs/s, {stored['on'] / n:,.0f} stored "
