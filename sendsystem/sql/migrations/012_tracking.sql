@@ -1,8 +1,8 @@
--- Version 14: opt-in open and click tracking (sendsystem/tracking/).
+-- Version 12: opt-in open and click tracking (sendsystem/tracking/).
 -- `lists.track`: the kinds a list's newsletters track ('', 'opens', 'clicks',
 -- 'opens,clicks'; `list set NAME --track`). `newsletters.track`: what this
 -- newsletter tracks, fixed at enqueue from the list or `enqueue --track/--no-track`
--- (NULL: enqueued before schema 14, never tracked). `[tracking] enabled` wins.
+-- (NULL: enqueued before schema 12, never tracked). `[tracking] enabled` wins.
 --
 -- `newsletter_links`: the redirect targets of a newsletter's tracked links.
 -- `idx` is a keyed 64-bit hash of the URL, so every sort worker names a URL
@@ -68,4 +68,4 @@ CREATE TABLE IF NOT EXISTS tracking_unique (
     KEY ix_tracking_unique_message (message_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
-INSERT IGNORE INTO schema_version (version) VALUES (14);
+INSERT IGNORE INTO schema_version (version) VALUES (12);
