@@ -22,12 +22,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import history
 from .addresses import domain_of, parse_from, validate_email
 from .config import format_track, parse_track
 from .db import Database
 from .errors import ImportRowsError, UserError
 from .merge import TemplateSource, check_template
 from .release import release
+from .states import SubscriberStatus
 
 log = logging.getLogger(__name__)
 
@@ -364,3 +366,25 @@ def block_add(db: Database, raw: str, reason: str | None = None) -> bool:
 
 def block_remove(db: Database, raw: str) -> bool:
     return bool(db.execute("block_remove", {"pattern": block_pattern(raw)}))
+
+
+# -------------------------------------------------------------- subscribers
+
+def unsubscribe(db: Database, list_name: str, raw: str) -> bool:
+    """An admin takes an address off a list (e.g. asked by phone); True when it was active.
+
+    The change is recorded in the list's history with the reason ``admin``.
+    """
+    lst = get_list(db, list_name)
+    try:
+        email = validate_email(raw)
+    except ValueError as exc:
+        raise UserError(f"{exc}.") from None
+    with db.transaction():
+        row = db.fetchone("subscriber_by_list_email", {"list_id": lst["id"], "email": email})
+        if row is None:
+            raise UserError(f"{email} is not on list {list_name!r}.")
+        changed = history.change(db, int(row["id"]), "subscriber_set_status",
+                                 {"id": row["id"], "status": SubscriberStatus.UNSUBSCRIBED},
+                                 to_status=SubscriberStatus.UNSUBSCRIBED, reason=history.ADMIN)
+    return changed

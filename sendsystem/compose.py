@@ -197,7 +197,8 @@ class Composer:
         if parts.broken is not None:
             raise BuildError(parts.broken)
         mid = int(row["id"])
-        token = unsubscribe_token(self.secret, int(row["subscriber_id"]), parts.list_id)
+        token = unsubscribe_token(self.secret, int(row["subscriber_id"]), parts.list_id,
+                                  parts.newsletter_id)
         headers = send_headers(
             message_id=self.message_id(mid, parts.newsletter_id), date=self.date(),
             unsubscribe_url=self.unsubscribe_url.format(token=token),

@@ -21,12 +21,13 @@ import base64
 import hashlib
 import hmac
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _VERP_RE = re.compile(r"^b(?P<id>[0-9a-z]+)-(?P<sig>[a-z2-7]{16})$")
 _MSGID_RE = re.compile(r"^<?(?P<id>[0-9]{1,20})\.(?P<nl>[0-9]{1,20})\.(?P<sig>[a-z2-7]{16})"
                        r"@[^<>@\s]+>?$")
-_TOKEN_RE = re.compile(r"^(?P<sub>[0-9a-z]+)\.(?P<list>[0-9a-z]+)\.(?P<sig>[A-Za-z0-9_-]{22})$")
+_TOKEN_RE = re.compile(r"^(?P<sub>[0-9a-z]+)\.(?P<list>[0-9a-z]+)(?:\.(?P<nl>[0-9a-z]+))?"
+                       r"\.(?P<sig>[A-Za-z0-9_-]{22})$")
 
 
 def _b36(n: int) -> str:
@@ -132,21 +133,43 @@ def claimed_newsletter(value: str, domain: str) -> int | None:
 class UnsubscribeTarget:
     subscriber_id: int
     list_id: int
+    # The newsletter whose message carried the token (None: a token from before
+    # schema 13, which named only the subscription).
+    newsletter_id: int | None = None
+    # How the request came, when the web app passes it on (not part of the token,
+    # nor of what a target is): the reason in the subscriber's history
+    # (sendsystem/history.py).
+    via: str | None = field(default=None, compare=False)
 
 
-def unsubscribe_token(secret: bytes, subscriber_id: int, list_id: int) -> str:
+def unsubscribe_token(secret: bytes, subscriber_id: int, list_id: int,
+                      newsletter_id: int | None = None) -> str:
+    """``<sub>.<list>[.<newsletter>].<sig>`` (ids in base 36; 128-bit HMAC).
+
+    The newsletter lets ``list stats`` attribute the unsubscribe to the
+    newsletter it came from. The signature covers every id present, and a
+    two-id payload never equals a three-id one, so an old token cannot be
+    extended with a newsletter nor a new one shortened; both forms verify.
+    """
     payload = f"{_b36(subscriber_id)}.{_b36(list_id)}"
+    if newsletter_id is not None:
+        payload += f".{_b36(newsletter_id)}"
     sig = base64.urlsafe_b64encode(_mac(secret, "unsub", payload)[:16]).decode().rstrip("=")
     return f"{payload}.{sig}"
 
 
 def verify_unsubscribe_token(secret: bytes, token: str) -> UnsubscribeTarget | None:
-    """The subscriber and list a token names, or None if it was forged or mangled."""
+    """The subscriber, list (and newsletter) a token names, or None if it was forged
+    or mangled."""
     m = _TOKEN_RE.match(token.strip())
     if not m:
         return None
     payload = f"{m.group('sub')}.{m.group('list')}"
+    if m.group("nl") is not None:
+        payload += f".{m.group('nl')}"
     expected = base64.urlsafe_b64encode(_mac(secret, "unsub", payload)[:16]).decode().rstrip("=")
     if not hmac.compare_digest(expected, m.group("sig")):
         return None
-    return UnsubscribeTarget(int(m.group("sub"), 36), int(m.group("list"), 36))
+    nl = m.group("nl")
+    return UnsubscribeTarget(int(m.group("sub"), 36), int(m.group("list"), 36),
+                             int(nl, 36) if nl is not None else None)

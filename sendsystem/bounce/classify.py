@@ -532,8 +532,9 @@ def _read_heuristic(msg: Message, subject: str) -> _Verdict | None:
     return None
 
 
-_TOKEN_SEARCH_RE = re.compile(r"(?<![0-9A-Za-z.])([0-9a-z]+\.[0-9a-z]+\.[A-Za-z0-9_-]{22})"
-                              r"(?![A-Za-z0-9_-])")
+# <sub>.<list>.<sig>, or <sub>.<list>.<newsletter>.<sig> (schema 13 on).
+_TOKEN_SEARCH_RE = re.compile(r"(?<![0-9A-Za-z.])([0-9a-z]+\.[0-9a-z]+(?:\.[0-9a-z]+)?"
+                              r"\.[A-Za-z0-9_-]{22})(?![A-Za-z0-9_-])")
 
 
 def _find_token(secret: bytes, texts: Iterable[str]) -> str | None:

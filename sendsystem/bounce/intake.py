@@ -42,6 +42,7 @@ from email.utils import getaddresses
 from enum import StrEnum
 from typing import Any
 
+from .. import history
 from ..config import Config
 from ..db import Database
 from ..states import SubscriberStatus
@@ -106,6 +107,7 @@ class _Target:
     subscriber_id: int
     email: str
     via: str
+    newsletter_id: int | None = None  # a token's newsletter (a message names its own)
 
 
 def _verp_shape(address: str, domain: str) -> re.Match[str] | None:
@@ -155,7 +157,8 @@ def _attribute(db: Database, secret: bytes, report: BounceReport) -> _Target | N
             row = db.fetchone("subscriber_with_list", {"id": token.subscriber_id,
                                                        "list_id": token.list_id})
             if row is not None:
-                return _Target(None, int(row["id"]), str(row["email"]), "token")
+                return _Target(None, int(row["id"]), str(row["email"]), "token",
+                               token.newsletter_id)
     return None
 
 
@@ -185,7 +188,8 @@ def process(db: Database, config: Config, raw: bytes,
         done = recipients.record_complaint(db, config.bounce, diagnostic=report.diagnostic,
                                            email=target.email, evidence=target.via,
                                            message_id=target.message_id,
-                                           subscriber_id=target.subscriber_id)
+                                           subscriber_id=target.subscriber_id,
+                                           newsletter_id=target.newsletter_id)
     elif kind is BounceKind.AUTOREPLY:
         assert target.message_id is not None
         with db.transaction():
@@ -262,7 +266,9 @@ def _unverified(db: Database, config: Config, report: BounceReport,
 def _mailto_unsubscribe(db: Database, config: Config, report: BounceReport) -> IntakeOutcome:
     target = (verify_unsubscribe_token(config.secret(), report.unsubscribe_token)
               if report.unsubscribe_token else None)
-    row = recipients.unsubscribe(db, target.subscriber_id, target.list_id) if target else None
+    row = recipients.unsubscribe(db, target.subscriber_id, target.list_id,
+                                 via=history.UNSUBSCRIBE_EMAIL,
+                                 newsletter_id=target.newsletter_id) if target else None
     if target is None or row is None:
         # A request without a valid token is still a person asking to leave,
         # but From: is forgeable: keep it unverified where a human will see it.

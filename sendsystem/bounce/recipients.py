@@ -39,6 +39,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from .. import history
 from ..config import BounceConfig
 from ..db import Database
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 RECIPIENT_STATEMENTS = ("bounce_insert", "bounce_tally", "bounce_tally_subscriber",
                         "subscribers_mark_bounced", "subscriber_mark_bounced",
-                        "message_mark_bounced")
+                        "message_mark_bounced", *history.STATEMENTS)
 INTAKE_STATEMENTS = (*RECIPIENT_STATEMENTS, "bounce_message_lock", "bounce_seen_for_message",
                      "subscriber_complained", "block_add", "subscriber_with_list",
                      "subscriber_unsubscribe", "message_for_bounce", "recent_message_by_email")
@@ -96,10 +97,17 @@ def _store(db: Database, limits: BounceConfig, *, email: str, kind: str, evidenc
     hard = int(tally["hard"]) if tally else 0
     soft = int(tally["soft"]) if tally else 0
     if hard >= limits.hard_limit or soft >= limits.soft_limit:
+        # The status change and its history row (sendsystem/history.py) commit together.
+        reason = history.bounce_reason(kind, status)
         if per_list:
-            changed = db.execute("subscriber_mark_bounced", {"id": subscriber_id})
+            assert subscriber_id is not None
+            changed = history.change(db, subscriber_id, "subscriber_mark_bounced",
+                                     {"id": subscriber_id}, to_status="bounced",
+                                     reason=reason, message_id=message_id)
         else:
-            changed = db.execute("subscribers_mark_bounced", {"email": email})
+            changed = bool(history.change_active_by_email(
+                db, email, "subscribers_mark_bounced", {"email": email}, to_status="bounced",
+                reason=reason, message_id=message_id))
         if changed:
             log.info("%s set to bounced on %s (%d hard, %d soft bounces)", email,
                      "its list" if per_list else "every list", hard, soft)
@@ -143,21 +151,28 @@ def record_bounce_once(db: Database, limits: BounceConfig, *, email: str, kind: 
 
 def record_complaint(db: Database, limits: BounceConfig, *, email: str, evidence: str,
                      message_id: int | None, subscriber_id: int | None,
-                     diagnostic: str | None = None) -> Recorded:
+                     diagnostic: str | None = None,
+                     newsletter_id: int | None = None) -> Recorded:
     """A reader marked our mail as spam: store it and set the subscription `complained`.
 
     With ``scope = address`` the address also goes on the blocklist (every
     list); with ``scope = list`` only this subscription ends (see the
-    module docstring).
+    module docstring). ``newsletter_id``: the newsletter a complaint tied by
+    an unsubscribe token is about, when the token names it (a message names
+    its own).
     """
     with db.transaction():
         if message_id is not None and _seen(db, message_id, "complaint"):
             return Recorded(stored=False, status_changed=False)
         _insert(db, kind="complaint", email=email, verified=True, evidence=evidence,
-                message_id=message_id, subscriber_id=subscriber_id, diagnostic=diagnostic)
-        changed = 0
+                message_id=message_id, subscriber_id=subscriber_id, diagnostic=diagnostic,
+                newsletter_id=newsletter_id)
+        changed = False
         if subscriber_id is not None:
-            changed = db.execute("subscriber_complained", {"id": subscriber_id})
+            changed = history.change(db, subscriber_id, "subscriber_complained",
+                                     {"id": subscriber_id}, to_status="complained",
+                                     reason=history.complaint_reason(evidence),
+                                     newsletter_id=newsletter_id, message_id=message_id)
         if limits.scope == "address":
             db.execute("block_add", {"pattern": email, "reason": "complaint"})
     log.info("complaint from %s: %s", email, "unsubscribed and blocked on every list"
@@ -185,16 +200,24 @@ def store_event(db: Database, *, kind: str, email: str | None, evidence: str,
             subscriber_id=subscriber_id, status=status, diagnostic=diagnostic)
 
 
-def unsubscribe(db: Database, subscriber_id: int, list_id: int) -> dict[str, Any] | None:
+def unsubscribe(db: Database, subscriber_id: int, list_id: int, *,
+                via: str = history.UNSUBSCRIBE_LINK,
+                newsletter_id: int | None = None) -> dict[str, Any] | None:
     """Take one subscriber off one list (idempotent); their row, or None if unknown.
 
     Only an `active` subscription changes: a bounced or complained one is
-    already off the list and keeps the stronger reason.
+    already off the list and keeps the stronger reason. ``via`` is how they
+    asked (the history's reason, see :mod:`sendsystem.history`);
+    ``newsletter_id`` the newsletter their token names, if any.
     """
-    row = db.fetchone("subscriber_with_list", {"id": subscriber_id, "list_id": list_id})
-    if row is None:
-        return None
-    if db.execute("subscriber_unsubscribe", {"id": subscriber_id, "list_id": list_id}):
-        log.info("subscriber %d (%s) unsubscribed from list %d", subscriber_id, row["email"],
-                 list_id)
+    with db.transaction():
+        row = db.fetchone("subscriber_with_list", {"id": subscriber_id, "list_id": list_id})
+        if row is None:
+            return None
+        changed = history.change(db, subscriber_id, "subscriber_unsubscribe",
+                                 {"id": subscriber_id, "list_id": list_id},
+                                 to_status="unsubscribed", reason=via,
+                                 newsletter_id=newsletter_id)
+    if changed:
+        log.info("subscriber %d unsubscribed from list %d (%s)", subscriber_id, list_id, via)
     return row

@@ -86,6 +86,7 @@ def run(argv: list[str] | None = None) -> int:
         ops_cmds,
         retention_cmds,
         role_cmds,
+        subscriber_cmds,
     )
     try:
         # Without standalone mode click returns (not raises) a command's Exit code.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
 import click
 
-from .. import admin
+from .. import admin, liststats
 from ..states import worker_alive, worker_dead
 from . import Context, cli, pass_ctx, path_arg
 
@@ -119,6 +121,36 @@ def list_set(ctx: Context, name: str, group: str | None, track: str | None) -> N
         note = "" if ctx.config.tracking.enabled or not value else \
             " (not yet in effect: [tracking] enabled is off in this server's config)"
         click.echo(f"List {name!r} now tracks {value.replace(',', ' and ') or 'nothing'}{note}.")
+
+
+@list_group.command("stats")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--html", "html_file", type=path_arg(dir_okay=False),
+              help="Also write a self-contained HTML report to this file.")
+@click.option("--weeks", type=click.IntRange(min=1, max=520), default=liststats.DEFAULT_WEEKS,
+              show_default=True, help="Weeks of history to show (weeks start Monday, UTC).")
+@click.option("--newsletters", type=click.IntRange(min=0), default=liststats.DEFAULT_NEWSLETTERS,
+              show_default=True, help="The most recent newsletters to show (0: none).")
+@pass_ctx
+def list_stats(ctx: Context, name: str, as_json: bool, html_file: Path | None, weeks: int,
+               newsletters: int) -> None:
+    """Subscribers over time by status, joins and leaves per week and why they left,
+    and each newsletter's delivered, bounce, complaint and unsubscribe rates with
+    the trend."""
+    facts = liststats.list_stats(ctx.db(), name, weeks=weeks, newsletters=newsletters)
+    if html_file is not None:
+        from ..reports.list_html import render_list_html
+        html_file.write_text(render_list_html(facts), encoding="utf-8")
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    from ..reports.list_text import format_list_stats
+
+    width = shutil.get_terminal_size((100, 24)).columns
+    click.echo(format_list_stats(facts, width=width), nl=False)
+    if html_file is not None:
+        click.echo(f"HTML report written to {html_file}")
 
 
 @cli.group()

@@ -61,7 +61,7 @@ from .queries import load_queries, load_value_columns, migrations, to_server_syn
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 Params = Mapping[str, Any] | Sequence[Any] | None
 
 # Client error codes that mean "the connection is gone", not "your SQL is wrong".

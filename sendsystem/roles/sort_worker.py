@@ -233,7 +233,7 @@ class SortWorker(BatchWorker):
                 results.append(MergeResult(mid, MessageState.FAILED, detail="newsletter vanished"))
             else:
                 token = unsubscribe_token(self.secret, int(row["subscriber_id"]),
-                                          int(row["list_id"]))
+                                          int(row["list_id"]), job.newsletter_id)
                 todo.append((mid, row["email"], row["fields"],
                              self.url_template.format(token=token)))
         return results, todo

@@ -965,3 +965,80 @@ WHERE s.email = %(email)s;
 DELETE u FROM tracking_unique u JOIN messages m ON m.id = u.message_id
 JOIN subscribers s ON s.id = m.subscriber_id
 WHERE s.email = %(email)s;
+
+-- ======================================================== subscriber history
+-- sendsystem/history.py: a status change and its subscriber_events row are one
+-- transaction. The subscription is locked first (its status before the change
+-- is the event's from_status), then the caller's UPDATE runs, then the event.
+
+-- name: subscriber_lock
+SELECT id, list_id, email, status FROM subscribers WHERE id = %(id)s FOR UPDATE;
+
+-- name: subscribers_lock_active_by_email
+-- [bounce] scope = address: the subscriptions subscribers_mark_bounced will end.
+SELECT id, list_id, status FROM subscribers
+WHERE email = %(email)s AND status = 'active' ORDER BY id FOR UPDATE;
+
+-- name: subscriber_by_list_email
+SELECT id, list_id, email, status FROM subscribers
+WHERE list_id = %(list_id)s AND email = %(email)s;
+
+-- name: subscriber_event_insert
+-- The newsletter: the one given (an unsubscribe token names it), else the
+-- newsletter of the message given, when it was sent for this subscription's list.
+INSERT INTO subscriber_events (list_id, subscriber_id, at, from_status, to_status, reason,
+                               newsletter_id)
+VALUES (%(list_id)s, %(subscriber_id)s, NOW(6), %(from_status)s, %(to_status)s, %(reason)s,
+        COALESCE(%(newsletter_id)s,
+                 (SELECT m.newsletter_id FROM messages m JOIN newsletters n ON n.id = m.newsletter_id
+                  WHERE m.id = %(message_id)s AND n.list_id = %(list_id)s)));
+
+-- ================================================================ list stats
+-- sendsystem/liststats.py. Weeks start on Monday 00:00 UTC (sessions are UTC);
+-- each statement aggregates in the server over an index and returns at most a
+-- row per week (and status or reason), never a row per subscriber.
+
+-- name: liststats_joins_by_week
+-- One covering range scan of ix_subscribers_list_created: joins per week (a
+-- subscription's join is its row's creation) and where those rows stand now.
+SELECT DATE(created_at) - INTERVAL WEEKDAY(created_at) DAY AS week, status, COUNT(*) AS n
+FROM subscribers FORCE INDEX (ix_subscribers_list_created)
+WHERE list_id = %(list_id)s
+GROUP BY week, status;
+
+-- name: liststats_events_by_week
+SELECT DATE(at) - INTERVAL WEEKDAY(at) DAY AS week, from_status, to_status, reason,
+       COUNT(*) AS n
+FROM subscriber_events WHERE list_id = %(list_id)s
+GROUP BY week, from_status, to_status, reason;
+
+-- name: liststats_blocked_active
+-- Active subscribers whose address or @domain is on the blocklist now, driven
+-- from the (small) blocklist through the email and domain indexes. The hashed
+-- entries of forgotten addresses cannot be looked up this way and are not counted.
+SELECT COUNT(*) AS n FROM (
+    SELECT s.id FROM blocklist b JOIN subscribers s ON s.email = b.pattern
+    WHERE s.list_id = %(list_id)s AND s.status = 'active'
+    UNION
+    SELECT s.id FROM blocklist b JOIN subscribers s ON s.domain = SUBSTRING(b.pattern, 2)
+    WHERE b.pattern LIKE '@%%' AND s.list_id = %(list_id)s AND s.status = 'active'
+) AS blocked;
+
+-- name: liststats_newsletters
+-- The list's newsletters that went out (released), newest first.
+SELECT id, subject, state, released_at, finished_at, total FROM newsletters
+WHERE list_id = %(list_id)s AND released_at IS NOT NULL
+ORDER BY released_at DESC, id DESC LIMIT %(limit)s;
+
+-- name: liststats_unsubscribes
+-- Unsubscribes attributed to each of these newsletters (the token named it).
+SELECT newsletter_id, COUNT(*) AS n FROM subscriber_events
+WHERE newsletter_id IN %(ids)s AND to_status = 'unsubscribed'
+GROUP BY newsletter_id;
+
+-- name: liststats_unattributed_unsubscribes
+-- Unsubscribes since %(since)s that name no newsletter (links in mail sent
+-- before schema 13, mailto requests with an old token, admins).
+SELECT COUNT(*) AS n FROM subscriber_events
+WHERE list_id = %(list_id)s AND to_status = 'unsubscribed' AND newsletter_id IS NULL
+  AND at >= %(since)s;

@@ -29,7 +29,7 @@ import html
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.parser import BytesParser
 from socketserver import ThreadingMixIn
 from urllib.parse import parse_qsl, urlsplit
@@ -49,6 +49,11 @@ MAX_WEBHOOK_BODY = 4 * 1024 * 1024
 WEBHOOK_PREFIX = "/webhooks/"
 # Seconds a client should wait after a 503 (the database is down).
 RETRY_AFTER = "300"
+# How an unsubscribe came (UnsubscribeTarget.via): the reasons the subscriber's
+# history records (the same strings as sendsystem.history's, which this
+# standard-library-only module does not import).
+VIA_ONE_CLICK = "List-Unsubscribe one-click"
+VIA_FORM = "unsubscribe link"
 
 _HEADERS = [
     # The token in the URL is a credential: keep it out of Referer headers and caches.
@@ -257,7 +262,8 @@ class _UnsubscribeApp:
         if fields.get("List-Unsubscribe") != "One-Click" and not from_form:
             return _text("400 Bad Request", "expected List-Unsubscribe=One-Click\n")
         try:
-            result = self._call(self.unsubscribe, target)
+            result = self._call(self.unsubscribe,
+                                replace(target, via=VIA_FORM if from_form else VIA_ONE_CLICK))
         except TemporaryError as exc:
             log.warning("unsubscribe of subscriber %d from list %d deferred: %s",
                         target.subscriber_id, target.list_id, exc)
@@ -325,7 +331,8 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
-_TOKEN_IN_PATH = re.compile(r"/[0-9a-z]+\.[0-9a-z]+\.[A-Za-z0-9_-]+")
+# Both token forms: <sub>.<list>.<sig> and <sub>.<list>.<newsletter>.<sig>.
+_TOKEN_IN_PATH = re.compile(r"/[0-9a-z]+\.[0-9a-z]+(?:\.[0-9a-z]+)?\.[A-Za-z0-9_-]+")
 
 
 def printable(text: str) -> str:

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Mapping
 from wsgiref.types import WSGIApplication
 
+from .. import history
 from ..bounce import recipients
 from ..bounce.webhooks import (
     PROVIDERS,
@@ -51,7 +52,9 @@ class UnsubscribeService:
 
     def unsubscribe(self, target: UnsubscribeTarget) -> UnsubscribeResult:
         with self._lock:
-            row = recipients.unsubscribe(self._db, target.subscriber_id, target.list_id)
+            row = recipients.unsubscribe(self._db, target.subscriber_id, target.list_id,
+                                         via=target.via or history.UNSUBSCRIBE_LINK,
+                                         newsletter_id=target.newsletter_id)
         if row is None:
             return UnsubscribeResult(ok=False, list_name=None, email=None)
         return UnsubscribeResult(ok=True, list_name=row["list_name"], email=row["email"])

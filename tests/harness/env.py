@@ -23,7 +23,8 @@ from sendsystem.db import Database
 TABLES = ("bounces", "blocklist", "messages", "batches", "workers", "attachments",
           "newsletters", "templates", "subscribers", "lists", "leases",
           "relay_usage", "relay_health", "newsletter_summaries",
-          "newsletter_links", "tracking_events", "tracking_unique")
+          "newsletter_links", "tracking_events", "tracking_unique", "subscriber_events",
+          "privacy_salt")
 
 
 def server_settings() -> dict[str, object]:
