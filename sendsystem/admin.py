@@ -365,7 +365,12 @@ def block_add(db: Database, raw: str, reason: str | None = None) -> bool:
 
 
 def block_remove(db: Database, raw: str) -> bool:
-    return bool(db.execute("block_remove", {"pattern": block_pattern(raw)}))
+    """Lift a block; for an address also the hashed entry `subscriber forget` left."""
+    pattern = block_pattern(raw)
+    removed = db.execute("block_remove", {"pattern": pattern})
+    if not pattern.startswith("@"):
+        removed += db.execute("block_remove_forgotten", {"pattern": pattern})
+    return bool(removed)
 
 
 # -------------------------------------------------------------- subscribers

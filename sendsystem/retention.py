@@ -10,10 +10,16 @@ JSON and HTML reports show the same numbers after the purge as before.
 
 Only newsletters that finished (done or cancelled) before the cut-off are
 touched; subscribers and lists are not (forgetting a person is a separate
-command). Bounce rows of such a newsletter received before the cut-off go
-too; one that arrives later stays and is added on top of the summary, and a
-later purge folds it in (the summary's `cutoff` says which rows it holds, so
-nothing is counted twice or lost, whatever order the steps are interrupted in).
+command, `sendsystem subscriber forget`). Bounce rows of such a newsletter
+received before the cut-off go too; one that arrives later stays and is added
+on top of the summary, and a later purge folds it in (the summary's `cutoff`
+says which rows it holds, so nothing is counted twice or lost, whatever order
+the steps are interrupted in).
+
+The subscribers' history (`subscriber_events`) is not purged: it is the
+list's history, which `list stats` draws as far back as the list goes; it is
+one small row per status change (not per message), holds no address, and
+`forget` unlinks a person's rows from them.
 
 Deleting is chunked so it never holds many locks nor makes one big
 transaction (a Galera write set or a replication event of a million rows

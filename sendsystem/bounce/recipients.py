@@ -42,12 +42,13 @@ from typing import Any
 from .. import history
 from ..config import BounceConfig
 from ..db import Database
+from ..forget import is_forgotten, redact_addresses
 
 log = logging.getLogger(__name__)
 
 RECIPIENT_STATEMENTS = ("bounce_insert", "bounce_tally", "bounce_tally_subscriber",
                         "subscribers_mark_bounced", "subscriber_mark_bounced",
-                        "message_mark_bounced", *history.STATEMENTS)
+                        "message_mark_bounced", "forget_suppressed", *history.STATEMENTS)
 INTAKE_STATEMENTS = (*RECIPIENT_STATEMENTS, "bounce_message_lock", "bounce_seen_for_message",
                      "subscriber_complained", "block_add", "subscriber_with_list",
                      "subscriber_unsubscribe", "message_for_bounce", "recent_message_by_email")
@@ -70,6 +71,10 @@ def _insert(db: Database, *, kind: str, email: str | None, verified: bool,
             status: str | None = None, diagnostic: str | None = None) -> None:
     if verified and evidence not in EVIDENCE:
         raise ValueError(f"verified report needs evidence, one of {EVIDENCE}")
+    if is_forgotten(db, email):
+        # About someone who asked to be forgotten (a late DSN, an in-flight
+        # message's reply): counted, but without their address (sendsystem/forget.py).
+        email, diagnostic = None, redact_addresses(diagnostic)
     db.execute("bounce_insert", {
         "newsletter_id": newsletter_id, "message_id": message_id,
         "subscriber_id": subscriber_id, "email": (email or "")[:254] or None, "kind": kind,

@@ -395,9 +395,19 @@ WHERE worker_id = %(worker)s AND state = 'assigned';
 -- ============================================================== sort worker
 
 -- name: sort_batch_messages
+-- `blocked`: the address, its @domain, or the salted hash `subscriber forget`
+-- leaves of a forgotten address ('sha256:' + SHA2(salt + lower-case address);
+-- sendsystem/forget.py), so a forgotten person imported again is never mailed.
+-- Three EXISTS, each one unique-key lookup: an OR inside one subquery made
+-- MariaDB scan the whole blocklist index for every message (measured 2 s per
+-- 2,000 messages with 5,500 entries, 22 ms this way).
 SELECT m.id, m.subscriber_id, s.list_id, s.email, s.fields, s.status,
-       (SELECT COUNT(*) FROM blocklist b
-        WHERE b.pattern = s.email OR b.pattern = CONCAT('@', s.domain)) AS blocked
+       (EXISTS (SELECT 1 FROM blocklist b WHERE b.pattern = s.email)
+        OR EXISTS (SELECT 1 FROM blocklist b WHERE b.pattern = CONCAT('@', s.domain))
+        OR EXISTS (SELECT 1 FROM blocklist b
+                   WHERE b.pattern = CONCAT('sha256:', SHA2(CONCAT(
+                       (SELECT p.salt FROM privacy_salt p WHERE p.id = 1), LOWER(s.email)), 256))))
+           AS blocked
 FROM messages m JOIN subscribers s ON s.id = m.subscriber_id
 WHERE m.batch_id = %(batch)s AND m.state = 'queued'
 ORDER BY m.id LIMIT %(limit)s;
@@ -414,10 +424,15 @@ WHERE m.batch_id = %(batch)s AND m.state = 'queued';
 -- ============================================================== send worker
 
 -- name: send_batch_messages
+-- `blocked` as in sort_batch_messages.
 SELECT m.id, m.newsletter_id, m.subscriber_id, m.body, m.attempts, s.email, s.status,
        TIMESTAMPDIFF(SECOND, COALESCE(m.merged_at, m.next_attempt_at, NOW(6)), NOW(6)) AS age,
-       (SELECT COUNT(*) FROM blocklist b
-        WHERE b.pattern = s.email OR b.pattern = CONCAT('@', s.domain)) AS blocked
+       (EXISTS (SELECT 1 FROM blocklist b WHERE b.pattern = s.email)
+        OR EXISTS (SELECT 1 FROM blocklist b WHERE b.pattern = CONCAT('@', s.domain))
+        OR EXISTS (SELECT 1 FROM blocklist b
+                   WHERE b.pattern = CONCAT('sha256:', SHA2(CONCAT(
+                       (SELECT p.salt FROM privacy_salt p WHERE p.id = 1), LOWER(s.email)), 256))))
+           AS blocked
 FROM messages m JOIN subscribers s ON s.id = m.subscriber_id
 WHERE m.batch_id = %(batch)s AND m.state IN ('merged', 'deferred')
 ORDER BY m.id LIMIT %(limit)s;
@@ -475,6 +490,11 @@ DELETE FROM blocklist WHERE pattern = %(pattern)s;
 
 -- name: block_list
 SELECT pattern, reason, created_at FROM blocklist ORDER BY pattern;
+
+-- name: block_remove_forgotten
+-- `block remove ADDRESS` also lifts the hashed entry `subscriber forget` left for it.
+DELETE b FROM blocklist b JOIN privacy_salt p ON p.id = 1
+WHERE b.pattern = CONCAT('sha256:', SHA2(CONCAT(p.salt, LOWER(%(pattern)s)), 256));
 
 -- ============================================================ status, stats
 
@@ -764,8 +784,11 @@ SET m.state = 'queued', m.batch_id = NULL, m.body = NULL, m.finished_at = NULL,
 WHERE m.newsletter_id = %(id)s AND m.state = 'failed' AND s.status = 'active'
   AND n.state IN ('running', 'done', 'paused')
   AND COALESCE(m.reply, '') LIKE %(pattern)s
+  AND NOT EXISTS (SELECT 1 FROM blocklist b WHERE b.pattern = s.email)
+  AND NOT EXISTS (SELECT 1 FROM blocklist b WHERE b.pattern = CONCAT('@', s.domain))
   AND NOT EXISTS (SELECT 1 FROM blocklist b
-                  WHERE b.pattern = s.email OR b.pattern = CONCAT('@', s.domain))
+                  WHERE b.pattern = CONCAT('sha256:', SHA2(CONCAT(
+                      (SELECT p.salt FROM privacy_salt p WHERE p.id = 1), LOWER(s.email)), 256)))
   AND NOT EXISTS (SELECT 1 FROM bounces x WHERE x.message_id = m.id);
 
 -- name: newsletter_reopen
@@ -1042,3 +1065,113 @@ GROUP BY newsletter_id;
 SELECT COUNT(*) AS n FROM subscriber_events
 WHERE list_id = %(list_id)s AND to_status = 'unsubscribed' AND newsletter_id IS NULL
   AND at >= %(since)s;
+
+-- ==================================================================== forget
+-- sendsystem/forget.py: a person's data, found by address and by subscription.
+-- %(pattern)s is a PCRE (REGEXP) matching the address; %(any_address)s one
+-- matching any address (for the person's own rows, whose free text may also
+-- name a forwarding address of theirs). Every scrub is idempotent and chunked:
+-- it repeats until it changes fewer than %(chunk)s rows.
+
+-- name: forget_find
+SELECT id, list_id, status FROM subscribers WHERE email = %(email)s ORDER BY id;
+
+-- name: forget_cancel_messages
+-- Their messages that no worker holds (batch_id NULL): cancelled, as a
+-- newsletter cancel does. Held ones are waited for (forget.py).
+UPDATE messages SET state = 'cancelled', body = NULL, finished_at = NOW(6)
+WHERE subscriber_id = %(id)s AND state IN ('queued', 'merged', 'deferred') AND batch_id IS NULL;
+
+-- name: forget_pending_messages
+SELECT COUNT(*) AS n,
+       COALESCE(SUM(batch_id IS NULL), 0) AS unheld
+FROM messages WHERE subscriber_id = %(id)s AND state IN ('queued', 'merged', 'deferred');
+
+-- name: forget_count_messages
+SELECT COUNT(*) AS n FROM messages
+WHERE subscriber_id = %(id)s
+  AND (body IS NOT NULL OR reply REGEXP %(any_address)s OR detail REGEXP %(any_address)s);
+
+-- name: forget_scrub_messages
+UPDATE messages
+SET body = NULL, reply = REGEXP_REPLACE(reply, %(any_address)s, '[forgotten]'),
+    detail = REGEXP_REPLACE(detail, %(any_address)s, '[forgotten]')
+WHERE subscriber_id = %(id)s
+  AND (body IS NOT NULL OR reply REGEXP %(any_address)s OR detail REGEXP %(any_address)s)
+LIMIT %(chunk)s;
+
+-- name: forget_count_bounces_subscriber
+SELECT COUNT(*) AS n FROM bounces
+WHERE subscriber_id = %(id)s AND (email IS NOT NULL OR diagnostic REGEXP %(any_address)s);
+
+-- name: forget_scrub_bounces_subscriber
+UPDATE bounces
+SET email = NULL, diagnostic = REGEXP_REPLACE(diagnostic, %(any_address)s, '[forgotten]')
+WHERE subscriber_id = %(id)s AND (email IS NOT NULL OR diagnostic REGEXP %(any_address)s)
+LIMIT %(chunk)s;
+
+-- name: forget_count_bounces_email
+-- Reports stored by address only (unverified ones have no subscriber).
+SELECT COUNT(*) AS n FROM bounces WHERE email = %(email)s;
+
+-- name: forget_scrub_bounces_email
+UPDATE bounces
+SET email = NULL, diagnostic = REGEXP_REPLACE(diagnostic, %(any_address)s, '[forgotten]')
+WHERE email = %(email)s
+LIMIT %(chunk)s;
+
+-- name: forget_count_events
+SELECT COUNT(*) AS n FROM subscriber_events WHERE subscriber_id = %(id)s;
+
+-- name: forget_scrub_events
+-- The events stay (the list's history counts them); only the link to the person goes.
+UPDATE subscriber_events SET subscriber_id = NULL WHERE subscriber_id = %(id)s LIMIT %(chunk)s;
+
+-- name: forget_count_blocklist
+SELECT COUNT(*) AS n FROM blocklist WHERE pattern = %(email)s;
+
+-- name: forget_scrub_blocklist
+-- The plain entry goes; forget_suppress keeps its salted hash instead.
+DELETE FROM blocklist WHERE pattern = %(email)s LIMIT %(chunk)s;
+
+-- name: forget_count_relay_health
+SELECT COUNT(*) AS n FROM relay_health WHERE last_error REGEXP %(pattern)s;
+
+-- name: forget_scrub_relay_health
+UPDATE relay_health SET last_error = REGEXP_REPLACE(last_error, %(pattern)s, '[forgotten]')
+WHERE last_error REGEXP %(pattern)s LIMIT %(chunk)s;
+
+-- name: forget_count_summaries
+-- A purged newsletter's summary keeps its top SMTP replies and failure reasons.
+SELECT COUNT(*) AS n FROM newsletter_summaries WHERE facts REGEXP %(pattern)s;
+
+-- name: forget_scrub_summaries
+UPDATE newsletter_summaries SET facts = REGEXP_REPLACE(facts, %(pattern)s, '[forgotten]')
+WHERE facts REGEXP %(pattern)s LIMIT %(chunk)s;
+
+-- name: forget_count_subscriber
+SELECT COUNT(*) AS n FROM subscribers
+WHERE id = %(id)s AND domain <> 'forgotten.invalid';
+
+-- name: forget_scrub_subscriber
+-- Last: the row stays (messages, bounces and counts refer to it) without the
+-- address, its domain or its merge fields; `.invalid` is reserved (RFC 2606)
+-- and the status is never active, so it is never mailed.
+UPDATE subscribers
+SET email = CONCAT('forgotten-', id, '@forgotten.invalid'), domain = 'forgotten.invalid',
+    fields = '{}'
+WHERE id = %(id)s AND domain <> 'forgotten.invalid' LIMIT %(chunk)s;
+
+-- name: privacy_salt_init
+INSERT IGNORE INTO privacy_salt (id, salt) VALUES (1, %(salt)s);
+
+-- name: forget_suppressed
+SELECT COUNT(*) AS n FROM blocklist b JOIN privacy_salt p ON p.id = 1
+WHERE b.pattern = CONCAT('sha256:', SHA2(CONCAT(p.salt, LOWER(%(email)s)), 256));
+
+-- name: forget_suppress
+-- What stays of a forgotten address: a salted hash in the blocklist, so no
+-- list mails it again (sort and send workers match it, see sort_batch_messages).
+INSERT IGNORE INTO blocklist (pattern, reason)
+SELECT CONCAT('sha256:', SHA2(CONCAT(p.salt, LOWER(%(email)s)), 256)), 'erasure request'
+FROM privacy_salt p WHERE p.id = 1;

@@ -31,6 +31,7 @@ from ..bounce.webhooks import (
 from ..config import Config, DatabaseConfig, load_config
 from ..db import Database
 from ..errors import ConfigError
+from ..forget import forgotten
 from ..states import SubscriberStatus
 from ..tokens import UnsubscribeTarget
 from ..tracking.web import mount, tracking_app
@@ -57,7 +58,7 @@ class UnsubscribeService:
                                          newsletter_id=target.newsletter_id)
         if row is None:
             return UnsubscribeResult(ok=False, list_name=None, email=None)
-        return UnsubscribeResult(ok=True, list_name=row["list_name"], email=row["email"])
+        return UnsubscribeResult(ok=True, list_name=row["list_name"], email=_shown(row))
 
     def lookup(self, target: UnsubscribeTarget) -> UnsubscribeResult:
         with self._lock:
@@ -66,11 +67,18 @@ class UnsubscribeService:
         if row is None:
             return UnsubscribeResult(ok=False, list_name=None, email=None)
         return UnsubscribeResult(ok=row["status"] == SubscriberStatus.ACTIVE,
-                                 list_name=row["list_name"], email=row["email"])
+                                 list_name=row["list_name"], email=_shown(row))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _shown(row: Mapping[str, object]) -> str | None:
+    """The address to show on the page; none for a forgotten subscriber (an old link
+    of theirs still opens, and says only that they are not subscribed)."""
+    email = str(row["email"])
+    return None if forgotten(email) else email
 
 
 class WebhookService:
