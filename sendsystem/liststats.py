@@ -59,7 +59,7 @@ from .admin import get_list
 from .db import Database
 from .states import MESSAGE_STATES, MessageState, SubscriberStatus
 
-STATUSES: tuple[str, ...] = tuple(SubscriberStatus)
+STATUSES: tuple[str, ...] = tuple(s.value for s in SubscriberStatus)
 RATES = ("bounce_rate", "complaint_rate", "unsubscribe_rate")
 DEFAULT_WEEKS = 26
 DEFAULT_NEWSLETTERS = 20

@@ -201,3 +201,18 @@ def test_reports_arriving_later_are_stored_without_the_address(env: Env) -> None
         service.close()
     assert (seen.ok, seen.email) == (False, None)
     assert json.loads(env.cli("list", "stats", "news", "--json")[1])["now"]["total"] == 2
+
+
+def test_odd_addresses_are_matched_literally_by_the_database(env: Env) -> None:
+    """The address becomes a PCRE for REGEXP_REPLACE: its +, ', {, }, = and dots are
+    literal, case does not matter, and a longer address around it is someone else's."""
+    odd = "a.b+c'd{x}=y@example.com"
+    send_newsletter(env, [odd, f"z{odd}"])
+    sql(env, "INSERT INTO relay_health (relay, worker_id, health, last_error, updated_at) "
+             "VALUES ('r1', 1, 'ok', %s, NOW(6))",
+        (f"550 <{odd.upper()}> and <z{odd}> and <a.b+c'd{{x}}=y@example.com.dk>",))
+    forget.forget(env.db, odd)
+    assert sql(env, "SELECT last_error FROM relay_health")[0]["last_error"] == \
+        f"550 <[forgotten]> and <z{odd}> and <a.b+c'd{{x}}=y@example.com.dk>"
+    assert [r["email"] for r in sql(env, "SELECT email FROM subscribers ORDER BY id")] == \
+        ["forgotten-1@forgotten.invalid", f"z{odd}"]
