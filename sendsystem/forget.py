@@ -28,7 +28,11 @@ Decisions:
   addresses in their diagnostic, found by subscription and by address (an
   unverified report has no subscriber). History rows lose their subscriber
   id. Shared rows that may quote the address (a relay's last error, a
-  purged newsletter's summary of top replies) have that address replaced.
+  purged newsletter's summary of top replies, a tracked link whose URL
+  carried a merge field, plain or URL-encoded) have that address replaced.
+  Their opens and clicks are deleted (the tracking tables' own statements):
+  the one place where a newsletter's figures (its unique opens and clicks)
+  go down by this person's.
 * **They are never mailed again.** A plain blocklist entry for the address
   (a complaint with ``[bounce] scope = address`` adds one) would keep the
   address; instead `forget` leaves ``sha256:`` + SHA-256(salt + lower-case
@@ -73,6 +77,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import quote
 
 from . import history
 from .addresses import validate_email
@@ -118,6 +123,10 @@ STEPS: tuple[Step, ...] = (
     Step("blocklist", "forget_count_blocklist", "forget_scrub_blocklist", "address"),
     Step("relay_health", "forget_count_relay_health", "forget_scrub_relay_health", "address"),
     Step("newsletter_summaries", "forget_count_summaries", "forget_scrub_summaries", "address"),
+    # Their opens and clicks go (the tracking helper's statements, keyed by address).
+    Step("tracking_events", "forget_count_tracking_events", "forget_tracking_events", "address"),
+    Step("tracking_unique", "forget_count_tracking_unique", "forget_tracking_unique", "address"),
+    Step("newsletter_links", "forget_count_links", "forget_scrub_links", "address"),
 )
 # Always last: the rows every other table refers to.
 SUBSCRIBER_STEP = Step("subscribers", "forget_count_subscriber", "forget_scrub_subscriber",
@@ -146,11 +155,17 @@ def is_forgotten(db: Database, email: str | None) -> bool:
                                         or 0))
 
 
+def _escaped(address: str) -> str:
+    return "".join(c if c.isalnum() or not c.isascii() else "\\" + c for c in address)
+
+
+_DOMAIN_ENDS = r"(?![A-Za-z0-9-]|\.[A-Za-z0-9])"
+
+
 def address_pattern(address: str) -> str:
     """A PCRE matching ``address`` anywhere in text, in any case, but not as part of
     a longer address (``ann@x.com`` does not match inside ``joann@x.com``)."""
-    escaped = "".join(c if c.isalnum() or not c.isascii() else "\\" + c for c in address)
-    return f"(?i)(?<![{_LOCAL_CHARS}]){escaped}(?![A-Za-z0-9-]|\\.[A-Za-z0-9])"
+    return f"(?i)(?<![{_LOCAL_CHARS}]){_escaped(address)}{_DOMAIN_ENDS}"
 
 
 @dataclass
@@ -219,8 +234,22 @@ def forget(db: Database, raw: str, *, dry_run: bool = False, chunk: int = DEFAUL
     return report
 
 
+def url_pattern(address: str) -> str:
+    """A PCRE matching ``address`` in a URL: as written, or percent-encoded (``@`` as
+    ``%40``, and so on, in either case of hex digits). In a URL the address follows
+    ``/``, ``=`` and the like, which may also be in an address, so only its end is
+    bounded."""
+    forms = [_escaped(address) + _DOMAIN_ENDS]
+    for safe in ("", "@"):
+        encoded = quote(address, safe=safe)
+        if encoded != address:
+            forms.append(re.escape(encoded) + _DOMAIN_ENDS)
+    return "(?i)(?:" + "|".join(dict.fromkeys(forms)) + ")"
+
+
 def _params(email: str, sub: dict[str, Any] | None) -> dict[str, Any]:
     return {"email": email, "pattern": address_pattern(email), "any_address": ANY_ADDRESS,
+            "url_pattern": url_pattern(email),
             "id": int(sub["id"]) if sub else None,
             "list_id": int(sub["list_id"]) if sub else None}
 

@@ -35,7 +35,11 @@ newsletter) coming back, never a row per subscriber:
   same rates ``stats`` shows); unsubscribes are the history's unsubscribe
   events attributed to that newsletter (its token named it; links in mail
   sent before schema 13 name none and are counted apart as unattributed).
-  Each rate is per delivered message.
+  Each rate is per delivered message. Opens and clicks (unique per
+  recipient, human and machine apart) come from
+  :func:`sendsystem.tracking.report.newsletters_rows`, one query for all the
+  newsletters, plus a purged one's summary; the open and click rates count
+  the human ones, for the newsletters that tracked them.
 * **Trend** (:func:`trend`), per rate, over the newsletters with something
   delivered, oldest to newest: the latest value against the mean of the
   previous five ("change"), and the least-squares slope over the last ten.
@@ -56,8 +60,10 @@ from typing import Any
 
 from . import stats
 from .admin import get_list
+from .config import parse_track
 from .db import Database
 from .states import MESSAGE_STATES, MessageState, SubscriberStatus
+from .tracking import report as tracking_report
 
 STATUSES: tuple[str, ...] = tuple(s.value for s in SubscriberStatus)
 RATES = ("bounce_rate", "complaint_rate", "unsubscribe_rate")
@@ -221,12 +227,23 @@ def change_vs_previous(rates: Sequence[float | None]) -> list[float | None]:
     return out
 
 
+TRACKING_KEYS = ("unique_opens", "machine_opens", "unique_clicks", "machine_clicks")
+
+
 def newsletter_row(nl: Mapping[str, Any], counts: Mapping[str, int],
-                   bounces: Mapping[str, Any], unsubscribes: int) -> dict[str, Any]:
-    """One newsletter's line: delivered and the three rates per delivered message."""
+                   bounces: Mapping[str, Any], unsubscribes: int,
+                   tracking: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """One newsletter's line: delivered and the rates per delivered message.
+
+    ``tracking``: its unique opens and clicks (:mod:`sendsystem.tracking.report`);
+    the open and click rates count human ones only, and only for what the
+    newsletter tracked (``nl["track"]``), else they are None.
+    """
     delivered = int(counts.get(MessageState.SENT, 0)) + int(counts.get(MessageState.BOUNCED, 0))
     bounced = int(bounces.get("hard", 0)) + int(bounces.get("soft", 0))
     complaints = int(bounces.get("complaint", 0))
+    tracked = sorted(parse_track(str(nl.get("track") or ""), "newsletters.track"))
+    seen = {key: int((tracking or {}).get(key, 0)) for key in TRACKING_KEYS}
 
     def rate(n: int) -> float | None:
         return round(n / delivered, 6) if delivered else None
@@ -236,7 +253,10 @@ def newsletter_row(nl: Mapping[str, Any], counts: Mapping[str, int],
             "total": int(nl.get("total") or 0), "delivered": delivered,
             "counts": dict(counts), "bounces": bounced, "complaints": complaints,
             "unsubscribes": unsubscribes, "bounce_rate": rate(bounced),
-            "complaint_rate": rate(complaints), "unsubscribe_rate": rate(unsubscribes)}
+            "complaint_rate": rate(complaints), "unsubscribe_rate": rate(unsubscribes),
+            "tracked": tracked, **seen,
+            "open_rate": rate(seen["unique_opens"]) if "opens" in tracked else None,
+            "click_rate": rate(seen["unique_clicks"]) if "clicks" in tracked else None}
 
 
 def _iso(value: Any) -> str | None:
@@ -245,13 +265,21 @@ def _iso(value: Any) -> str | None:
 
 # --------------------------------------------------------------------------- the database
 
-def _counts(db: Database, newsletter_id: int) -> dict[str, int]:
-    """Messages by state; a purged newsletter's from its summary (as ``stats`` does)."""
-    summary = db.fetchone("summary_get", {"id": newsletter_id})
+def _letter(db: Database, nl: Mapping[str, Any], unsubscribes: int,
+            tracking: Mapping[str, int]) -> dict[str, Any]:
+    """One newsletter's row; a purged one's counts and opens/clicks also from its
+    summary (as ``stats`` does)."""
+    nid = int(nl["id"])
+    summary = db.fetchone("summary_get", {"id": nid})
     if summary is None:
-        return stats.counts(db, newsletter_id)
-    found = json.loads(summary["facts"]).get("counts") or {}
-    return {state: int(found.get(state, 0)) for state in MESSAGE_STATES}
+        counts = stats.counts(db, nid)
+    else:
+        facts = json.loads(summary["facts"])
+        found = facts.get("counts") or {}
+        counts = {state: int(found.get(state, 0)) for state in MESSAGE_STATES}
+        folded = facts.get("tracking") or {}
+        tracking = {k: int(tracking.get(k, 0)) + int(folded.get(k) or 0) for k in TRACKING_KEYS}
+    return newsletter_row(nl, counts, stats.newsletter_bounces(db, nid), unsubscribes, tracking)
 
 
 def list_stats(db: Database, list_name: str, *, weeks: int = DEFAULT_WEEKS,
@@ -280,9 +308,9 @@ def list_stats(db: Database, list_name: str, *, weeks: int = DEFAULT_WEEKS,
     ids = tuple(int(r["id"]) for r in rows)
     unsub = {int(r["newsletter_id"]): int(r["n"])
              for r in (db.fetchall("liststats_unsubscribes", {"ids": ids}) if ids else [])}
-    letters = [newsletter_row(r, _counts(db, int(r["id"])),
-                              stats.newsletter_bounces(db, int(r["id"])),
-                              unsub.get(int(r["id"]), 0)) for r in rows]
+    seen = tracking_report.newsletters_rows(db, ids)
+    letters = [_letter(db, r, unsub.get(int(r["id"]), 0), seen.get(int(r["id"]), {}))
+               for r in rows]
     for rate in RATES:
         for row, change in zip(letters, change_vs_previous([x[rate] for x in letters]),
                                strict=True):

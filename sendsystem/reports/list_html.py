@@ -22,7 +22,7 @@ from typing import Any
 from ..liststats import ols_slope
 from .html import _CSS as BASE_CSS
 from .html import nice_ticks
-from .list_text import RATE_LABELS, STATUS_ORDER, digits_for, pct, points
+from .list_text import RATE_LABELS, STATUS_ORDER, digits_for, pct, points, tracked_any
 from .text import as_float, as_int, clean, format_count
 
 STATUS_COLORS: Mapping[str, str] = {"active": "#3aa05b", "unsubscribed": "#6c8ebf",
@@ -292,22 +292,32 @@ def _reasons_table(reasons: Sequence[Mapping[str, Any]]) -> str:
 def _newsletters_table(letters: Sequence[Mapping[str, Any]]) -> str:
     if not letters:
         return '<p class="muted">No newsletter has been sent to this list yet.</p>'
+    tracking = tracked_any(letters)
     rows = []
     for n in reversed(letters):  # newest first
         change = n.get("change_vs_previous") or {}
         cells = "".join(f'<td class="num">{_e(pct(n.get(k), digits_for(k)))}'
                         f'<div class="muted small">{_e(points(change.get(k), digits_for(k)))}'
                         f'</div></td>' for k in RATE_LABELS)
+        if tracking:
+            cells += "".join(
+                f'<td class="num">{_e(pct(n.get(f"{k}_rate"), 1))}<div class="muted small">'
+                f'{format_count(n.get(f"unique_{k}s"))} + {format_count(n.get(f"machine_{k}s"))}'
+                f' machine</div></td>' for k in ("open", "click"))
         rows.append(f'<tr><td class="num">#{as_int(n.get("id"))}</td>'
                     f'<td>{_e(clean(n.get("sent_at"))[:10]) or "-"}</td>'
                     f'<td class="subject">{_e(n.get("subject")) or "(no subject)"}</td>'
                     f'<td class="num">{format_count(n.get("delivered"))}</td>{cells}</tr>')
+    extra = ('<th class="num">Opens</th><th class="num">Clicks</th>' if tracking else "")
+    note = (" Opens and clicks: unique human ones per delivered message, machine ones "
+            "(privacy proxies, scanners) counted apart; '-' where not tracked." if tracking
+            else "")
     return ('<table><thead><tr><th class="num">#</th><th>Sent</th><th>Subject</th>'
             '<th class="num">Delivered</th><th class="num">Bounce</th>'
-            '<th class="num">Complaint</th><th class="num">Unsubscribe</th></tr></thead>'
+            f'<th class="num">Complaint</th><th class="num">Unsubscribe</th>{extra}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>'
             '<p class="muted small">Under each rate: its change against the mean of up to '
-            'five newsletters before it, in percentage points.</p>')
+            f'five newsletters before it, in percentage points.{note}</p>')
 
 
 def _trend_card(key: str, letters: Sequence[Mapping[str, Any]],

@@ -60,22 +60,37 @@ def _weeks(weeks: Sequence[Mapping[str, Any]], width: int) -> list[str]:
     return lines
 
 
+def tracked_any(letters: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any of these newsletters tracked opens or clicks (then the reports show them)."""
+    return any(n.get("tracked") for n in letters)
+
+
 def _newsletters(letters: Sequence[Mapping[str, Any]], width: int) -> list[str]:
     if not letters:
         return ["  No newsletter has been sent to this list yet."]
+    tracking = tracked_any(letters)
     cols = [Column("ID", ">"), Column("SENT"), Column("SUBJECT", shrink=True, min_width=8),
             Column("DELIVERED", ">"), Column("BOUNCE", ">"), Column("COMPLAINT", ">"),
-            Column("UNSUB", ">"), Column("UNSUB VS PREV", ">", drop=1)]
+            Column("UNSUB", ">"), Column("UNSUB VS PREV", ">", drop=2)]
+    if tracking:
+        cols += [Column("OPENS", ">", drop=1), Column("CLICKS", ">", drop=1)]
     rows = []
     for n in letters:
         change = (n.get("change_vs_previous") or {}).get("unsubscribe_rate")
-        rows.append([(str(as_int(n.get("id"))), None),
-                     (clean(n.get("sent_at"))[:10] or "-", None),
-                     (clean(n.get("subject")) or "(no subject)", None),
-                     (format_count(n.get("delivered")), None),
-                     (pct(n.get("bounce_rate")), None), (pct(n.get("complaint_rate"), 3), None),
-                     (pct(n.get("unsubscribe_rate")), None), (points(change), None)])
-    return render_table(cols, rows, width=width, color=False)
+        row = [(str(as_int(n.get("id"))), None),
+               (clean(n.get("sent_at"))[:10] or "-", None),
+               (clean(n.get("subject")) or "(no subject)", None),
+               (format_count(n.get("delivered")), None),
+               (pct(n.get("bounce_rate")), None), (pct(n.get("complaint_rate"), 3), None),
+               (pct(n.get("unsubscribe_rate")), None), (points(change), None)]
+        if tracking:
+            row += [(pct(n.get("open_rate"), 1), None), (pct(n.get("click_rate"), 1), None)]
+        rows.append(row)
+    lines = render_table(cols, rows, width=width, color=False)
+    if tracking:
+        lines.append("  opens and clicks: unique human ones per delivered message "
+                     "(machine ones apart in --json); '-' where not tracked")
+    return lines
 
 
 def _trend(trend: Mapping[str, Any]) -> list[str]:

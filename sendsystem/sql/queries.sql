@@ -1049,7 +1049,7 @@ SELECT COUNT(*) AS n FROM (
 
 -- name: liststats_newsletters
 -- The list's newsletters that went out (released), newest first.
-SELECT id, subject, state, released_at, finished_at, total FROM newsletters
+SELECT id, subject, state, released_at, finished_at, total, track FROM newsletters
 WHERE list_id = %(list_id)s AND released_at IS NOT NULL
 ORDER BY released_at DESC, id DESC LIMIT %(limit)s;
 
@@ -1148,6 +1148,27 @@ SELECT COUNT(*) AS n FROM newsletter_summaries WHERE facts REGEXP %(pattern)s;
 -- name: forget_scrub_summaries
 UPDATE newsletter_summaries SET facts = REGEXP_REPLACE(facts, %(pattern)s, '[forgotten]')
 WHERE facts REGEXP %(pattern)s LIMIT %(chunk)s;
+
+-- name: forget_count_tracking_events
+-- forget_tracking_events deletes them (the tracking section above).
+SELECT COUNT(*) AS n FROM tracking_events e JOIN messages m ON m.id = e.message_id
+JOIN subscribers s ON s.id = m.subscriber_id
+WHERE s.email = %(email)s;
+
+-- name: forget_count_tracking_unique
+SELECT COUNT(*) AS n FROM tracking_unique u JOIN messages m ON m.id = u.message_id
+JOIN subscribers s ON s.id = m.subscriber_id
+WHERE s.email = %(email)s;
+
+-- name: forget_count_links
+-- A tracked link with a merge field in its URL is a row per recipient
+-- (sendsystem/tracking/links.py): the address may be in it, plain or URL-encoded
+-- (%(url_pattern)s matches both). Kept by purge, so every newsletter's are read.
+SELECT COUNT(*) AS n FROM newsletter_links WHERE url REGEXP %(url_pattern)s;
+
+-- name: forget_scrub_links
+UPDATE newsletter_links SET url = REGEXP_REPLACE(url, %(url_pattern)s, '[forgotten]')
+WHERE url REGEXP %(url_pattern)s LIMIT %(chunk)s;
 
 -- name: forget_count_subscriber
 SELECT COUNT(*) AS n FROM subscribers

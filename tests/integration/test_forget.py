@@ -86,6 +86,19 @@ def test_forget_leaves_no_row_with_the_address(env: Env) -> None:
     admin.block_add(env.db, WHO, "complaint")
     sql(env, "INSERT INTO relay_health (relay, worker_id, health, last_error, updated_at) "
              "VALUES ('r1', 1, 'ok', %s, NOW(6))", (f"550 5.1.1 <{WHO}>: User unknown",))
+    # Opens and clicks of theirs and a neighbour's; tracked links with a merge field.
+    for who in (WHO, "user2@example.com"):
+        mid = sql(env, "SELECT m.id FROM messages m JOIN subscribers s ON s.id = m.subscriber_id "
+                       "WHERE s.email = %s AND m.newsletter_id = %s", (who, other))[0]["id"]
+        sql(env, "INSERT INTO tracking_events (hit, newsletter_id, message_id, kind, at) "
+                 "VALUES (UNHEX(MD5(UUID())), %s, %s, 'open', NOW(6))", (other, mid))
+        sql(env, "INSERT INTO tracking_unique (newsletter_id, kind, message_id, hits, human_hits, "
+                 "first_at, last_at) VALUES (%s, 'open', %s, 1, 1, NOW(6), NOW(6))", (other, mid))
+    links = {1: "https://shop.example/?who=User1%40Example.com&x=1",
+             2: f"https://shop.example/p/{WHO}", 3: "https://shop.example/?who=user2%40example.com"}
+    for idx, url in links.items():
+        sql(env, "INSERT INTO newsletter_links (newsletter_id, idx, url) VALUES (%s, %s, %s)",
+            (other, idx, url))
 
     before = {name: list_facts(env, name) for name in ("news", "other", "third")}
     scan = rows_with(env, WHO)
@@ -101,7 +114,13 @@ def test_forget_leaves_no_row_with_the_address(env: Env) -> None:
     assert "forgot user1@example.com: 3 subscription(s), 1 of them active" in out.lower()
     assert "1 pending message(s) cancelled" in out
     assert rows_with(env, WHO) == {}
+    assert rows_with(env, "user1%40example.com") == {}
     assert rows_with(env, "user1@old.example") == {}  # their forwarding address, in their row
+    assert [r["url"] for r in sql(env, "SELECT url FROM newsletter_links ORDER BY idx")] == [
+        "https://shop.example/?who=[forgotten]&x=1", "https://shop.example/p/[forgotten]",
+        links[3]]
+    for table in ("tracking_events", "tracking_unique"):  # theirs went, the neighbour's stay
+        assert sql(env, f"SELECT COUNT(*) AS n FROM {table}")[0]["n"] == 1
     assert rows_with(env, "Navn user1") == {} and rows_with(env, "Bruger 1") == {}
     # Only the salted hash of the address is left, in the blocklist.
     assert [r["reason"] for r in sql(env, "SELECT reason FROM blocklist "
@@ -117,7 +136,11 @@ def test_forget_leaves_no_row_with_the_address(env: Env) -> None:
                (ids,))[0]["n"] == 0
 
     # The counts stay; on "third", where they were active, they left: an erasure request.
+    # Their opens and clicks are the one thing that goes (forget.py's docstring).
     after = {name: list_facts(env, name) for name in ("news", "other", "third")}
+    opens = [n.pop("unique_opens") for facts in (before, after)
+             for n in facts["other"]["newsletters"]]
+    assert opens == [2, 1]
     assert after["news"] == before["news"] and after["other"] == before["other"]
     assert after["third"]["now"]["active"] == before["third"]["now"]["active"] - 1
     assert after["third"]["now"]["unsubscribed"] == before["third"]["now"]["unsubscribed"] + 1

@@ -188,8 +188,15 @@ def _arrange(env: Env) -> tuple[dict[str, Sent], list[int], datetime]:
     for nid, week in zip(nids, (-4, -3, -1), strict=True):
         sql(env, "UPDATE newsletters SET released_at = %s, finished_at = %s, state = 'done' "
                  "WHERE id = %s", (_at(monday, week, 7), _at(monday, week, 9), nid))
-    sql(env, "UPDATE newsletters SET subject = %s WHERE id = %s",
+    sql(env, "UPDATE newsletters SET subject = %s, track = 'opens' WHERE id = %s",
         ('<script>alert("x")</script> & <b>news</b>', nids[2]))
+    # Opens of the last one: two people (one of them twice), one mail-privacy proxy.
+    for who, human in [("s6@example.org", 2), ("s7@other.example", 1),
+                       ("s8@example.org", 0)]:
+        sql(env, "INSERT INTO tracking_unique (newsletter_id, kind, message_id, link_idx, hits, "
+                 "human_hits, first_at, last_at, verdict) VALUES (%s, 'open', %s, 0, %s, %s, "
+                 "NOW(6), NOW(6), %s)", (nids[2], c[who].id, max(human, 1), human,
+                                         0 if human else 2))
     return a, nids, monday
 
 
@@ -239,6 +246,9 @@ def test_weekly_series_rates_trend_json_text_and_html(env: Env) -> None:
     assert letters[2]["change_vs_previous"] == {"bounce_rate": -0.1, "complaint_rate": 0.2,
                                                 "unsubscribe_rate": -0.05}
     assert letters[0]["change_vs_previous"]["bounce_rate"] is None
+    assert [(n["tracked"], n["open_rate"], n["click_rate"]) for n in letters] == [
+        ([], None, None), ([], None, None), (["opens"], 0.2, None)]
+    assert (letters[2]["unique_opens"], letters[2]["machine_opens"]) == (2, 1)
     trend = facts["trend"]
     assert {k: v["direction"] for k, v in trend.items()} == {
         "bounce_rate": "steady", "complaint_rate": "rising", "unsubscribe_rate": "falling"}
@@ -262,6 +272,7 @@ def test_weekly_series_rates_trend_json_text_and_html(env: Env) -> None:
         assert heading in text
     assert "<script>" in text  # plain text, cleaned of control characters, not escaped
     assert "hard bounce 5.1.1" in text and "rising" in text
+    assert "OPENS" in text and "20.0%" in text
 
 
 def test_list_stats_of_an_unknown_or_empty_list(env: Env) -> None:
@@ -279,14 +290,21 @@ def test_purged_newsletter_keeps_its_row(env: Env) -> None:
     """A purged newsletter's counts come from its summary, as in `stats`."""
     sent = send_newsletter(env, ["p1@example.org", "p2@example.org"], "purged")
     nid = sent[0].newsletter_id
-    sql(env, "UPDATE newsletters SET state = 'done', "
+    sql(env, "UPDATE newsletters SET state = 'done', track = 'opens,clicks', "
              "finished_at = TIMESTAMPADD(DAY, -100, NOW(6)) WHERE id = %s", (nid,))
+    for kind, days in (("open", 99), ("click", 1)):  # one folded into the summary, one live
+        sql(env, "INSERT INTO tracking_unique (newsletter_id, kind, message_id, hits, "
+                 "human_hits, first_at, last_at) VALUES (%s, %s, %s, 1, 1, "
+                 "TIMESTAMPADD(DAY, -%s, NOW(6)), TIMESTAMPADD(DAY, -%s, NOW(6)))",
+            (nid, kind, sent[0].id, days, days))
     before = liststats.list_stats(env.db, "purged")["newsletters"]
     assert env.cli("purge", "--older-than", "90d", "--pause", "0")[0] == 0
     assert sql(env, "SELECT COUNT(*) AS n FROM messages WHERE newsletter_id = %s",
                (nid,))[0]["n"] == 0
+    assert sql(env, "SELECT kind FROM tracking_unique") == [{"kind": "click"}]
     assert liststats.list_stats(env.db, "purged")["newsletters"] == before
-    assert before[0]["delivered"] == 2
+    assert (before[0]["delivered"], before[0]["open_rate"], before[0]["click_rate"]) == \
+        (2, 0.5, 0.5)
 
 
 # ----------------------------------------------------------------- migration 013

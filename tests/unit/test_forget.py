@@ -13,6 +13,7 @@ from sendsystem.forget import (
     address_pattern,
     forgotten,
     redact_addresses,
+    url_pattern,
 )
 
 # The database runs these patterns (PCRE); Python's re reads the same syntax.
@@ -50,3 +51,13 @@ def test_placeholder_and_forms() -> None:
     for bad in ("", "no-at-sign", "a b@example.com"):
         with pytest.raises(UserError):
             _forms(bad)
+
+
+@pytest.mark.parametrize(("url", "hits"), [
+    ("https://shop.example/?who=a.b%2Bc%27d%7Bx%7D%3Dy%40example.com&x=1", 1),
+    ("https://shop.example/?who=A.B%2bC%27D%7bX%7d%3dY@EXAMPLE.COM", 1),  # '@' left as is
+    ("https://shop.example/u/a.b+c'd{x}=y@example.com?x", 1),
+    ("https://shop.example/?who=a.b%2Bc%27d%7Bx%7D%3Dy%40example.com.dk", 0),
+])
+def test_url_pattern(url: str, hits: int) -> None:
+    assert len(re.findall(url_pattern(ODD), url)) == hits

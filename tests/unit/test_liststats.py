@@ -184,3 +184,19 @@ def test_text_report() -> None:
 def test_rate_ticks(peak: float, top: float) -> None:
     ticks = rate_ticks(peak)
     assert ticks[0] == 0 and ticks[-1] == pytest.approx(top) and ticks[-1] >= peak
+
+
+def test_open_and_click_rates_only_for_what_was_tracked() -> None:
+    nl = {"id": 4, "subject": "S", "state": "done", "track": "opens"}
+    seen = {"unique_opens": 30, "machine_opens": 12, "unique_clicks": 5, "machine_clicks": 1}
+    row = newsletter_row(nl, {"sent": 100}, {}, 0, seen)
+    assert (row["tracked"], row["open_rate"], row["click_rate"]) == (["opens"], 0.3, None)
+    assert row["machine_opens"] == 12
+    untracked = newsletter_row({**nl, "track": None}, {"sent": 100}, {}, 0)
+    assert (untracked["tracked"], untracked["open_rate"], untracked["unique_opens"]) == \
+        ([], None, 0)
+    f = facts()
+    f["newsletters"][-1] = row
+    assert "<th class=\"num\">Opens</th>" in render_list_html(f)
+    assert "OPENS" in format_list_stats(f, width=140)
+    assert "OPENS" not in format_list_stats(facts(), width=140)
