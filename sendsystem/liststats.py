@@ -4,22 +4,27 @@ how each of its newsletters did.
 Everything is aggregated in the database over indexes, a row per week (or per
 newsletter) coming back, never a row per subscriber:
 
-* **Joins** per week are one covering range scan of
-  ``ix_subscribers_list_created (list_id, created_at, status)``: a
-  subscription's join is its row's creation (imports write no events), and
-  the same scan says where each week's joiners stand now, which is also the
-  current snapshot by status. Measured (bench/liststats_bench.py): see the
-  README's figures; it grows with the list (about a second per few million
-  subscribers), everything else with the number of status changes and
-  newsletters.
+* **Joins** per week are a covering range scan of
+  ``ix_subscribers_list_created (list_id, created_at)``: a subscription's
+  join is its row's creation (imports write no events).
 * **Status changes** per week come from ``subscriber_events``
   (:mod:`sendsystem.history`), grouped by week, from, to and reason.
+* **Kept weekly counts.** A week that has ended never changes (a join's time
+  is the row's creation, an event's the moment it happened), so what a
+  report counted of completed weeks is kept in ``list_stats_weeks`` and the
+  next report scans only the weeks since (``list_stats_cache.until``). The
+  first report of a list reads all of it (a covering index scan: measured
+  0.7 s for a million subscribers, 6 s for four million on a loaded 2-core box
+  with a 128 MB buffer pool; bench/liststats_bench.py); later ones read a
+  week or two of rows. Rows written with a time in the past (by SQL, not by
+  SendSystem) are not seen until ``--rebuild``; ``--verify`` counts the table
+  itself and says when the two disagree.
 * A week's **counts by status** are then folded in Python from those few
   rows (:func:`weekly_series`): joins add to ``active``, each transition
   moves its count from one status to another; everything before the window
-  is the starting point. Weeks start on Monday 00:00 UTC (the database's
-  sessions are UTC); the last one is the current, partial week, counted up
-  to now.
+  is the starting point, and the last week's counts are the list now. Weeks
+  start on Monday 00:00 UTC (the database's sessions are UTC); the last one
+  is the current, partial week, counted up to now.
 * **Blocked** is a snapshot only: the active subscribers whose address or
   @domain is on the blocklist now (they are in ``active`` too; the workers
   skip them). The blocklist keeps no history (a removed entry leaves no
@@ -73,6 +78,8 @@ TREND_WINDOW = 10  # newsletters in the least-squares fit
 COMPARE_PREVIOUS = 5  # the latest newsletter against the mean of this many before it
 STEADY_RELATIVE = 0.10  # a fitted change below 10 % of the mean level is steady ...
 STEADY_ABSOLUTE = 0.0001  # ... and below 0.01 percentage point always is
+# A week is kept (list_stats_weeks) once it ended at least this long ago.
+CACHE_MARGIN = timedelta(days=1)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -282,25 +289,73 @@ def _letter(db: Database, nl: Mapping[str, Any], unsubscribes: int,
     return newsletter_row(nl, counts, stats.newsletter_bounces(db, nid), unsubscribes, tracking)
 
 
+def _history(db: Database, list_id: int, now: datetime, rebuild: bool
+             ) -> tuple[dict[date, int], list[Transition]]:
+    """Joins per week and status changes per week, over the list's whole life.
+
+    Completed weeks come from the kept aggregates (``list_stats_weeks``); only
+    the weeks since ``list_stats_cache.until`` are counted from the tables,
+    and those that have ended (a day ago or more, so a late commit is never
+    missed) are kept for next time. The first report of a list counts it all.
+    """
+    if rebuild:
+        with db.transaction():
+            db.execute("liststats_cache_drop_weeks", {"list_id": list_id})
+            db.execute("liststats_cache_drop", {"list_id": list_id})
+    until = db.fetchval("liststats_cache_until", {"list_id": list_id})
+    until = _as_date(until) if until is not None else None
+    joins: dict[date, int] = {}
+    moves: list[Transition] = []
+    for r in db.fetchall("liststats_cached_weeks", {"list_id": list_id}) if until else ():
+        week = _as_date(r["week"])
+        if r["kind"] == "join":
+            joins[week] = joins.get(week, 0) + int(r["n"])
+        else:
+            moves.append(Transition(week, str(r["from_status"]), str(r["to_status"]),
+                                    str(r["reason"]), int(r["n"])))
+    since = datetime.combine(until or date(1970, 1, 5), datetime.min.time())
+    live_joins = {_as_date(r["week"]): int(r["n"]) for r in db.fetchall(
+        "liststats_joins_by_week", {"list_id": list_id, "since": since})}
+    live_moves = [Transition(_as_date(r["week"]), str(r["from_status"]), str(r["to_status"]),
+                             str(r["reason"]), int(r["n"]))
+                  for r in db.fetchall("liststats_events_by_week",
+                                       {"list_id": list_id, "since": since})]
+    for week, n in live_joins.items():
+        joins[week] = joins.get(week, 0) + n
+    moves += live_moves
+    complete = week_start(now - CACHE_MARGIN)
+    if until is None or complete > until:
+        keep = [{"list_id": list_id, "week": w, "kind": "join", "from_status": "active",
+                 "to_status": "active", "reason": "", "n": n}
+                for w, n in live_joins.items() if w < complete]
+        keep += [{"list_id": list_id, "week": t.week, "kind": "change",
+                  "from_status": t.from_status, "to_status": t.to_status, "reason": t.reason,
+                  "n": t.n} for t in live_moves if t.week < complete]
+        with db.transaction():
+            db.executemany("liststats_cache_week", keep)
+            db.execute("liststats_cache_set", {"list_id": list_id, "until": complete})
+    return joins, moves
+
+
 def list_stats(db: Database, list_name: str, *, weeks: int = DEFAULT_WEEKS,
-               newsletters: int = DEFAULT_NEWSLETTERS) -> dict[str, Any]:
-    """Everything `list stats` shows, JSON-ready (the README documents the keys)."""
+               newsletters: int = DEFAULT_NEWSLETTERS, verify: bool = False,
+               rebuild: bool = False) -> dict[str, Any]:
+    """Everything `list stats` shows, JSON-ready (the README documents the keys).
+
+    ``verify`` also counts the subscribers table by status (a scan of the
+    list's index entries) and notes any difference from the history;
+    ``rebuild`` forgets the kept weekly aggregates and counts everything anew.
+    """
     lst = get_list(db, list_name)
     list_id = int(lst["id"])
     now = db.fetchval("db_now")
     now = now if isinstance(now, datetime) else datetime.now(UTC).replace(tzinfo=None)
     shown = week_range(now.date(), weeks)
 
-    joins: dict[date, int] = {}
-    snapshot = dict.fromkeys(STATUSES, 0)
-    for row in db.fetchall("liststats_joins_by_week", {"list_id": list_id}):
-        week = _as_date(row["week"])
-        joins[week] = joins.get(week, 0) + int(row["n"])
-        snapshot[row["status"]] = snapshot.get(row["status"], 0) + int(row["n"])
-    transitions = [Transition(_as_date(r["week"]), str(r["from_status"]), str(r["to_status"]),
-                              str(r["reason"]), int(r["n"]))
-                   for r in db.fetchall("liststats_events_by_week", {"list_id": list_id})]
+    joins, transitions = _history(db, list_id, now, rebuild)
     series = weekly_series(joins, transitions, shown)
+    last = series[-1]
+    snapshot = {s: int(last[s]) for s in STATUSES}
     blocked = int(db.fetchval("liststats_blocked_active", {"list_id": list_id}) or 0)
 
     rows = list(reversed(db.fetchall("liststats_newsletters",
@@ -322,15 +377,18 @@ def list_stats(db: Database, list_name: str, *, weeks: int = DEFAULT_WEEKS,
 
     notes = ["Blocked is a snapshot: active subscribers the blocklist stops now (counted in "
              "active too); the blocklist keeps no history, so there is no blocked series."]
-    if series:
-        last = series[-1]
-        drift = {s: snapshot.get(s, 0) - last[s] for s in STATUSES
-                 if snapshot.get(s, 0) != last[s]}
+    if verify:
+        table = dict.fromkeys(STATUSES, 0)
+        for r in db.fetchall("liststats_status_now", {"list_id": list_id}):
+            table[str(r["status"])] = int(r["n"])
+        drift = {s: table[s] - snapshot[s] for s in STATUSES if table[s] != snapshot[s]}
         if drift:
-            notes.append("The series and the subscribers table disagree by "
+            notes.append("The history and the subscribers table disagree by "
                          + ", ".join(f"{s} {d:+,}" for s, d in sorted(drift.items()))
-                         + ": some statuses were changed without a history event "
-                           "(outside SendSystem, e.g. by SQL).")
+                         + ": statuses were changed without a history event, or rows were "
+                           "created with a past time (outside SendSystem, e.g. by SQL); "
+                           "`now` shows the table. `--rebuild` counts the history anew.")
+            snapshot = table
     if unattributed:
         notes.append(f"{unattributed:,} unsubscribe(s) in these weeks name no newsletter "
                      "(links in mail sent before schema 13, or an admin's) and are in no "
@@ -340,8 +398,7 @@ def list_stats(db: Database, list_name: str, *, weeks: int = DEFAULT_WEEKS,
                  "from": f"{lst['from_name']} <{lst['from_address']}>"},
         "generated_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "weeks_start": "Monday 00:00 UTC",
-        "now": {**{s: snapshot.get(s, 0) for s in STATUSES},
-                "total": sum(snapshot.values()), "blocked": blocked},
+        "now": {**snapshot, "total": sum(snapshot.values()), "blocked": blocked},
         "weeks": series,
         "left_by_reason": leave_reasons(series, transitions),
         "unattributed_unsubscribes": unattributed,

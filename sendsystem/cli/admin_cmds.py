@@ -132,13 +132,19 @@ def list_set(ctx: Context, name: str, group: str | None, track: str | None) -> N
               show_default=True, help="Weeks of history to show (weeks start Monday, UTC).")
 @click.option("--newsletters", type=click.IntRange(min=0), default=liststats.DEFAULT_NEWSLETTERS,
               show_default=True, help="The most recent newsletters to show (0: none).")
+@click.option("--verify", is_flag=True,
+              help="Also count the subscribers table by status and say if the history "
+                   "disagrees (reads every subscriber's index entry: slower on big lists).")
+@click.option("--rebuild", is_flag=True,
+              help="Count the whole history anew instead of using the kept weekly counts.")
 @pass_ctx
 def list_stats(ctx: Context, name: str, as_json: bool, html_file: Path | None, weeks: int,
-               newsletters: int) -> None:
+               newsletters: int, verify: bool, rebuild: bool) -> None:
     """Subscribers over time by status, joins and leaves per week and why they left,
     and each newsletter's delivered, bounce, complaint and unsubscribe rates with
     the trend."""
-    facts = liststats.list_stats(ctx.db(), name, weeks=weeks, newsletters=newsletters)
+    facts = liststats.list_stats(ctx.db(), name, weeks=weeks, newsletters=newsletters,
+                                 verify=verify, rebuild=rebuild)
     if html_file is not None:
         from ..reports.list_html import render_list_html
         html_file.write_text(render_list_html(facts), encoding="utf-8")

@@ -1022,18 +1022,45 @@ VALUES (%(list_id)s, %(subscriber_id)s, NOW(6), %(from_status)s, %(to_status)s, 
 -- row per week (and status or reason), never a row per subscriber.
 
 -- name: liststats_joins_by_week
--- One covering range scan of ix_subscribers_list_created: joins per week (a
--- subscription's join is its row's creation) and where those rows stand now.
-SELECT DATE(created_at) - INTERVAL WEEKDAY(created_at) DAY AS week, status, COUNT(*) AS n
+-- Joins per week since %(since)s (a subscription's join is its row's creation):
+-- a covering range scan of ix_subscribers_list_created from there on.
+SELECT DATE(created_at) - INTERVAL WEEKDAY(created_at) DAY AS week, COUNT(*) AS n
 FROM subscribers FORCE INDEX (ix_subscribers_list_created)
-WHERE list_id = %(list_id)s
-GROUP BY week, status;
+WHERE list_id = %(list_id)s AND created_at >= %(since)s
+GROUP BY week;
 
 -- name: liststats_events_by_week
 SELECT DATE(at) - INTERVAL WEEKDAY(at) DAY AS week, from_status, to_status, reason,
        COUNT(*) AS n
-FROM subscriber_events WHERE list_id = %(list_id)s
+FROM subscriber_events WHERE list_id = %(list_id)s AND at >= %(since)s
 GROUP BY week, from_status, to_status, reason;
+
+-- name: liststats_cache_until
+SELECT until FROM list_stats_cache WHERE list_id = %(list_id)s;
+
+-- name: liststats_cached_weeks
+SELECT week, kind, from_status, to_status, reason, n FROM list_stats_weeks
+WHERE list_id = %(list_id)s;
+
+-- name: liststats_cache_week
+INSERT IGNORE INTO list_stats_weeks (list_id, week, kind, from_status, to_status, reason, n)
+VALUES (%(list_id)s, %(week)s, %(kind)s, %(from_status)s, %(to_status)s, %(reason)s, %(n)s);
+
+-- name: liststats_cache_set
+-- Only forward: a slower concurrent report never moves it back.
+INSERT INTO list_stats_cache (list_id, until) VALUES (%(list_id)s, %(until)s)
+ON DUPLICATE KEY UPDATE until = GREATEST(until, VALUES(until));
+
+-- name: liststats_cache_drop_weeks
+DELETE FROM list_stats_weeks WHERE list_id = %(list_id)s;
+
+-- name: liststats_cache_drop
+DELETE FROM list_stats_cache WHERE list_id = %(list_id)s;
+
+-- name: liststats_status_now
+-- `list stats --verify`: the subscribers table itself, by status (a scan of the
+-- list's entries in ix_subscribers_list_status).
+SELECT status, COUNT(*) AS n FROM subscribers WHERE list_id = %(list_id)s GROUP BY status;
 
 -- name: liststats_blocked_active
 -- Active subscribers whose address or @domain is on the blocklist now, driven

@@ -24,7 +24,7 @@ TABLES = ("bounces", "blocklist", "messages", "batches", "workers", "attachments
           "newsletters", "templates", "subscribers", "lists", "leases",
           "relay_usage", "relay_health", "newsletter_summaries",
           "newsletter_links", "tracking_events", "tracking_unique", "subscriber_events",
-          "privacy_salt")
+          "privacy_salt", "list_stats_weeks", "list_stats_cache")
 
 
 def server_settings() -> dict[str, object]:

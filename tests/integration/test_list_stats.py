@@ -114,7 +114,7 @@ def test_every_status_change_writes_its_event(env: Env, server: str) -> None:
     assert event_of(env, "u6@example.org") == [("active", "unsubscribed", "admin", None)]
     assert event_of(env, "u7@example.org") == []
     # Every status that is not active has its history (nothing changed without an event).
-    facts = liststats.list_stats(env.db, "news")
+    facts = liststats.list_stats(env.db, "news", verify=True)
     assert facts["now"] == {"active": 1, "unsubscribed": 4, "bounced": 0, "complained": 3,
                             "total": 8, "blocked": 0}
     assert all("disagree" not in n for n in facts["notes"])
@@ -203,7 +203,7 @@ def _arrange(env: Env) -> tuple[dict[str, Sent], list[int], datetime]:
 def test_weekly_series_rates_trend_json_text_and_html(env: Env) -> None:
     _a, nids, monday = _arrange(env)
     html_file = env.tmp / "list.html"
-    code, out, err = env.cli("list", "stats", "weekly", "--json", "--weeks", "6",
+    code, out, err = env.cli("list", "stats", "weekly", "--json", "--weeks", "6", "--verify",
                              "--html", str(html_file))
     assert code == 0, err
     facts = json.loads(out)
@@ -350,7 +350,38 @@ def test_migration_backfills_history(scratch_db: tuple[Path, str]) -> None:
         (4, datetime(2024, 3, 1), "active", "complained", "before history (schema 13)", None))
     db.prepare(["liststats_joins_by_week", "liststats_events_by_week", "subscriber_event_insert",
                 "sort_batch_messages", "send_batch_messages", "newsletter_retry_failed"])
-    facts = liststats.list_stats(db, "old", weeks=200)
-    assert facts["now"]["total"] == 4
+    facts = liststats.list_stats(db, "old", weeks=200, verify=True)
+    assert facts["now"] == {"active": 1, "unsubscribed": 1, "bounced": 1, "complained": 1,
+                            "total": 4, "blocked": 0}
     assert all("disagree" not in n for n in facts["notes"])
     db.close()
+
+
+def test_completed_weeks_are_kept_and_only_new_ones_counted(env: Env) -> None:
+    """The second report reads the kept counts of completed weeks; a row given a past
+    time behind SendSystem's back is found by --verify and counted by --rebuild."""
+    _a, _nids, monday = _arrange(env)
+    first = liststats.list_stats(env.db, "weekly", weeks=6)
+    now = sql(env, "SELECT NOW(6) AS now")[0]["now"]
+    kept = sql(env, "SELECT until FROM list_stats_cache")[0]["until"]
+    assert kept == liststats.week_start(now - liststats.CACHE_MARGIN)  # ended a day ago
+    assert sql(env, "SELECT SUM(n) AS n FROM list_stats_weeks WHERE kind = 'join'")[0]["n"] == 8
+    # The kept rows are what the next report reads: change one, and it shows.
+    sql(env, "UPDATE list_stats_weeks SET n = n + 100 WHERE kind = 'join' "
+             "AND week = %s", ((monday - timedelta(weeks=5)).date(),))
+    second = liststats.list_stats(env.db, "weekly", weeks=6)
+    assert second["weeks"][0]["joined"] == first["weeks"][0]["joined"] + 100
+    # A new join this week is counted live.
+    send_newsletter(env, ["new@example.org"], "weekly")
+    assert liststats.list_stats(env.db, "weekly", weeks=6)["weeks"][-1]["joined"] == \
+        first["weeks"][-1]["joined"] + 1
+    # --verify says the history and the table disagree; --rebuild counts it anew.
+    code, out, err = env.cli("list", "stats", "weekly", "--json", "--weeks", "6", "--verify")
+    assert code == 0, err
+    assert any("disagree by active -100" in n for n in json.loads(out)["notes"])
+    code, out, err = env.cli("list", "stats", "weekly", "--json", "--weeks", "6", "--rebuild",
+                             "--verify")
+    assert code == 0, err
+    rebuilt = json.loads(out)
+    assert rebuilt["weeks"][0]["joined"] == first["weeks"][0]["joined"]
+    assert rebuilt["now"]["total"] == 11 and len(rebuilt["notes"]) == 1

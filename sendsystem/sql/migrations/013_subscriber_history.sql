@@ -11,9 +11,16 @@
 -- 10-million-row import writes nothing here. `subscriber_id` is set to NULL
 -- by `sendsystem subscriber forget`: the row then only counts.
 --
--- `ix_subscribers_list_created`: joins per week, and where each week's joiners
--- stand now, are one covering range scan of the list's entries in it (`list
--- stats`). New rows append at its end (created_at grows), so imports pay little.
+-- `ix_subscribers_list_created`: joins per week are a covering range scan of
+-- the list's entries in it (`list stats`). New rows append at its end
+-- (created_at grows), so imports pay little.
+--
+-- `list_stats_weeks`, `list_stats_cache`: what `list stats` has counted of a
+-- list's completed weeks (joins, and status changes by from, to and reason),
+-- kept so that the next report scans only the weeks since (a past week's rows
+-- never change: a join is a row's creation time, an event's time is when it
+-- happened). `list_stats_cache.until`: the weeks before it are all there.
+-- Aggregates only, nothing about a person.
 --
 -- `privacy_salt`: one random value, written by the first `subscriber forget`,
 -- that salts the SHA-256 of a forgotten address kept in the blocklist
@@ -39,7 +46,23 @@ CREATE TABLE IF NOT EXISTS subscriber_events (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 ALTER TABLE subscribers
-    ADD KEY IF NOT EXISTS ix_subscribers_list_created (list_id, created_at, status);
+    ADD KEY IF NOT EXISTS ix_subscribers_list_created (list_id, created_at);
+
+CREATE TABLE IF NOT EXISTS list_stats_weeks (
+    list_id      INT UNSIGNED NOT NULL,
+    week         DATE NOT NULL,
+    kind         ENUM('join','change') NOT NULL,
+    from_status  ENUM('active','unsubscribed','bounced','complained') NOT NULL DEFAULT 'active',
+    to_status    ENUM('active','unsubscribed','bounced','complained') NOT NULL DEFAULT 'active',
+    reason       VARCHAR(100) NOT NULL DEFAULT '',
+    n            BIGINT UNSIGNED NOT NULL,
+    PRIMARY KEY (list_id, week, kind, from_status, to_status, reason)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+CREATE TABLE IF NOT EXISTS list_stats_cache (
+    list_id  INT UNSIGNED NOT NULL PRIMARY KEY,
+    until    DATE NOT NULL
+) ENGINE=InnoDB;
 
 CREATE TABLE IF NOT EXISTS privacy_salt (
     id    TINYINT UNSIGNED NOT NULL PRIMARY KEY,
