@@ -63,9 +63,10 @@ Decisions:
   operator's to rotate.
 
 Extension: :data:`STEPS` lists every table's scrub as named statements in
-sendsystem/sql/queries.sql. A new table that can hold an address (the
-tracking tables of opens and clicks) adds its count and scrub statements
-there; the subscriber rows are always anonymised last.
+sendsystem/sql/queries.sql. A new table that can hold an address, or rows
+about a person, adds its count and scrub statements there (as the tracking
+tables do); the subscriber rows are always anonymised last, so a run cut
+short is finished by running it again (the address still finds them).
 """
 
 from __future__ import annotations
