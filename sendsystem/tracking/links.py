@@ -50,6 +50,7 @@ from __future__ import annotations
 import html
 import logging
 import re
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from html.parser import attrfind_tolerant, tagfind_tolerant  # type: ignore[attr-defined]
 
@@ -234,8 +235,9 @@ class Rewriter:
             return document
         links, body = scan(document)
         token = self.signer.message_part(self.newsletter_id, message_id)
-        out: list[str] = []
-        pos = 0
+        starts: list[int] = []
+        ends: list[int] = []
+        replacements: list[str] = []
         if self.clicks:
             base = self.click_base + token
             for link in links:
@@ -244,19 +246,18 @@ class Rewriter:
                 part = self._decide(link.raw, link.url, new)
                 if part is None:
                     continue
-                out.append(document[pos:link.start])
-                out.append(base + part if link.quoted else f'"{base}{part}"')
-                pos = link.end
+                starts.append(link.start)
+                ends.append(link.end)
+                replacements.append(base + part if link.quoted else f'"{base}{part}"')
         if self.opens:
+            # Before the last </body>, which links may follow (a footer written after it).
             at = body if body >= 0 else len(document)
-            out.append(document[pos:at])
-            out.append(f'<img src="{self.open_base}{token}" width="1" height="1" alt="" '
-                       'style="display:block;border:0;width:1px;height:1px">')
-            pos = at
-        if not out:
-            return document
-        out.append(document[pos:])
-        return "".join(out)
+            i = bisect_left(starts, at)
+            starts.insert(i, at)
+            ends.insert(i, at)
+            replacements.insert(i, f'<img src="{self.open_base}{token}" width="1" height="1" '
+                                   'alt="" style="display:block;border:0;width:1px;height:1px">')
+        return _splice(document, starts, ends, replacements)
 
     def text(self, document: str, message_id: int, new: list[tuple[int, str]]) -> str:
         """The text part with its http(s) links tracked (only with ``text_links``)."""
@@ -274,6 +275,17 @@ class Rewriter:
             return m.group(0) if part is None else base + part + trail
 
         return _TEXT_URL.sub(one, document)
+
+
+def _splice(document: str, starts: list[int], ends: list[int], replacements: list[str]) -> str:
+    """``document`` with document[starts[i]:ends[i]] replaced by replacements[i] (in order,
+    not overlapping); the same object when there is nothing to replace."""
+    if not replacements:
+        return document
+    out: list[str] = [""] * (2 * len(replacements) + 1)
+    out[0::2] = map(document.__getitem__, map(slice, [0, *ends], [*starts, len(document)]))
+    out[1::2] = replacements
+    return "".join(out)
 
 
 def skip_prefixes(unsubscribe_url: str, click_base: str, open_base: str) -> tuple[str, ...]:

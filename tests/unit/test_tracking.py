@@ -205,6 +205,40 @@ def test_no_body_tag_puts_the_pixel_at_the_end() -> None:
     assert out.startswith("<p>hi</p><img src=")
 
 
+PIXEL_START = f'<img src="{OPENS}'
+
+
+def test_links_after_the_last_body_end_keep_the_document_whole() -> None:
+    doc = '<body><p>x</p></body><a href="https://x.example/">late</a>'
+    out = rewriter().html(doc, 3, [])
+    pixel = out.index(PIXEL_START)
+    assert out[:pixel] == "<body><p>x</p>"
+    tail = out[out.index(">", pixel) + 1:]
+    assert tail.startswith('</body><a href="' + CLICKS) and tail.endswith('">late</a>')
+    assert out.count("<a ") == 1 and out.count(PIXEL_START) == 1
+
+
+@settings(max_examples=300)
+@given(st.lists(_PIECES, max_size=25))
+def test_rewriting_changes_only_hrefs_and_adds_one_pixel(pieces: list[str]) -> None:
+    doc = "".join(pieces)
+    new: list[tuple[int, str]] = []
+    out = rewriter().html(doc, 42, new)
+    urls = dict(new)
+    before, after = reference(doc), reference(out.replace(PIXEL_START, '<img src="', 1))
+    # The pixel is an <img>, not an <a>: the same links, each kept or tracked to its URL.
+    assert len(before) == len(after)
+    for was, now in zip(before, after, strict=True):
+        if now != was:
+            hit = SIGNER.verify(CLICK, now[len(CLICKS):])
+            assert now.startswith(CLICKS) and hit is not None and urls.get(hit.link_idx,
+                                                                          was) == was
+    assert out.count(PIXEL_START) == 1
+    _, body = scan(doc)
+    if body >= 0:
+        assert out.index(PIXEL_START) == len(rewriter(opens=False).html(doc[:body], 42, []))
+
+
 # ----------------------------------------------------------- machine rule
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
