@@ -646,11 +646,18 @@ _BLOCK = 256
 
 
 def _render(template: jinja2.Template, part: str, context: dict[str, Any]) -> str:
-    """One part, streamed so the output cap stops a runaway loop as it happens.
+    """One part, streamed so the output cap stops a runaway loop as it happens."""
+    return "".join(_render_pieces(template, part, context))
+
+
+def _render_pieces(template: jinja2.Template, part: str, context: dict[str, Any]) -> list[str]:
+    """One part as the template's output pieces (literal text and values, in order).
 
     Runs the compiled template's generator directly (what ``render()`` and
     ``generate()`` wrap), so no exception is rewritten: the template line
     comes from the generated code's line table, the same for every error.
+    Tracking wants the pieces (sendsystem/tracking/links.py: a known shape
+    skips the link scan); everything else joins them (:func:`_render`).
     """
     out: list[str] = []
     size = 0
@@ -686,7 +693,7 @@ def _render(template: jinja2.Template, part: str, context: dict[str, Any]) -> st
         raise MergeError(f"{_where(part, line)}: {reason}") from None
     finally:
         gen.close()
-    return "".join(out)
+    return out
 
 
 def _list_object(info: NewsletterInfo) -> Mapping[str, Any]:
@@ -846,9 +853,11 @@ class Merger:
         context["subscriber"] = subscriber
         subject = mime.safe_header_value(_render(self._subject, "subject", context))
         newsletter["subject"] = subject
-        html = _render(self._html, "html", context)
-        if tracker is not None:
-            html = tracker.html(html, cast(int, message_id), new_links)
+        if tracker is None:
+            html = _render(self._html, "html", context)
+        else:
+            pieces = _render_pieces(self._html, "html", context)
+            html = tracker.html("".join(pieces), cast(int, message_id), new_links, pieces)
         sk = self._skeleton
         head = (sk.from_line, b"To: ", to, b"\r\n", mime.header_line("Subject", subject), sk.head)
         if self._text is None:
