@@ -43,8 +43,10 @@ later render of that shape the rewriter checks that the literal pieces are
 the same (one tuple comparison, identical objects), that the values hold none
 of those four characters (one ``join`` and four ``in``), and finds each
 link's span from the values' lengths. ~20 µs a message instead of ~135 µs.
-Anything else takes the full scan, with the same result: a render whose values
-hold those characters (``|safe``, a macro's output), a shape with a value in a
+HTML from a macro, a ``{% set %}`` block or ``|safe`` counts as literal text of
+the shape (so it must be the same in the later renders). Anything else takes
+the full scan, with the same result: a render whose values hold those four
+characters where the shape has a value, a shape with a value in a
 tag or attribute name, an unquoted attribute value, a comment, ``<script>`` or
 ``<style>``, after a lone ``<``, or a document where a lazy search of the scan
 failed (an unterminated comment, ``<![if ...]>``), and every shape after the
@@ -292,15 +294,17 @@ def _quoted_insides(document: str, start: int, end: int, kind: str) -> list[tupl
     return insides
 
 
-def _analyse(pieces: Sequence[str], document: str) -> _Shape | None:
-    """The shape of one render (``document == "".join(pieces)``), or None when its merge
-    values hold :data:`_UNSAFE` characters (no shape can be learnt from this render).
+def _analyse(pieces: Sequence[str], document: str) -> _Shape:
+    """The shape of one render (``document == "".join(pieces)``).
 
     Which pieces are merge values: those that are not plain ``str`` (Jinja yields the
-    template's literal text as ``str`` constants and autoescaped values as ``Markup``).
-    A plain ``str`` value (``{% autoescape false %}``) is taken as literal text, so its
-    exact value is part of the shape; a literal taken as a value is checked like one.
-    Neither choice matters to correctness, only to how often a shape is found again.
+    template's literal text as ``str`` constants and autoescaped values as ``Markup``)
+    and hold none of :data:`_UNSAFE`. The others are taken as literal text, so their
+    exact text is part of the shape: a plain ``str`` value (``{% autoescape false %}``)
+    and HTML from a macro, a ``{% set %}`` block or ``|safe``, which is often the same
+    for every recipient (a button macro called with the article's URL). A literal
+    taken as a value is checked like one. These choices do not matter to correctness,
+    only to how often a shape is found again.
 
     Why the links found here are where the scan finds them in any render of the same
     literal pieces, whatever values without :data:`_UNSAFE` stand in between. The scan
@@ -326,11 +330,10 @@ def _analyse(pieces: Sequence[str], document: str) -> _Shape | None:
     values too, the attributes walked one at a time must end where the token does, and
     the <a> tags and </body> of the walk must be those :func:`scan` finds.
     """
-    value_idx = [i for i, p in enumerate(pieces) if type(p) is not str]
-    literal_idx = [i for i, p in enumerate(pieces) if type(p) is str]
-    if any(c in "".join(pieces[i] for i in value_idx) for c in _UNSAFE):
-        return None
-    value_set = set(value_idx)
+    value_set = {i for i, p in enumerate(pieces)
+                 if type(p) is not str and not any(c in p for c in _UNSAFE)}
+    value_idx = sorted(value_set)
+    literal_idx = [i for i in range(len(pieces)) if i not in value_set]
     literals = _getter(literal_idx)
     never = _Shape(literals, literals(pieces), None)
     cum = list(accumulate(map(len, pieces), initial=0))
@@ -519,8 +522,6 @@ class Rewriter:
         if self._analysed >= _SHAPES_MAX:
             return None
         found = _analyse(pieces, document)
-        if found is None:
-            return None
         self._analysed += 1
         if self._analysed == _SHAPES_MAX:
             log.info("newsletter %s: %d template shapes seen; renders of other shapes "

@@ -233,14 +233,17 @@ NEWSLETTER = """<!DOCTYPE html><html><head><style>a[href='https://no/style'] { c
 <!-- <a href="https://no/comment"> --><!--[if mso]><a href="https://no/mso">x</a><![endif]-->
 <p>Dear {{ name }},</p>
 {% for a in articles %}<h2><a href="{{ a.url }}?utm_campaign={{ newsletter.id }}&amp;u=1" style="x">{{ a.title }}</a></h2>
-<p><a class="button" href="{{ a.url }}">Read more about {{ a.title }}</a></p>{% endfor %}
+<p><a class="button" href="{{ a.url }}">Read more about {{ a.title }}</a> {{ button(a.url) }}</p>{% endfor %}
 <p><a href="https://ex.com/home">Home</a> | <a href="mailto:help@example.com">Help</a> |
 <a href="#top">Top</a> | <a href="/relative">Rel</a> | <a data-notrack href="https://ex.com/private">P</a>
 | <a href="https://ex.com/p/{{ name|urlencode }}">You</a></p>
 <p><a href="{{ unsubscribe_url }}">Unsubscribe</a></p>
 </body></html>
 """
-ARTICLES = ("{% set articles = [" + ", ".join(
+# A macro's output is HTML (Markup with '<'): the same for every recipient here, so it
+# is literal text of the shape.
+BUTTON = '{% macro button(url) %}<a class="btn" href="{{ url }}?b=1">Go</a>{% endmacro %}'
+ARTICLES = BUTTON + ("{% set articles = [" + ", ".join(
     f'{{"url": "https://news.example.com/{i}", "title": "Article {i}"}}' for i in range(5)) + "] %}")
 
 
@@ -282,7 +285,6 @@ def test_the_shape_walk_agrees_with_the_scan(pieces: list[str]) -> None:
     """The token walk behind a shape finds the scan's links and </body> (or it says so)."""
     doc = "".join(pieces)
     shape = links._analyse([doc], doc)
-    assert shape is not None
     if shape.values is not None:  # a document the walk trusts: the same links
         found, body = scan(doc)
         tracked = [x for x in found if not x.notrack]
