@@ -79,11 +79,11 @@ import html
 import logging
 import re
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from html.parser import attrfind_tolerant, tagfind_tolerant  # type: ignore[attr-defined]
-from itertools import accumulate, repeat
-from operator import add, itemgetter
+from itertools import accumulate
+from operator import itemgetter
 
 from .tokens import Signer
 
@@ -229,6 +229,12 @@ def _getter(indices: list[int]) -> Callable[[Sequence[str]], tuple[str, ...]]:
     return itemgetter(*indices)
 
 
+# A link to decide: where its href value starts and ends, each as (offset less the merge
+# values before it, how many values are before it), whether the value is quoted, and
+# the href as written when no value is in it (else None).
+_Span = tuple[int, int, int, int, bool, str | None]
+
+
 @dataclass(frozen=True)
 class _Shape:
     """What :func:`scan` finds in every render made of the same literal pieces.
@@ -236,23 +242,15 @@ class _Shape:
     ``literals(pieces) == literal_values`` says a render has this shape; ``values(pieces)``
     are its merge values, which must hold none of :data:`_UNSAFE`. ``values`` None: a
     shape where merge values stand where they could change the structure (the full
-    scan, every time).
-
-    Positions are kept as (offset less the merge values before it, how many values are
-    before it): in a render, ``offset + sum(len(v) for v in values[:count])``. The
-    links are those to decide (not data-notrack), in document order.
+    scan, every time). A position kept as (offset, count) is, in a render,
+    ``offset + sum(len(v) for v in values[:count])``.
     """
 
     literals: Callable[[Sequence[str]], tuple[str, ...]]
     literal_values: tuple[str, ...]
     values: Callable[[Sequence[str]], tuple[str, ...]] | None
-    starts: tuple[int, ...] = ()           # where each link's href value starts
-    start_counts: tuple[int, ...] = ()
-    ends: tuple[int, ...] = ()             # and ends
-    end_counts: tuple[int, ...] = ()
-    quoted: tuple[bool, ...] = ()
-    raws: tuple[str | None, ...] = ()      # the href as written, when no value is in it
-    body: int = -1                         # the last </body>, or -1
+    links: tuple[_Span, ...] = ()   # in document order, without data-notrack ones
+    body: int = -1                  # the last </body> (offset, count), or -1
     body_count: int = 0
 
 
@@ -414,21 +412,16 @@ def _analyse(pieces: Sequence[str], document: str) -> _Shape:
         return any(cum[i] <= link.end and cum[i + 1] >= link.start for i in value_idx)
 
     vcum = list(accumulate(map(len, (pieces[i] for i in value_idx)), initial=0))
-    tracked = [link for link in links if not link.notrack]
     try:
         # The characters around a value (a quote, '=', a space, '>') are literal text.
-        link_starts = [shaped(link.start, piece(link.start - 1)) for link in tracked]
-        link_ends = [shaped(link.end, piece(link.end)) for link in tracked]
+        spans = tuple((*shaped(link.start, piece(link.start - 1)),
+                       *shaped(link.end, piece(link.end)),
+                       link.quoted, None if has_value(link) else link.raw)
+                      for link in links if not link.notrack)
         where = shaped(body, piece(body)) if body >= 0 else (-1, 0)
     except ValueError:
         return never
-    return _Shape(literals, never.literal_values, _getter(value_idx),
-                  tuple(offset for offset, _ in link_starts),
-                  tuple(count for _, count in link_starts),
-                  tuple(offset for offset, _ in link_ends),
-                  tuple(count for _, count in link_ends),
-                  tuple(link.quoted for link in tracked),
-                  tuple(None if has_value(link) else link.raw for link in tracked), *where)
+    return _Shape(literals, never.literal_values, _getter(value_idx), spans, *where)
 
 
 _TEXT_URL = re.compile(r"https?://[^\s<>\"]+", re.IGNORECASE)
@@ -539,28 +532,20 @@ class Rewriter:
         if not (self.clicks or self.opens):
             return document
         found = self._shape(pieces, document) if pieces is not None and self.fast else None
-        starts: Sequence[int]
-        ends: Sequence[int]
-        quoted: Sequence[bool]
-        raws: Sequence[str | None]
-        urls: Iterable[str | None]
+        spans: Sequence[_Span]
+        vcum: Sequence[int]
         if found is None:
             self.full_scans += 1
             links, body = scan(document)
-            tracked = [link for link in links if not link.notrack]
-            starts = [link.start for link in tracked]
-            ends = [link.end for link in tracked]
-            quoted = [link.quoted for link in tracked]
-            raws = [link.raw for link in tracked]
-            urls = [link.url for link in tracked]
+            spans = [(link.start, 0, link.end, 0, link.quoted, link.raw)
+                     for link in links if not link.notrack]
+            vcum = (0,)
         else:
             self.fast_renders += 1
             shape, values = found
-            # The shape's positions in this render: after the values before them.
+            spans = shape.links
+            # The length of the values before each place (they shift the shape's offsets).
             vcum = list(accumulate(map(len, values), initial=0))
-            starts = list(map(add, shape.starts, map(vcum.__getitem__, shape.start_counts)))
-            ends = list(map(add, shape.ends, map(vcum.__getitem__, shape.end_counts)))
-            quoted, raws, urls = shape.quoted, shape.raws, repeat(None)
             body = shape.body + vcum[shape.body_count] if shape.body >= 0 else -1
         token = self.signer.message_part(self.newsletter_id, message_id)
         # The pixel goes before the last </body>, which links may follow (a footer
@@ -573,17 +558,18 @@ class Rewriter:
         if self.clicks:
             base = self.click_base + token
             decided = self._decided
-            # strict=False: urls is endless on the fast path (repeat(None)).
-            for start, end, q, raw, url in zip(starts, ends, quoted, raws, urls, strict=False):
+            for start, start_count, end, end_count, quoted, raw in spans:
+                start += vcum[start_count]
+                end += vcum[end_count]
                 if raw is None:
                     raw = document[start:end]
-                part = decided[raw] if raw in decided else self._decide(raw, url, new)
+                part = decided[raw] if raw in decided else self._decide(raw, None, new)
                 if part is None:
                     continue
                 if 0 <= at < start:
                     out += (document[pos:at], pixel)
                     pos, at = at, -1
-                out += (document[pos:start], base + part if q else f'"{base}{part}"')
+                out += (document[pos:start], base + part if quoted else f'"{base}{part}"')
                 pos = end
         if at >= 0:
             out += (document[pos:at], pixel)
