@@ -61,7 +61,7 @@ from .queries import load_queries, load_value_columns, migrations, to_server_syn
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 12
+SCHEMA_VERSION = 13
 Params = Mapping[str, Any] | Sequence[Any] | None
 
 # Client error codes that mean "the connection is gone", not "your SQL is wrong".
@@ -73,6 +73,9 @@ _FINAL_CONNECT_ERRNOS = {1044, 1045, 1049}
 # InnoDB gave up on a lock (deadlock, lock wait timeout): retry, do not die.
 _CONFLICT_ERRNOS = {1205, 1213}
 CONFLICT_RETRIES = 5
+# Refusals of a migration's CREATE TRIGGER: no TRIGGER privilege (1142), or a
+# binary log without SUPER / log_bin_trust_function_creators (1419, 1227).
+_PRIVILEGE_ERRNOS = {1142, 1227, 1419}
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -449,9 +452,20 @@ class Database:
                 if version <= current or (up_to is not None and version > up_to):
                     continue
                 log.info("applying schema migration %s", path.name)
-                cur.execute(path.read_text(encoding="utf-8"))
-                while cur.nextset():
-                    pass
+                try:
+                    cur.execute(path.read_text(encoding="utf-8"))
+                    while cur.nextset():
+                        pass
+                except pymysql.err.MySQLError as exc:
+                    if exc.args and exc.args[0] in _PRIVILEGE_ERRNOS:
+                        raise SchemaError(
+                            f"Migration {path.name} was refused: {exc.args[-1]}. The user "
+                            f"{cfg.user!r} needs the TRIGGER privilege on {cfg.name!r} (the "
+                            "kept counts are maintained by triggers), and, when the server "
+                            "writes a binary log, SUPER or BINLOG ADMIN, or the server "
+                            "setting log_bin_trust_function_creators = 1. Grant it and run "
+                            "`sendsystem db init` again.") from None
+                    raise
                 current = version
         return start, current
 
