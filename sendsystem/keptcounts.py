@@ -3,7 +3,7 @@ instead of scanning the messages table.
 
 Counting a newsletter's rows by state is a scan of its index entries: a
 1,000,000-message newsletter took ~0.4 s per `stats` and the scans grew with
-every newsletter. Now four small tables (migration 011) are kept up to date
+every newsletter. Now four small tables (migration 013) are kept up to date
 by MariaDB triggers on `messages`, inside the statement that changes a
 message and so inside its transaction: the kept numbers are exact at every
 commit, whoever writes (a role, an admin command, a test's SQL), and there
@@ -12,11 +12,12 @@ slots, workers, minutes (and seconds) of sending and distinct failure
 reasons, never with the number of messages; `stats --json` reads them in a
 few milliseconds at any size (bench/stats_bench.py).
 
-* INSERTs have no trigger: the release of a 10,000,000-row newsletter is one
-  set-based INSERT ... SELECT, and a per-row trigger would more than double
-  it. admin.release adds the statement's row count (kept_counts_add_released)
-  in the same transaction; it is the only code that creates message rows
-  (tests and benchmarks that insert rows directly call :func:`repair`).
+* INSERTs have no trigger: a newsletter's rows are created by set-based
+  INSERT ... SELECTs over chunks of subscriber ids (release.py), and a
+  per-row trigger would more than double a 10,000,000-row release. Each
+  chunk adds its statement's row count (kept_counts_add_released) in its own
+  transaction; release.py is the only code that creates message rows (tests
+  and benchmarks that insert rows directly call :func:`repair`).
 * DELETEs decrement the counts only. The other tables are history (who sent
   what when, why messages failed); `purge` stores the newsletter's summary
   from them, then drops them (:func:`drop_history`) and deletes the rows.

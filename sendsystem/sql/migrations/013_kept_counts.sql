@@ -26,8 +26,8 @@
 --
 -- INSERTs have no trigger: a per-row trigger would more than double the
 -- release of a large newsletter. The one statement that creates message
--- rows, newsletter_release_messages, is followed by kept_counts_add with its
--- row count in the same transaction (admin.release). DELETEs decrement
+-- rows, newsletter_release_messages, is followed by kept_counts_add_released
+-- with its row count in the same transaction (release.py). DELETEs decrement
 -- kept_counts only: the other tables describe what happened, and `purge`
 -- drops them once the newsletter's summary is stored.
 --
