@@ -8,9 +8,11 @@ by MariaDB triggers on `messages`, inside the statement that changes a
 message and so inside its transaction: the kept numbers are exact at every
 commit, whoever writes (a role, an admin command, a test's SQL), and there
 is one home for the rule. Their size grows with states x reply codes x
-slots, workers, minutes (and seconds) of sending and distinct failure
-reasons, never with the number of messages; `stats --json` reads them in a
-few milliseconds at any size (bench/stats_bench.py).
+slots, workers x seconds of sending and distinct failure reasons, never
+with the number of messages, and every report reads a bounded part of them
+(at most ~300 timeline rows per worker, the top ten failure reasons from an
+index): `stats --json` takes a few milliseconds at any size
+(bench/stats_bench.py).
 
 * INSERTs have no trigger: a newsletter's rows are created by set-based
   INSERT ... SELECTs over chunks of subscriber ids (release.py), and a
@@ -27,13 +29,14 @@ few milliseconds at any size (bench/stats_bench.py).
   committing outcomes for one newsletter neither queue on one row lock nor,
   through two Galera nodes, fail certification on it. Readers add the slots
   up; a single slot's value means nothing alone (it may be negative).
-  Timeline and sort-worker rows are per worker and need no slot. A
+  Timeline and sort-worker rows are per worker and need no slot; failure
+  reasons have none either, so that their top ten is read from an index. A
   newsletter that finishes has its slots folded into one row per state and
   reply code (:func:`compact`), so the metrics' totals stay a small read.
-* Cost, measured on the 2-core test box: ~10-20 us per statement a trigger
-  runs per changed row; a sort outcome runs two, a send outcome two, a
-  failure three, an assignment (batch_id only) none. bench/README.md has the
-  pipeline's figures with and without.
+* Cost, measured on the 2-core test box: ~20-25 us per statement a trigger
+  runs per changed row, whether it writes one row or five; a sort outcome
+  runs two, a send outcome two, a failure three, an assignment (batch_id
+  only) none. bench/README.md has the pipeline's figures with and without.
 
 What is exact, and what is not: the counts by state (and reply code) and the
 deferrals always equal the rows (`sendsystem counts verify` checks it, and
@@ -51,7 +54,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from .db import Database
@@ -62,6 +65,7 @@ log = logging.getLogger(__name__)
 SLOTS = 16
 NO_REPLY = 65535  # kept_counts.reply_code of rows without a reply code
 _ALL = 2**62  # "no LIMIT" for the chunked deletes
+_EPOCH = datetime(1970, 1, 1)  # kept_timeline.bucket counts seconds from it
 
 # What :func:`compact` runs (a role that calls it prepares them at start-up).
 COMPACT_STATEMENTS = ("kept_counts_for_update", "kept_counts_delete", "kept_counts_insert")
@@ -105,8 +109,7 @@ def verify(db: Database, newsletter_id: int | None = None) -> list[Difference]:
             out.append(Difference(int(r["newsletter_id"]), "deferrals", key,
                                   int(r["kept_deferrals"]), int(r["actual_deferrals"])))
     for r in db.fetchall("kept_verify_timeline", params):
-        at = r["bucket_at"]
-        stamp = at.strftime("%Y-%m-%dT%H:%M:%S") if isinstance(at, datetime) else str(at)
+        stamp = (_EPOCH + timedelta(seconds=int(r["bucket"]))).strftime("%Y-%m-%dT%H:%M:%S")
         for field in ("sent", "failed"):
             kept, actual = int(r[f"kept_{field}"]), int(r[f"actual_{field}"])
             if kept != actual:

@@ -7,8 +7,8 @@ Every per-newsletter number comes from the kept tables (sendsystem/keptcounts.py
 never from a scan of its message rows, so `stats` and `status` cost the same
 for 100 messages and for 10,000,000. What that changes in precision: the
 timeline, its bucket choice and status's last-minute rate count whole
-seconds; a worker's first and last message and the duration are exact
-(microseconds).
+seconds (up to one second more in the minute); a worker's first and last
+message and the duration are exact (microseconds).
 """
 
 from __future__ import annotations
@@ -220,10 +220,21 @@ def bucket_start(first: datetime, bucket: int) -> datetime:
     return epoch + timedelta(seconds=seconds - seconds % bucket)
 
 
+# The resolutions of the kept timeline rows (migration 013), in seconds.
+KEPT_RESOLUTIONS = (1, 10, 60, 600, 3600)
+
+
 def timeline_resolution(bucket: int) -> int:
-    """The kept timeline rows a bucket is added up from: per second under a
-    minute, else per minute (every bucket of a minute or more is whole minutes)."""
-    return 1 if bucket < 60 else 60
+    """The kept timeline rows a bucket is added up from: the coarsest resolution
+    that divides it (so at most 24 rows per bucket and worker, for day buckets)."""
+    return max(r for r in KEPT_RESOLUTIONS if bucket % r == 0)
+
+
+def _epoch_seconds(at: datetime) -> int:
+    return int((at - _UNIX_EPOCH).total_seconds())
+
+
+_UNIX_EPOCH = datetime(1970, 1, 1)
 
 
 def timeline_detail(db: Database, newsletter_id: int) -> dict[str, Any]:
@@ -231,10 +242,10 @@ def timeline_detail(db: Database, newsletter_id: int) -> dict[str, Any]:
     span = db.fetchone("stats_sent_span", {"id": newsletter_id})
     if not span or span["first"] is None:
         return {"bucket_seconds": 1, "rows": []}
-    bucket = timeline_bucket((span["last"] - span["first"]).total_seconds())
-    start = bucket_start(span["first"], bucket)
+    bucket = timeline_bucket(float(span["last"]) - float(span["first"]))
+    start = bucket_start(_UNIX_EPOCH + timedelta(seconds=int(span["first"])), bucket)
     rows = db.fetchall("stats_timeline_buckets",
-                       {"id": newsletter_id, "start": start, "bucket": bucket,
+                       {"id": newsletter_id, "start": _epoch_seconds(start), "bucket": bucket,
                         "resolution": timeline_resolution(bucket)})
     return {"bucket_seconds": bucket,
             "rows": [{"at": (start + timedelta(seconds=int(r["bucket"]) * bucket))
@@ -254,7 +265,8 @@ def message_facts(db: Database, newsletter_id: int) -> dict[str, Any]:
         "counts": counts(db, newsletter_id),
         "workers": _workers(db, "stats_sort_workers", "sort", newsletter_id)
         + _workers(db, "stats_send_workers", "send", newsletter_id),
-        "timeline": [{"minute": r["minute"], "worker": r["worker"], "sent": int(r["sent"])}
+        "timeline": [{"minute": (_UNIX_EPOCH + timedelta(seconds=int(r["minute"])))
+                      .strftime("%Y-%m-%dT%H:%M"), "worker": r["worker"], "sent": int(r["sent"])}
                      for r in db.fetchall("stats_timeline", {"id": newsletter_id})],
         "timeline_detail": timeline_detail(db, newsletter_id),
         "replies": [{"code": int(r["code"]), "reply": r["reply"], "count": int(r["count"])}

@@ -501,7 +501,7 @@ ORDER BY n.id;
 -- one second more than asked).
 SELECT COALESCE(SUM(sent), 0) AS n FROM kept_timeline
 WHERE newsletter_id = %(id)s AND resolution = 1
-  AND bucket_at >= TIMESTAMPADD(SECOND, -%(seconds)s, NOW());
+  AND bucket >= TO_SECONDS(NOW(6)) - 62167219200 - %(seconds)s;
 
 -- name: stats_sort_workers
 SELECT w.name, w.host, k.messages,
@@ -512,42 +512,43 @@ ORDER BY w.name;
 
 -- name: stats_send_workers
 -- Sent, failed or bounced per send worker, and the span of their finished_at,
--- from the per-minute timeline rows (the first/last are exact).
+-- from the hourly timeline rows (their first/last are exact).
 SELECT w.name, w.host, SUM(k.sent + k.failed) AS messages,
        TIMESTAMPDIFF(MICROSECOND, MIN(k.first_at), MAX(k.last_at)) / 1000000 AS span
 FROM kept_timeline k JOIN workers w ON w.id = k.worker_id
-WHERE k.newsletter_id = %(id)s AND k.resolution = 60
+WHERE k.newsletter_id = %(id)s AND k.resolution = 3600
 GROUP BY w.id, w.name, w.host HAVING SUM(k.sent + k.failed) > 0
 ORDER BY w.name;
 
 -- name: stats_timeline
-SELECT DATE_FORMAT(k.bucket_at, '%%Y-%%m-%%dT%%H:%%i') AS minute, w.name AS worker,
-       SUM(k.sent) AS sent
+-- Delivered per minute and worker; `minute`: seconds since 1970 (kept_timeline.bucket).
+SELECT k.bucket AS minute, w.name AS worker, SUM(k.sent) AS sent
 FROM kept_timeline k JOIN workers w ON w.id = k.worker_id
 WHERE k.newsletter_id = %(id)s AND k.resolution = 60
-GROUP BY minute, w.name HAVING SUM(k.sent) > 0
-ORDER BY minute, w.name;
+GROUP BY k.bucket, w.name HAVING SUM(k.sent) > 0
+ORDER BY k.bucket, w.name;
 
 -- name: stats_sent_span
--- The first and last second anything was delivered (index order, two rows read).
-SELECT (SELECT bucket_at FROM kept_timeline
+-- The first and last second anything was delivered, in seconds since 1970
+-- (index order: a row or two read each).
+SELECT (SELECT bucket FROM kept_timeline
         WHERE newsletter_id = %(id)s AND resolution = 1 AND sent > 0
-        ORDER BY bucket_at LIMIT 1) AS first,
-       (SELECT bucket_at FROM kept_timeline
+        ORDER BY bucket LIMIT 1) AS first,
+       (SELECT bucket FROM kept_timeline
         WHERE newsletter_id = %(id)s AND resolution = 1 AND sent > 0
-        ORDER BY bucket_at DESC LIMIT 1) AS last;
+        ORDER BY bucket DESC LIMIT 1) AS last;
 
 -- name: stats_timeline_buckets
--- Delivered per worker per bucket of %(bucket)s seconds from %(start)s, read
--- from the rows of %(resolution)s seconds (1 for buckets under a minute, else
--- 60: %(start)s and the bucket are whole minutes then). stats.py picks the
--- bucket from the send's length so there are at most ~300 of them.
-SELECT TIMESTAMPDIFF(SECOND, %(start)s, k.bucket_at) DIV %(bucket)s AS bucket,
-       w.name AS worker, SUM(k.sent) AS sent
+-- Delivered per worker per bucket of %(bucket)s seconds from %(start)s (seconds
+-- since 1970), read
+-- from the kept rows of %(resolution)s seconds (the coarsest that divides the
+-- bucket: stats.timeline_resolution). stats.py picks the bucket from the
+-- send's length so there are at most ~300 of them.
+SELECT (k.bucket - %(start)s) DIV %(bucket)s AS bucket, w.name AS worker, SUM(k.sent) AS sent
 FROM kept_timeline k JOIN workers w ON w.id = k.worker_id
-WHERE k.newsletter_id = %(id)s AND k.resolution = %(resolution)s
-GROUP BY bucket, w.name HAVING SUM(k.sent) > 0
-ORDER BY bucket, w.name;
+WHERE k.newsletter_id = %(id)s AND k.resolution = %(resolution)s AND k.bucket >= %(start)s
+GROUP BY (k.bucket - %(start)s) DIV %(bucket)s, w.name HAVING SUM(k.sent) > 0
+ORDER BY 1, w.name;
 
 -- name: stats_replies
 SELECT reply_code AS code, MIN(sample) AS reply, SUM(n) AS count
@@ -556,11 +557,11 @@ GROUP BY reply_code HAVING SUM(n) > 0
 ORDER BY count DESC, reply_code LIMIT 10;
 
 -- name: stats_failures
--- Why messages failed: the relay's reply, or the merge's reason.
-SELECT MIN(reason) AS reason, SUM(n) AS count
-FROM kept_failures WHERE newsletter_id = %(id)s
-GROUP BY reason HAVING SUM(n) > 0
-ORDER BY count DESC, reason LIMIT 10;
+-- Why messages failed: the relay's reply, or the merge's reason. Ten entries
+-- of ix_kept_failures_top, however many reasons there are.
+SELECT reason, n AS count FROM kept_failures
+WHERE newsletter_id = %(id)s AND n > 0
+ORDER BY n DESC, reason LIMIT 10;
 
 -- name: stats_deferrals
 SELECT COALESCE(SUM(deferrals), 0) AS n FROM kept_counts WHERE newsletter_id = %(id)s;
@@ -1021,37 +1022,58 @@ ORDER BY newsletter_id, state, reply_code;
 -- name: kept_verify_timeline
 -- Only newsletters without a summary: `purge` drops the history once the
 -- summary holds it.
-SELECT newsletter_id, resolution, bucket_at, worker_id, SUM(kept_sent) AS kept_sent,
+SELECT newsletter_id, resolution, bucket, worker_id, SUM(kept_sent) AS kept_sent,
        SUM(actual_sent) AS actual_sent, SUM(kept_failed) AS kept_failed,
        SUM(actual_failed) AS actual_failed
 FROM (
-    SELECT newsletter_id, resolution, bucket_at, worker_id, sent AS kept_sent,
+    SELECT newsletter_id, resolution, bucket, worker_id, sent AS kept_sent,
            0 AS actual_sent, failed AS kept_failed, 0 AS actual_failed
     FROM kept_timeline WHERE %(id)s IS NULL OR newsletter_id = %(id)s
     UNION ALL
-    SELECT newsletter_id, 1,
-           finished_at - INTERVAL MICROSECOND(finished_at) MICROSECOND AS bucket,
+    SELECT newsletter_id, 1, TO_SECONDS(finished_at) - 62167219200 AS bucket_s,
            send_worker_id, 0, SUM(state <> 'failed'), 0, SUM(state = 'failed')
     FROM messages
     WHERE (%(id)s IS NULL OR newsletter_id = %(id)s)
       AND state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
       AND send_worker_id IS NOT NULL
-    GROUP BY newsletter_id, bucket, send_worker_id
+    GROUP BY newsletter_id, bucket_s, send_worker_id
     UNION ALL
-    SELECT newsletter_id, 60,
-           finished_at - INTERVAL (SECOND(finished_at) * 1000000 + MICROSECOND(finished_at))
-               MICROSECOND AS bucket,
+    SELECT newsletter_id, 10, (TO_SECONDS(finished_at) - 62167219200) DIV 10 * 10 AS bucket_s,
            send_worker_id, 0, SUM(state <> 'failed'), 0, SUM(state = 'failed')
     FROM messages
     WHERE (%(id)s IS NULL OR newsletter_id = %(id)s)
       AND state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
       AND send_worker_id IS NOT NULL
-    GROUP BY newsletter_id, bucket, send_worker_id
+    GROUP BY newsletter_id, bucket_s, send_worker_id
+    UNION ALL
+    SELECT newsletter_id, 60, (TO_SECONDS(finished_at) - 62167219200) DIV 60 * 60 AS bucket_s,
+           send_worker_id, 0, SUM(state <> 'failed'), 0, SUM(state = 'failed')
+    FROM messages
+    WHERE (%(id)s IS NULL OR newsletter_id = %(id)s)
+      AND state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+      AND send_worker_id IS NOT NULL
+    GROUP BY newsletter_id, bucket_s, send_worker_id
+    UNION ALL
+    SELECT newsletter_id, 600, (TO_SECONDS(finished_at) - 62167219200) DIV 600 * 600 AS bucket_s,
+           send_worker_id, 0, SUM(state <> 'failed'), 0, SUM(state = 'failed')
+    FROM messages
+    WHERE (%(id)s IS NULL OR newsletter_id = %(id)s)
+      AND state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+      AND send_worker_id IS NOT NULL
+    GROUP BY newsletter_id, bucket_s, send_worker_id
+    UNION ALL
+    SELECT newsletter_id, 3600, (TO_SECONDS(finished_at) - 62167219200) DIV 3600 * 3600 AS bucket_s,
+           send_worker_id, 0, SUM(state <> 'failed'), 0, SUM(state = 'failed')
+    FROM messages
+    WHERE (%(id)s IS NULL OR newsletter_id = %(id)s)
+      AND state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+      AND send_worker_id IS NOT NULL
+    GROUP BY newsletter_id, bucket_s, send_worker_id
 ) AS x
 WHERE newsletter_id NOT IN (SELECT newsletter_id FROM newsletter_summaries)
-GROUP BY newsletter_id, resolution, bucket_at, worker_id
+GROUP BY newsletter_id, resolution, bucket, worker_id
 HAVING SUM(kept_sent) <> SUM(actual_sent) OR SUM(kept_failed) <> SUM(actual_failed)
-ORDER BY newsletter_id, resolution, bucket_at, worker_id;
+ORDER BY newsletter_id, resolution, bucket, worker_id;
 
 -- name: kept_verify_sort_workers
 SELECT newsletter_id, worker_id, SUM(kept) AS kept, SUM(actual) AS actual
@@ -1115,24 +1137,42 @@ FROM messages WHERE newsletter_id = %(id)s
 GROUP BY newsletter_id, state, code;
 
 -- name: kept_rebuild_timeline
-INSERT INTO kept_timeline (newsletter_id, resolution, bucket_at, worker_id, sent, failed,
+INSERT INTO kept_timeline (newsletter_id, resolution, bucket, worker_id, sent, failed,
                            first_at, last_at)
-SELECT newsletter_id, 1, finished_at - INTERVAL MICROSECOND(finished_at) MICROSECOND AS bucket,
+SELECT newsletter_id, 1, TO_SECONDS(finished_at) - 62167219200 AS bucket_s,
        send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
 FROM messages
 WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced', 'failed')
   AND finished_at IS NOT NULL AND send_worker_id IS NOT NULL
-GROUP BY newsletter_id, bucket, send_worker_id
+GROUP BY newsletter_id, bucket_s, send_worker_id
 UNION ALL
-SELECT newsletter_id, 60,
-       finished_at - INTERVAL (SECOND(finished_at) * 1000000 + MICROSECOND(finished_at))
-           MICROSECOND AS bucket,
-       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), MIN(finished_at),
-       MAX(finished_at)
+SELECT newsletter_id, 10, (TO_SECONDS(finished_at) - 62167219200) DIV 10 * 10 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
 FROM messages
 WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced', 'failed')
   AND finished_at IS NOT NULL AND send_worker_id IS NOT NULL
-GROUP BY newsletter_id, bucket, send_worker_id;
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 60, (TO_SECONDS(finished_at) - 62167219200) DIV 60 * 60 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
+FROM messages
+WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced', 'failed')
+  AND finished_at IS NOT NULL AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 600, (TO_SECONDS(finished_at) - 62167219200) DIV 600 * 600 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
+FROM messages
+WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced', 'failed')
+  AND finished_at IS NOT NULL AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 3600, (TO_SECONDS(finished_at) - 62167219200) DIV 3600 * 3600 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), MIN(finished_at), MAX(finished_at)
+FROM messages
+WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced', 'failed')
+  AND finished_at IS NOT NULL AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id;
 
 -- name: kept_rebuild_sort_workers
 INSERT INTO kept_sort_workers (newsletter_id, worker_id, messages, first_at, last_at)
@@ -1141,8 +1181,8 @@ FROM messages WHERE newsletter_id = %(id)s AND sort_worker_id IS NOT NULL
 GROUP BY newsletter_id, sort_worker_id;
 
 -- name: kept_rebuild_failures
-INSERT INTO kept_failures (newsletter_id, reason, slot, n)
-SELECT newsletter_id, COALESCE(reply, detail, '(no reason recorded)') AS reason, 0, COUNT(*)
+INSERT INTO kept_failures (newsletter_id, reason, n)
+SELECT newsletter_id, COALESCE(reply, detail, '(no reason recorded)') AS reason, COUNT(*)
 FROM messages WHERE newsletter_id = %(id)s AND state = 'failed'
 GROUP BY newsletter_id, reason;
 

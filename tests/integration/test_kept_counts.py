@@ -5,7 +5,7 @@ fixture); here: one newsletter through every kind of change (sort, skip,
 send, defer, fail, bounce, retry-failed, cancel, purge) with the invariant and
 the stats checked against the rows after each step; the rows are not read at
 all by stats, status and metrics; `counts verify` names a difference and
-`--repair` puts it right; a schema 10 database with messages is backfilled;
+`--repair` puts it right; a schema 12 database with messages is backfilled;
 folding the slots changes no number.
 """
 
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import pymysql
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sendsystem import admin, keptcounts, monitoring, retention, stats
@@ -226,7 +228,7 @@ def test_folding_the_slots_changes_no_number(env: Env) -> None:
     assert keptcounts.verify(env.db) == []
 
 
-def test_upgrade_from_10_backfills_the_kept_tables(tmp_path: Any) -> None:
+def test_upgrade_from_12_backfills_the_kept_tables(tmp_path: Any) -> None:
     name = f"ss_kept_{tmp_path.name[-8:]}".replace("-", "_")
     path = write_config(tmp_path / "config.ini", name)
     db = Database(load_config(path).database)
@@ -234,7 +236,7 @@ def test_upgrade_from_10_backfills_the_kept_tables(tmp_path: Any) -> None:
     try:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        assert db.init_schema(up_to=10) == (0, 10)
+        assert db.init_schema(up_to=12) == (0, 12)
         with conn.cursor() as cur:
             cur.execute(f"USE `{name}`")
             cur.execute("INSERT INTO lists (name, from_name, from_address) "
@@ -253,7 +255,7 @@ def test_upgrade_from_10_backfills_the_kept_tables(tmp_path: Any) -> None:
                         "IF(seq MOD 5 > 1, ELT(seq MOD 5 - 1, 250, 550, 421), NULL), "
                         "IF(seq MOD 5 = 3, CONCAT('550 no ', seq MOD 2), NULL), "
                         "IF(seq MOD 5 = 4, 2, 0), NULL FROM seq_1_to_100")
-        assert db.init_schema() == (10, SCHEMA_VERSION)
+        assert db.init_schema() == (12, SCHEMA_VERSION)
         assert keptcounts.verify(db) == []
         assert stats.counts(db, 1) == {"queued": 20, "merged": 20, "sent": 20, "deferred": 20,
                                        "failed": 20, "skipped": 0, "bounced": 0,
@@ -269,3 +271,40 @@ def test_upgrade_from_10_backfills_the_kept_tables(tmp_path: Any) -> None:
         with conn.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
         conn.close()
+
+
+@pytest.mark.parametrize("span", [100, 1_000, 10_000, 100_000, 400_000, 5_000_000])
+def test_timeline_of_any_length_from_the_kept_rows(env: Env, span: int) -> None:
+    """Deliveries spread over `span` seconds: the per-minute timeline and the detail
+    (its bucket chosen from the span, read from the coarsest kept rows that fit)
+    equal a count of the rows."""
+    nid = make_newsletter(env, 40)
+    for name in ("w1", "w2"):
+        sql(env, "INSERT INTO workers (host, role, name) VALUES ('h', 'send', %s)", (name,))
+    workers = {int(r["id"]): r["name"] for r in sql(env, "SELECT id, name FROM workers")}
+    ids = [int(r["id"]) for r in sql(env, "SELECT id FROM messages WHERE newsletter_id = %s "
+                                          "ORDER BY id", (nid,))]
+    for i, mid in enumerate(ids):
+        offset = span * i / (len(ids) - 1) + 0.25  # ends exactly `span` s after it starts
+        sql(env, "UPDATE messages SET state = IF(%s MOD 7 = 3, 'failed', 'sent'), "
+                 "send_worker_id = %s, finished_at = TIMESTAMPADD(MICROSECOND, %s, "
+                 "TIMESTAMPADD(DAY, -100, '2026-11-30 12:00:00')) WHERE id = %s",
+            (i, sorted(workers)[i % 2], int(offset * 1e6), mid))
+    rows = sql(env, "SELECT m.finished_at AS at, w.name FROM messages m JOIN workers w "
+                    "ON w.id = m.send_worker_id WHERE m.newsletter_id = %s AND m.state = 'sent'",
+               (nid,))
+    facts = stats.newsletter_stats(env.db, nid)
+    seconds = [r["at"].replace(microsecond=0) for r in rows]
+    bucket = stats.timeline_bucket((max(seconds) - min(seconds)).total_seconds())
+    start = stats.bucket_start(min(seconds), bucket)
+    want = Counter(((s - start).total_seconds() // bucket, r["name"])
+                   for s, r in zip(seconds, rows, strict=True))
+    detail = facts["timeline_detail"]
+    assert detail["bucket_seconds"] == bucket
+    assert {((datetime.fromisoformat(r["at"]) - start).total_seconds() // bucket, r["worker"]):
+            r["sent"] for r in detail["rows"]} == dict(want)
+    minutes = Counter((r["at"].strftime("%Y-%m-%dT%H:%M"), r["name"]) for r in rows)
+    assert {(r["minute"], r["worker"]): r["sent"] for r in facts["timeline"]} == dict(minutes)
+    assert {w["name"]: w["messages"] for w in facts["workers"] if w["role"] == "send"} \
+        == dict(Counter(workers[int(r["send_worker_id"])] for r in sql(
+            env, "SELECT send_worker_id FROM messages WHERE newsletter_id = %s", (nid,))))

@@ -69,12 +69,13 @@ def test_folding_keeps_every_sum(parts: list[tuple[str, int, int, int, int]]) ->
 
 @pytest.mark.parametrize("bucket", TIMELINE_BUCKETS)
 def test_a_bucket_reads_rows_it_is_made_of(bucket: int) -> None:
-    """Minute rows serve only buckets that are whole minutes and start on one."""
+    """Rows of a resolution serve only buckets made of whole rows, starting on one,
+    and few of them: at most 24 per bucket and worker (a day of hours)."""
     resolution = timeline_resolution(bucket)
-    assert bucket % resolution == 0
+    assert bucket % resolution == 0 and bucket // resolution <= 24
     start = bucket_start(datetime(2026, 11, 29, 21, 47, 13, 500000), bucket)
     assert (start - datetime(1970, 1, 1)).total_seconds() % resolution == 0
-    assert resolution == (1 if bucket < 60 else 60)
+    assert resolution == {1: 1, 10: 10, 60: 60, 600: 600, 3600: 3600, 86400: 3600}[bucket]
 
 
 def test_a_difference_names_newsletter_key_and_both_numbers() -> None:

@@ -7,22 +7,23 @@
 --   kept_counts        messages by (newsletter, state, reply code, slot), the
 --                      deferrals they went through, a sample reply, and the
 --                      span's times (first/last merge, last finish)
---   kept_timeline      per (newsletter, second or minute, send worker): the
---                      delivered (sent or bounced) and failed messages, and
---                      the first/last finished_at (the send workers' rates)
+--   kept_timeline      per (newsletter, 1/10/60/600/3600 seconds, send worker):
+--                      the delivered (sent or bounced) and failed messages,
+--                      and the first/last finished_at (the send workers' rates)
 --   kept_sort_workers  per (newsletter, sort worker): messages, first/last merged_at
---   kept_failures      failed messages per (newsletter, reason, slot)
+--   kept_failures      failed messages per (newsletter, reason)
 --
 -- Times and samples are the least/greatest ever recorded (a row that later
 -- changed keeps its mark); counts follow every change.
 --
 -- They are maintained by the triggers below, inside the statement (so the
 -- transaction) that changes a message: exact by construction. `slot` spreads
--- the hot counters over 16 rows per key, chosen by the writing connection,
--- so two workers committing outcomes of one newsletter neither wait for one
--- row lock nor (on Galera, through two nodes) conflict at certification;
--- readers add the slots up, and a single slot's value means nothing alone
--- (it may be negative).
+-- the hot counters of kept_counts over 16 rows per key, chosen by the
+-- writing connection, so two workers committing outcomes of one newsletter
+-- neither wait for one row lock nor (on Galera, through two nodes) conflict
+-- at certification; readers add the slots up, and a single slot's value
+-- means nothing alone (it may be negative). Timeline and sort-worker rows
+-- are per worker, so they need no slot.
 --
 -- INSERTs have no trigger: a per-row trigger would more than double the
 -- release of a large newsletter. The one statement that creates message
@@ -55,19 +56,25 @@ CREATE TABLE IF NOT EXISTS kept_counts (
     PRIMARY KEY (newsletter_id, state, reply_code, slot)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
--- Per second (resolution 1: the HTML report of a short send, status's
--- last-minute rate) and per minute (60: the timeline, long sends, the send
--- workers' shares and rates).
+-- Per 1, 10, 60, 600 and 3600 seconds of finished_at (`resolution`): a
+-- timeline of any length is drawn from at most ~300 rows per worker (the
+-- HTML report picks its bucket from the send's length, stats.py), status's
+-- last-minute rate reads 60 one-second rows per worker, and the hour rows
+-- carry each send worker's first and last finished_at (its rate). One
+-- statement writes the five rows: in a trigger the statement costs more
+-- than its rows (measured: ~10 us for the statement, ~4 us a row).
+-- `bucket`: where the bucket starts, in seconds since 1970-01-01 00:00 of the
+-- database's clock (integer arithmetic is cheaper in a trigger than DATETIME's).
 CREATE TABLE IF NOT EXISTS kept_timeline (
     newsletter_id  INT UNSIGNED NOT NULL,
     resolution     SMALLINT UNSIGNED NOT NULL,
-    bucket_at      DATETIME NOT NULL,
+    bucket         INT UNSIGNED NOT NULL,
     worker_id      INT UNSIGNED NOT NULL,
     sent           BIGINT NOT NULL DEFAULT 0,
     failed         BIGINT NOT NULL DEFAULT 0,
     first_at       DATETIME(6) NULL,
     last_at        DATETIME(6) NULL,
-    PRIMARY KEY (newsletter_id, resolution, bucket_at, worker_id)
+    PRIMARY KEY (newsletter_id, resolution, bucket, worker_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 CREATE TABLE IF NOT EXISTS kept_sort_workers (
@@ -82,12 +89,17 @@ CREATE TABLE IF NOT EXISTS kept_sort_workers (
 -- The reason is COALESCE(reply, detail, '(no reason recorded)'), at most 500
 -- characters like both columns; keyed by the text itself in the columns'
 -- collation, so reasons group exactly as a GROUP BY over the rows would.
+-- Replies that quote the address (or a session id, as Gmail's do) make one
+-- reason per failed message: the top ten are read from the (n DESC) index,
+-- ten rows whatever their number. So no slots here: a reason that every
+-- worker hits at once (a relay refusing everything) shares one row, which
+-- the failure brake soon stops.
 CREATE TABLE IF NOT EXISTS kept_failures (
     newsletter_id  INT UNSIGNED NOT NULL,
     reason         VARCHAR(500) NOT NULL,
-    slot           TINYINT UNSIGNED NOT NULL,
     n              BIGINT NOT NULL DEFAULT 0,
-    PRIMARY KEY (newsletter_id, reason, slot)
+    PRIMARY KEY (newsletter_id, reason),
+    KEY ix_kept_failures_top (newsletter_id, n DESC)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
 -- The slot: the connection's id, made distinct across Galera nodes by the
@@ -95,10 +107,11 @@ CREATE TABLE IF NOT EXISTS kept_failures (
 -- Written out in each statement rather than kept in a variable: in a
 -- trigger every SET and DECLARE is an instruction of its own, and they cost
 -- more than the arithmetic. For the same reason the tables are cut so that
--- few statements run per change (each costs ~10-20 us a row on the 2-core
--- test box): a sort outcome runs two (counts, sort worker), a send outcome
--- two (counts, timeline), a failure three, a deferral, bounce or cancel
--- one, and an assignment (batch_id only) none.
+-- few statements run per change: each costs ~20-25 us per changed row on
+-- the 2-core test box, whether it writes one row or five. A sort outcome
+-- runs two (counts, sort worker), a send outcome two (counts, timeline), a
+-- failure three, a deferral, bounce or cancel one, and an assignment
+-- (batch_id only) none.
 CREATE OR REPLACE TRIGGER messages_kept_update AFTER UPDATE ON messages FOR EACH ROW
 kept: BEGIN
     -- Assignment, hand-back and reclaim change only batch_id: leave at once.
@@ -151,38 +164,53 @@ kept: BEGIN
     END IF;
 
     -- Timeline of the send workers: delivered (sent or bounced) and failed
-    -- messages per second and per minute of finished_at, with the first and
-    -- last finished_at in the minute rows. Whole seconds and minutes by
-    -- arithmetic, not CAST (a CAST rounds or truncates by the sql_mode the
-    -- trigger was created under).
+    -- messages per 1, 10, 60, 600 and 3600 seconds of finished_at, with the
+    -- first and last finished_at in the hour rows. TO_SECONDS ignores the
+    -- fraction (a CAST would round or truncate by the sql_mode the trigger was
+    -- created under); 62167219200 is TO_SECONDS('1970-01-01').
     IF (OLD.state IN ('sent', 'bounced', 'failed') OR NEW.state IN ('sent', 'bounced', 'failed'))
        AND (OLD.state <> NEW.state OR NOT (OLD.finished_at <=> NEW.finished_at)
             OR NOT (OLD.send_worker_id <=> NEW.send_worker_id)) THEN
         IF OLD.state IN ('sent', 'bounced', 'failed') AND OLD.finished_at IS NOT NULL
            AND OLD.send_worker_id IS NOT NULL THEN
-            INSERT INTO kept_timeline (newsletter_id, resolution, bucket_at, worker_id, sent,
+            INSERT INTO kept_timeline (newsletter_id, resolution, bucket, worker_id, sent,
                                        failed)
             VALUES (OLD.newsletter_id, 1,
-                    OLD.finished_at - INTERVAL MICROSECOND(OLD.finished_at) MICROSECOND,
+                    TO_SECONDS(OLD.finished_at) - 62167219200,
+                    OLD.send_worker_id, -(OLD.state <> 'failed'), -(OLD.state = 'failed')),
+                   (OLD.newsletter_id, 10,
+                    (TO_SECONDS(OLD.finished_at) - 62167219200) DIV 10 * 10,
                     OLD.send_worker_id, -(OLD.state <> 'failed'), -(OLD.state = 'failed')),
                    (OLD.newsletter_id, 60,
-                    OLD.finished_at - INTERVAL (SECOND(OLD.finished_at) * 1000000
-                                                + MICROSECOND(OLD.finished_at)) MICROSECOND,
+                    (TO_SECONDS(OLD.finished_at) - 62167219200) DIV 60 * 60,
+                    OLD.send_worker_id, -(OLD.state <> 'failed'), -(OLD.state = 'failed')),
+                   (OLD.newsletter_id, 600,
+                    (TO_SECONDS(OLD.finished_at) - 62167219200) DIV 600 * 600,
+                    OLD.send_worker_id, -(OLD.state <> 'failed'), -(OLD.state = 'failed')),
+                   (OLD.newsletter_id, 3600,
+                    (TO_SECONDS(OLD.finished_at) - 62167219200) DIV 3600 * 3600,
                     OLD.send_worker_id, -(OLD.state <> 'failed'), -(OLD.state = 'failed'))
             ON DUPLICATE KEY UPDATE sent = sent + VALUES(sent), failed = failed + VALUES(failed);
         END IF;
         IF NEW.state IN ('sent', 'bounced', 'failed') AND NEW.finished_at IS NOT NULL
            AND NEW.send_worker_id IS NOT NULL THEN
-            INSERT INTO kept_timeline (newsletter_id, resolution, bucket_at, worker_id, sent,
+            INSERT INTO kept_timeline (newsletter_id, resolution, bucket, worker_id, sent,
                                        failed, first_at, last_at)
             VALUES (NEW.newsletter_id, 1,
-                    NEW.finished_at - INTERVAL MICROSECOND(NEW.finished_at) MICROSECOND,
+                    TO_SECONDS(NEW.finished_at) - 62167219200,
+                    NEW.send_worker_id, NEW.state <> 'failed', NEW.state = 'failed', NULL, NULL),
+                   (NEW.newsletter_id, 10,
+                    (TO_SECONDS(NEW.finished_at) - 62167219200) DIV 10 * 10,
                     NEW.send_worker_id, NEW.state <> 'failed', NEW.state = 'failed', NULL, NULL),
                    (NEW.newsletter_id, 60,
-                    NEW.finished_at - INTERVAL (SECOND(NEW.finished_at) * 1000000
-                                                + MICROSECOND(NEW.finished_at)) MICROSECOND,
-                    NEW.send_worker_id, NEW.state <> 'failed', NEW.state = 'failed',
-                    NEW.finished_at, NEW.finished_at)
+                    (TO_SECONDS(NEW.finished_at) - 62167219200) DIV 60 * 60,
+                    NEW.send_worker_id, NEW.state <> 'failed', NEW.state = 'failed', NULL, NULL),
+                   (NEW.newsletter_id, 600,
+                    (TO_SECONDS(NEW.finished_at) - 62167219200) DIV 600 * 600,
+                    NEW.send_worker_id, NEW.state <> 'failed', NEW.state = 'failed', NULL, NULL),
+                   (NEW.newsletter_id, 3600,
+                    (TO_SECONDS(NEW.finished_at) - 62167219200) DIV 3600 * 3600,
+                    NEW.send_worker_id, NEW.state <> 'failed', NEW.state = 'failed', NEW.finished_at, NEW.finished_at)
             ON DUPLICATE KEY UPDATE sent = sent + VALUES(sent), failed = failed + VALUES(failed),
                 first_at = LEAST(COALESCE(first_at, VALUES(first_at)),
                                  COALESCE(VALUES(first_at), first_at)),
@@ -193,17 +221,13 @@ kept: BEGIN
 
     -- Failures by reason (the relay's reply, else the merge's detail).
     IF OLD.state = 'failed' THEN
-        INSERT INTO kept_failures (newsletter_id, reason, slot, n)
-        VALUES (OLD.newsletter_id, COALESCE(OLD.reply, OLD.detail, '(no reason recorded)'),
-                (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
-                -1)
+        INSERT INTO kept_failures (newsletter_id, reason, n)
+        VALUES (OLD.newsletter_id, COALESCE(OLD.reply, OLD.detail, '(no reason recorded)'), -1)
         ON DUPLICATE KEY UPDATE n = n - 1;
     END IF;
     IF NEW.state = 'failed' THEN
-        INSERT INTO kept_failures (newsletter_id, reason, slot, n)
-        VALUES (NEW.newsletter_id, COALESCE(NEW.reply, NEW.detail, '(no reason recorded)'),
-                (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
-                1)
+        INSERT INTO kept_failures (newsletter_id, reason, n)
+        VALUES (NEW.newsletter_id, COALESCE(NEW.reply, NEW.detail, '(no reason recorded)'), 1)
         ON DUPLICATE KEY UPDATE n = n + 1;
     END IF;
 END;
@@ -228,35 +252,50 @@ SELECT newsletter_id, state, COALESCE(reply_code, 65535) AS code, 0, COUNT(*), S
        MIN(reply), MIN(merged_at), MAX(merged_at), MAX(finished_at)
 FROM messages GROUP BY newsletter_id, state, code;
 
-INSERT INTO kept_timeline (newsletter_id, resolution, bucket_at, worker_id, sent, failed,
+INSERT INTO kept_timeline (newsletter_id, resolution, bucket, worker_id, sent, failed,
                            first_at, last_at)
-SELECT newsletter_id, 1, finished_at - INTERVAL MICROSECOND(finished_at) MICROSECOND AS bucket,
-       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), MIN(finished_at),
-       MAX(finished_at)
+SELECT newsletter_id, 1, TO_SECONDS(finished_at) - 62167219200 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
 FROM messages
 WHERE state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
   AND send_worker_id IS NOT NULL
-GROUP BY newsletter_id, bucket, send_worker_id;
-
-INSERT INTO kept_timeline (newsletter_id, resolution, bucket_at, worker_id, sent, failed,
-                           first_at, last_at)
-SELECT newsletter_id, 60,
-       finished_at - INTERVAL (SECOND(finished_at) * 1000000 + MICROSECOND(finished_at))
-           MICROSECOND AS bucket,
-       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), MIN(finished_at),
-       MAX(finished_at)
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 10, (TO_SECONDS(finished_at) - 62167219200) DIV 10 * 10 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
 FROM messages
 WHERE state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
   AND send_worker_id IS NOT NULL
-GROUP BY newsletter_id, bucket, send_worker_id;
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 60, (TO_SECONDS(finished_at) - 62167219200) DIV 60 * 60 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
+FROM messages
+WHERE state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+  AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 600, (TO_SECONDS(finished_at) - 62167219200) DIV 600 * 600 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
+FROM messages
+WHERE state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+  AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 3600, (TO_SECONDS(finished_at) - 62167219200) DIV 3600 * 3600 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), MIN(finished_at), MAX(finished_at)
+FROM messages
+WHERE state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+  AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id;
 
 INSERT INTO kept_sort_workers (newsletter_id, worker_id, messages, first_at, last_at)
 SELECT newsletter_id, sort_worker_id, COUNT(*), MIN(merged_at), MAX(merged_at)
 FROM messages WHERE sort_worker_id IS NOT NULL
 GROUP BY newsletter_id, sort_worker_id;
 
-INSERT INTO kept_failures (newsletter_id, reason, slot, n)
-SELECT newsletter_id, COALESCE(reply, detail, '(no reason recorded)') AS reason, 0, COUNT(*)
+INSERT INTO kept_failures (newsletter_id, reason, n)
+SELECT newsletter_id, COALESCE(reply, detail, '(no reason recorded)') AS reason, COUNT(*)
 FROM messages WHERE state = 'failed' GROUP BY newsletter_id, reason;
 
 INSERT IGNORE INTO schema_version (version) VALUES (13);
