@@ -167,55 +167,42 @@ def drop_history(db: Database, newsletter_id: int, chunk: int = 5000) -> int:
     return gone
 
 
-_TIMES = {"first_merged": min, "last_merged": max, "last_finished": max}
-
-
-def fold_counts(rows: Iterable[Mapping[str, Any]], *, drop_empty: bool = False
-                ) -> list[dict[str, Any]]:
-    """Kept counts rows folded over their slots: one per (state, reply code).
-
-    Counts and deferrals add up, the sample is the least, the times the
-    least or greatest. ``drop_empty`` leaves out a (state, reply code) whose
-    count and deferrals add up to zero (once its messages are deleted);
-    otherwise it is kept for its times (the span of the send).
-    """
+def fold_counts(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Kept counts rows folded over their slots: one per (state, reply code), none
+    for those whose messages all moved on (count and deferrals add up to zero;
+    their sample would never be shown). Counts and deferrals add up, the sample
+    is the least."""
     folded: dict[tuple[str, int], dict[str, Any]] = {}
     for r in rows:
         key = (str(r["state"]), int(r["reply_code"]))
         into = folded.get(key)
         if into is None:
             folded[key] = into = {"state": key[0], "reply_code": key[1], "n": 0,
-                                  "deferrals": 0, "sample": None,
-                                  **dict.fromkeys(_TIMES)}
+                                  "deferrals": 0, "sample": None}
         into["n"] += int(r["n"])
         into["deferrals"] += int(r["deferrals"])
         if r["sample"] is not None:
             into["sample"] = r["sample"] if into["sample"] is None \
                 else min(into["sample"], r["sample"])
-        for name, pick in _TIMES.items():
-            if r[name] is not None:
-                into[name] = r[name] if into[name] is None else pick(into[name], r[name])
-    out = [v for _, v in sorted(folded.items())]
-    if drop_empty:
-        out = [v for v in out if v["n"] or v["deferrals"]]
-    return out
+    return [v for _, v in sorted(folded.items()) if v["n"] or v["deferrals"]]
 
 
-def compact(db: Database, newsletter_id: int, *, drop_empty: bool = False) -> bool:
+def compact(db: Database, newsletter_id: int) -> bool:
     """Fold a newsletter's kept counts over the slots (see :func:`fold_counts`);
     False when a concurrent writer kept it from happening (it is an
     optimisation: nothing is wrong with the slots as they are).
 
     The rows are locked FOR UPDATE while they are folded, so a concurrent
     change waits (one server) or fails certification and is retried
-    (Galera): the sums stay exact either way.
+    (Galera): the sums stay exact either way. After `purge` deleted every
+    message row of a newsletter, nothing of it is left.
     """
     params = {"id": newsletter_id}
     for _attempt in range(3):
         try:
             with db.transaction():
                 rows = db.fetchall("kept_counts_for_update", params)
-                folded = fold_counts(rows, drop_empty=drop_empty)
+                folded = fold_counts(rows)
                 if len(folded) == len(rows) and all(int(r["slot"]) == 0 for r in rows):
                     return True  # nothing to fold
                 db.execute("kept_counts_delete", params)

@@ -133,7 +133,7 @@ def purge(db: Database, options: Options,
         deleted = _delete_messages(db, nid, span, options, pace)
         gone = _delete_bounces(db, nid, cutoff, options, pace)
         item.tracking = _delete_tracking(db, nid, cutoff, options, pace)
-        keptcounts.compact(db, nid, drop_empty=True)
+        keptcounts.compact(db, nid)
         db.execute("summary_mark_purged", {"id": nid, "messages": deleted, "bounces": gone})
         item.messages, item.bounces = deleted, gone
         log.info("purged newsletter %d: %d messages, %d bounce rows", nid, deleted, gone)

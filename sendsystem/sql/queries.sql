@@ -576,9 +576,19 @@ SELECT COUNT(*) AS n FROM bounces
 WHERE verified = 0 AND received_at >= TIMESTAMPADD(HOUR, -%(hours)s, NOW(6));
 
 -- name: stats_span
--- From the first merge to the last finish ever recorded (kept counts).
-SELECT TIMESTAMPDIFF(MICROSECOND, MIN(first_merged), MAX(last_finished)) / 1000000 AS duration
-FROM kept_counts WHERE newsletter_id = %(id)s;
+-- From the first merge to the last merge, send outcome or cancel (kept tables:
+-- the sort workers' and the send workers' first/last marks; a sort worker's
+-- skipped and failed messages finish when they are merged). A send-time
+-- skip (a recipient gone since the merge) finishing last is not seen.
+SELECT TIMESTAMPDIFF(MICROSECOND,
+           (SELECT MIN(first_at) FROM kept_sort_workers WHERE newsletter_id = n.id),
+           GREATEST(COALESCE((SELECT MAX(last_at) FROM kept_sort_workers
+                              WHERE newsletter_id = n.id), '1970-01-01'),
+                    COALESCE((SELECT MAX(last_at) FROM kept_timeline
+                              WHERE newsletter_id = n.id AND resolution = 3600), '1970-01-01'),
+                    IF(n.state = 'cancelled', n.finished_at, '1970-01-01'))) / 1000000
+           AS duration
+FROM newsletters n WHERE n.id = %(id)s;
 
 -- name: stats_bounces_between
 -- The bounce rows of a newsletter received in [since, before): what purge folds
@@ -836,7 +846,7 @@ SELECT kind, verified, COUNT(*) AS n FROM bounces GROUP BY kind, verified;
 -- Each running newsletter: work a worker could take now (queued and merged from
 -- the kept counts, plus the retries that are due: those are read from the
 -- deferred rows, ix_messages_pick) and the last moment anything moved (a
--- merge, an outcome, the release; kept counts).
+-- merge, a send outcome, the release; the kept sort workers and timeline).
 SELECT n.id,
        COALESCE((SELECT SUM(k.n) FROM kept_counts k
                  WHERE k.newsletter_id = n.id AND k.state IN ('queued', 'merged')), 0)
@@ -844,9 +854,10 @@ SELECT n.id,
           WHERE p.newsletter_id = n.id AND p.state = 'deferred'
             AND p.next_attempt_at <= NOW(6)) AS pending,
        TIMESTAMPDIFF(MICROSECOND,
-           GREATEST(COALESCE((SELECT MAX(f.last_finished) FROM kept_counts f
-                              WHERE f.newsletter_id = n.id), n.released_at),
-                    COALESCE((SELECT MAX(g.last_merged) FROM kept_counts g
+           GREATEST(COALESCE((SELECT MAX(f.last_at) FROM kept_timeline f
+                              WHERE f.newsletter_id = n.id AND f.resolution = 3600),
+                             n.released_at),
+                    COALESCE((SELECT MAX(g.last_at) FROM kept_sort_workers g
                               WHERE g.newsletter_id = n.id), n.released_at),
                     n.released_at),
            NOW(6)) / 1e6 AS idle_seconds
@@ -1129,10 +1140,9 @@ DELETE FROM kept_failures WHERE newsletter_id = %(id)s LIMIT %(chunk)s;
 
 -- name: kept_rebuild_counts
 -- The recount (the same as migration 013's backfill), into slot 0.
-INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample,
-                         first_merged, last_merged, last_finished)
+INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample)
 SELECT newsletter_id, state, COALESCE(reply_code, 65535) AS code, 0, COUNT(*), SUM(deferrals),
-       MIN(reply), MIN(merged_at), MAX(merged_at), MAX(finished_at)
+       MIN(reply)
 FROM messages WHERE newsletter_id = %(id)s
 GROUP BY newsletter_id, state, code;
 
@@ -1189,11 +1199,9 @@ GROUP BY newsletter_id, reason;
 -- name: kept_counts_for_update
 -- Compaction: lock a newsletter's kept counts (and, in REPEATABLE READ, the
 -- gaps between them, so no new slot row appears) while they are folded.
-SELECT state, reply_code, slot, n, deferrals, sample, first_merged, last_merged, last_finished
+SELECT state, reply_code, slot, n, deferrals, sample
 FROM kept_counts WHERE newsletter_id = %(id)s FOR UPDATE;
 
 -- name: kept_counts_insert
-INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample,
-                         first_merged, last_merged, last_finished)
-VALUES (%(id)s, %(state)s, %(reply_code)s, 0, %(n)s, %(deferrals)s, %(sample)s,
-        %(first_merged)s, %(last_merged)s, %(last_finished)s);
+INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample)
+VALUES (%(id)s, %(state)s, %(reply_code)s, 0, %(n)s, %(deferrals)s, %(sample)s);

@@ -5,8 +5,7 @@
 -- with the number of messages.
 --
 --   kept_counts        messages by (newsletter, state, reply code, slot), the
---                      deferrals they went through, a sample reply, and the
---                      span's times (first/last merge, last finish)
+--                      deferrals they went through, and a sample reply
 --   kept_timeline      per (newsletter, 1/10/60/600/3600 seconds, send worker):
 --                      the delivered (sent or bounced) and failed messages,
 --                      and the first/last finished_at (the send workers' rates)
@@ -14,7 +13,9 @@
 --   kept_failures      failed messages per (newsletter, reason)
 --
 -- Times and samples are the least/greatest ever recorded (a row that later
--- changed keeps its mark); counts follow every change.
+-- changed keeps its mark); counts follow every change. The span of a send
+-- (stats' duration) is read from the sort workers' first/last merge and the
+-- send workers' first/last finish.
 --
 -- They are maintained by the triggers below, inside the statement (so the
 -- transaction) that changes a message: exact by construction. `slot` spreads
@@ -50,9 +51,6 @@ CREATE TABLE IF NOT EXISTS kept_counts (
     n              BIGINT NOT NULL DEFAULT 0,
     deferrals      BIGINT NOT NULL DEFAULT 0,
     sample         VARCHAR(500) NULL,
-    first_merged   DATETIME(6) NULL,
-    last_merged    DATETIME(6) NULL,
-    last_finished  DATETIME(6) NULL,
     PRIMARY KEY (newsletter_id, state, reply_code, slot)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
@@ -123,26 +121,33 @@ kept: BEGIN
         LEAVE kept;
     END IF;
 
-    -- Counts by state and reply code (65535: no reply), the deferrals, a
-    -- sample reply (the least seen), and the times of the span.
+    -- Counts by state and reply code (65535: no reply). A sort outcome, a
+    -- cancel or an assignment's hand-back carries no reply and no deferral:
+    -- the plain statement; the rest also moves the deferrals the message went
+    -- through and keeps the least reply of each code as its sample. (Each
+    -- column of an upsert costs a few microseconds a row in a trigger.)
     IF OLD.state <> NEW.state OR OLD.deferrals <> NEW.deferrals
        OR NOT (OLD.reply_code <=> NEW.reply_code) OR NOT (OLD.reply <=> NEW.reply) THEN
-        INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample,
-                                 first_merged, last_merged, last_finished)
-        VALUES (OLD.newsletter_id, OLD.state, COALESCE(OLD.reply_code, 65535),
-                (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
-                -1, -OLD.deferrals, NULL, NULL, NULL, NULL),
-               (NEW.newsletter_id, NEW.state, COALESCE(NEW.reply_code, 65535),
-                (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
-                1, NEW.deferrals, NEW.reply, NEW.merged_at, NEW.merged_at, NEW.finished_at)
-        ON DUPLICATE KEY UPDATE n = n + VALUES(n), deferrals = deferrals + VALUES(deferrals),
-            sample = LEAST(COALESCE(sample, VALUES(sample)), COALESCE(VALUES(sample), sample)),
-            first_merged = LEAST(COALESCE(first_merged, VALUES(first_merged)),
-                                 COALESCE(VALUES(first_merged), first_merged)),
-            last_merged = GREATEST(COALESCE(last_merged, VALUES(last_merged)),
-                                   COALESCE(VALUES(last_merged), last_merged)),
-            last_finished = GREATEST(COALESCE(last_finished, VALUES(last_finished)),
-                                     COALESCE(VALUES(last_finished), last_finished));
+        IF OLD.deferrals = 0 AND NEW.deferrals = 0 AND NEW.reply IS NULL THEN
+            INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n)
+            VALUES (OLD.newsletter_id, OLD.state, COALESCE(OLD.reply_code, 65535),
+                    (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
+                    -1),
+                   (NEW.newsletter_id, NEW.state, COALESCE(NEW.reply_code, 65535),
+                    (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
+                    1)
+            ON DUPLICATE KEY UPDATE n = n + VALUES(n);
+        ELSE
+            INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample)
+            VALUES (OLD.newsletter_id, OLD.state, COALESCE(OLD.reply_code, 65535),
+                    (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
+                    -1, -OLD.deferrals, NULL),
+                   (NEW.newsletter_id, NEW.state, COALESCE(NEW.reply_code, 65535),
+                    (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
+                    1, NEW.deferrals, NEW.reply)
+            ON DUPLICATE KEY UPDATE n = n + VALUES(n), deferrals = deferrals + VALUES(deferrals),
+                sample = LEAST(COALESCE(sample, VALUES(sample)), COALESCE(VALUES(sample), sample));
+        END IF;
     END IF;
 
     -- Sort workers: every message a sort worker wrote, and when.
@@ -246,10 +251,9 @@ DELETE FROM kept_timeline;
 DELETE FROM kept_sort_workers;
 DELETE FROM kept_failures;
 
-INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample,
-                         first_merged, last_merged, last_finished)
+INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample)
 SELECT newsletter_id, state, COALESCE(reply_code, 65535) AS code, 0, COUNT(*), SUM(deferrals),
-       MIN(reply), MIN(merged_at), MAX(merged_at), MAX(finished_at)
+       MIN(reply)
 FROM messages GROUP BY newsletter_id, state, code;
 
 INSERT INTO kept_timeline (newsletter_id, resolution, bucket, worker_id, sent, failed,
