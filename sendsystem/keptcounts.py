@@ -24,15 +24,18 @@ index): `stats --json` takes a few milliseconds at any size
   what when, why messages failed); `purge` stores the newsletter's summary
   from them, then drops them (:func:`drop_history`) and deletes the rows.
 * Hot counters are sharded: a counts row is per (newsletter, state, reply
-  code, slot), the slot chosen by the writing connection (its id mixed with
-  the Galera node's auto-increment offset, 16 slots), so two send workers
-  committing outcomes for one newsletter neither queue on one row lock nor,
-  through two Galera nodes, fail certification on it. Readers add the slots
-  up; a single slot's value means nothing alone (it may be negative).
-  Timeline and sort-worker rows are per worker and need no slot; failure
-  reasons have none either, so that their top ten is read from an index. A
-  newsletter that finishes has its slots folded into one row per state and
-  reply code (:func:`compact`), so the metrics' totals stay a small read.
+  code, slot), the slot being the writing role's worker id (mod 64; each
+  role sets it on its connections, Database.set_slot; other sessions use
+  their connection id), so two workers committing outcomes for one
+  newsletter neither queue on one row lock nor, through two Galera nodes,
+  fail certification on it (measured on the 3-node test cluster: slots by
+  connection id alone collided and tripled the sort workers' retries).
+  Readers add the slots up; a single slot's value means nothing alone (it
+  may be negative). Timeline and sort-worker rows are per worker and need
+  no slot; failure reasons have none either, so that their top ten is read
+  from an index. A newsletter that finishes has its slots folded into one
+  row per state and reply code (:func:`compact`), so the metrics' totals
+  stay a small read.
 * Cost, measured on the 2-core test box: ~20-25 us per statement a trigger
   runs per changed row, whether it writes one row or five; a sort outcome
   runs two, a send outcome two, a failure three, an assignment (batch_id
@@ -62,7 +65,7 @@ from .errors import TemporaryError
 
 log = logging.getLogger(__name__)
 
-SLOTS = 16
+SLOTS = 64  # kept_counts.slot is 0..63 (migration 013)
 NO_REPLY = 65535  # kept_counts.reply_code of rows without a reply code
 _ALL = 2**62  # "no LIMIT" for the chunked deletes
 _EPOCH = datetime(1970, 1, 1)  # kept_timeline.bucket counts seconds from it

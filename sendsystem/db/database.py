@@ -112,6 +112,8 @@ class Database:
         self._next = 0  # the node the next connection attempt starts at
         self.node: DbHost | None = None  # the node the open connection is on
         self.galera = False
+        # The kept counts' slot of this connection's writes (see set_slot).
+        self.slot: int | None = None
 
     @property
     def node_name(self) -> str | None:
@@ -150,6 +152,8 @@ class Database:
             except pymysql.err.MySQLError as exc:
                 if not exc.args or exc.args[0] != 1193:  # a server without the variable
                     raise
+            if self.slot is not None:
+                cur.execute(self.sql("db_session_slot"), {"slot": self.slot})
             try:
                 cur.execute(self.sql("db_node_state"))
             except pymysql.err.MySQLError as exc:
@@ -224,6 +228,20 @@ class Database:
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
+
+    def set_slot(self, slot: int) -> None:
+        """Write kept counts into ``slot`` (a role's worker id), on this connection
+        and every one it reconnects with.
+
+        The kept-count triggers (migration 013) spread each hot counter over
+        slots so that two workers committing changes to one newsletter never
+        wait for, or on Galera conflict on, one row; a worker's own id keeps
+        its slot apart from every other worker's. Without it the connection id
+        decides, which two workers may share.
+        """
+        self.slot = slot
+        if self._conn is not None:
+            self.execute("db_session_slot", {"slot": slot})
 
     def connection_id(self) -> int:
         return int(self.fetchval("connection_id") or 0)

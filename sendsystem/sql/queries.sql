@@ -28,6 +28,11 @@ SELECT @@wsrep_on AS wsrep_on,
 -- On connect: the server drops a connection idle inside a transaction this long.
 SET SESSION idle_transaction_timeout = %(seconds)s;
 
+-- name: db_session_slot
+-- The kept counts' slot of this session's writes (migration 013): the worker
+-- id of the role that owns the connection.
+SET @sendsystem_slot = %(slot)s;
+
 -- name: db_causal_reads
 -- Galera only: reads wait until this node has applied every write committed
 -- anywhere in the cluster before they began.
@@ -137,7 +142,9 @@ WHERE id = %(id)s AND state = 'scheduled'
 -- the same transaction: INSERTs have no trigger (see migration 013).
 INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n)
 VALUES (%(id)s, 'queued', 65535,
-        (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16, %(n)s)
+        COALESCE(@sendsystem_slot,
+                 CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 64,
+        %(n)s)
 ON DUPLICATE KEY UPDATE n = n + VALUES(n);
 
 -- name: newsletter_lock_for_release

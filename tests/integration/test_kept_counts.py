@@ -82,6 +82,12 @@ def test_counts_follow_every_change_of_a_newsletter(env: Env) -> None:
         facts = _check(env, nid)
         assert facts["counts"]["deferred"] == 1 and facts["counts"]["skipped"] == 1
         assert facts["counts"]["failed"] == 2 and facts["deferrals"] == 1
+        # Each worker wrote its counts into its own slot: its worker id.
+        slots = {int(r["slot"]) for r in sql(env, "SELECT slot FROM kept_counts "
+                                                 "WHERE newsletter_id = %s", (nid,))}
+        ids = {r["name"]: int(r["id"]) % keptcounts.SLOTS for r in sql(
+            env, "SELECT id, name FROM workers WHERE role IN ('sort', 'send')")}
+        assert {ids["sw"], ids["tw"]} <= slots, (ids, slots)
         wait_for(lambda: sql(env, "SELECT next_attempt_at <= NOW(6) AS due FROM messages "
                                   "WHERE state = 'deferred'")[0]["due"], 5, "retry due")
         run_pipeline_once(env)

@@ -19,8 +19,8 @@
 --
 -- They are maintained by the triggers below, inside the statement (so the
 -- transaction) that changes a message: exact by construction. `slot` spreads
--- the hot counters of kept_counts over 16 rows per key, chosen by the
--- writing connection, so two workers committing outcomes of one newsletter
+-- the hot counters of kept_counts over up to 64 rows per key, one per
+-- writing worker, so two workers committing outcomes of one newsletter
 -- neither wait for one row lock nor (on Galera, through two nodes) conflict
 -- at certification; readers add the slots up, and a single slot's value
 -- means nothing alone (it may be negative). Timeline and sort-worker rows
@@ -100,13 +100,17 @@ CREATE TABLE IF NOT EXISTS kept_failures (
     KEY ix_kept_failures_top (newsletter_id, n DESC)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
 
--- The slot: the connection's id, made distinct across Galera nodes by the
--- node's auto-increment offset (increment and offset are 1 on one server).
--- Written out in each statement rather than kept in a variable: in a
--- trigger every SET and DECLARE is an instruction of its own, and they cost
--- more than the arithmetic. For the same reason the tables are cut so that
--- few statements run per change: each costs ~20-25 us per changed row on
--- the 2-core test box, whether it writes one row or five. A sort outcome
+-- The slot: the writing role's worker id, which each role sets as
+-- @sendsystem_slot on its connections (db/database.py), so no two workers
+-- share one; other sessions (admin commands, a test's SQL) use their
+-- connection id, made distinct across Galera nodes by the node's
+-- auto-increment offset (increment and offset are 1 on one server). 64
+-- slots: only those written make rows ("no two workers share one" holds for
+-- worker ids that differ by less than 64). Written out in each statement
+-- rather than kept in a variable: in a trigger every SET and DECLARE is an
+-- instruction of its own. For the same reason the tables are cut so that
+-- few statements run per change: each costs ~10-20 us per changed row on
+-- the 2-core test box, and each row it writes a few more. A sort outcome
 -- runs two (counts, sort worker), a send outcome two (counts, timeline), a
 -- failure three, a deferral, bounce or cancel one, and an assignment
 -- (batch_id only) none.
@@ -131,19 +135,27 @@ kept: BEGIN
         IF OLD.deferrals = 0 AND NEW.deferrals = 0 AND NEW.reply IS NULL THEN
             INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n)
             VALUES (OLD.newsletter_id, OLD.state, COALESCE(OLD.reply_code, 65535),
-                    (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
+                    COALESCE(@sendsystem_slot,
+                             CONNECTION_ID() * @@auto_increment_increment
+                             + @@auto_increment_offset) MOD 64,
                     -1),
                    (NEW.newsletter_id, NEW.state, COALESCE(NEW.reply_code, 65535),
-                    (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
+                    COALESCE(@sendsystem_slot,
+                             CONNECTION_ID() * @@auto_increment_increment
+                             + @@auto_increment_offset) MOD 64,
                     1)
             ON DUPLICATE KEY UPDATE n = n + VALUES(n);
         ELSE
             INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample)
             VALUES (OLD.newsletter_id, OLD.state, COALESCE(OLD.reply_code, 65535),
-                    (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
+                    COALESCE(@sendsystem_slot,
+                             CONNECTION_ID() * @@auto_increment_increment
+                             + @@auto_increment_offset) MOD 64,
                     -1, -OLD.deferrals, NULL),
                    (NEW.newsletter_id, NEW.state, COALESCE(NEW.reply_code, 65535),
-                    (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
+                    COALESCE(@sendsystem_slot,
+                             CONNECTION_ID() * @@auto_increment_increment
+                             + @@auto_increment_offset) MOD 64,
                     1, NEW.deferrals, NEW.reply)
             ON DUPLICATE KEY UPDATE n = n + VALUES(n), deferrals = deferrals + VALUES(deferrals),
                 sample = LEAST(COALESCE(sample, VALUES(sample)), COALESCE(VALUES(sample), sample));
@@ -240,7 +252,9 @@ END;
 CREATE OR REPLACE TRIGGER messages_kept_delete AFTER DELETE ON messages FOR EACH ROW
     INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals)
     VALUES (OLD.newsletter_id, OLD.state, COALESCE(OLD.reply_code, 65535),
-            (CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 16,
+            COALESCE(@sendsystem_slot,
+                     CONNECTION_ID() * @@auto_increment_increment
+                     + @@auto_increment_offset) MOD 64,
             -1, -OLD.deferrals)
     ON DUPLICATE KEY UPDATE n = n + VALUES(n), deferrals = deferrals + VALUES(deferrals);
 
