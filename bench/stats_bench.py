@@ -128,7 +128,7 @@ def timings(fn: Callable[[], Any], runs: int) -> tuple[float, float]:
     return statistics.median(times), max(times)
 
 
-def command_ms(config_path: Path, nid: int, runs: int = 3) -> float:
+def command_ms(config_path: Path, nid: int, runs: int) -> float:
     """Median wall time of `sendsystem stats ID --json` (Python start-up included)."""
     times = []
     for _ in range(runs):
@@ -140,13 +140,13 @@ def command_ms(config_path: Path, nid: int, runs: int = 3) -> float:
 
 
 def measure(label: str, db: Database, config: Config, config_path: Path, nid: int,
-            runs: int) -> None:
+            runs: int, command_runs: int) -> None:
     facts = stats.newsletter_stats(db, nid)
     s_med, s_max = timings(lambda: stats.newsletter_stats(db, nid), runs)
     st_med, st_max = timings(lambda: stats.status(db, 3.0), runs)
     reg = monitoring.registry(db, config)
     m_med, m_max = timings(lambda: generate_latest(reg), max(3, runs // 4))
-    wall = command_ms(config_path, nid)
+    wall = command_ms(config_path, nid, command_runs)
     c = facts["counts"]
     print(f"{label}: stats {s_med:.1f} ms (max {s_max:.1f}), status {st_med:.1f} ms "
           f"(max {st_max:.1f}), metrics scrape {m_med:.1f} ms (max {m_max:.1f}); "
@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000.0,
                         help="messages/s the send ran at: finished_at spans N / rate seconds")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--command-runs", type=int, default=3,
+                        help="times the `stats --json` command is timed (median)")
+    parser.add_argument("--idle-only", action="store_true", help="no measurement during a send")
     parser.add_argument("--keep", action="store_true", help="do not drop the database")
     args = parser.parse_args()
     kept = has_kept_counts()
@@ -229,16 +232,17 @@ def main() -> None:
         d = config.database
         path.write_text(f"[database]\nhost = {d.host}\nport = {d.port}\nuser = {d.user}\n"
                         f"password = {d.password}\nname = {d.name}\n", encoding="utf-8")
-        measure("idle", db, config, path, nid, args.runs)
-        sender = Sender(config.database.name, nid,
-                        int(db_scalar(config, "SELECT MAX(id) FROM workers")))
-        sender.start()
-        time.sleep(0.5)
-        measure("during a send", db, config, path, nid, args.runs)
-        sender.stop.set()
-        sender.join()
-        print(f"  the writer turned {sender.rows:,} rows sent in {sender.seconds:.1f} s "
-              f"({sender.rows / max(sender.seconds, 1e-9):,.0f} rows/s)")
+        measure("idle", db, config, path, nid, args.runs, args.command_runs)
+        if not args.idle_only:
+            sender = Sender(config.database.name, nid,
+                            int(db_scalar(config, "SELECT MAX(id) FROM workers")))
+            sender.start()
+            time.sleep(0.5)
+            measure("during a send", db, config, path, nid, args.runs, args.command_runs)
+            sender.stop.set()
+            sender.join()
+            print(f"  the writer turned {sender.rows:,} rows sent in {sender.seconds:.1f} s "
+                  f"({sender.rows / max(sender.seconds, 1e-9):,.0f} rows/s)")
         if kept:
             from sendsystem import keptcounts
             differences = keptcounts.verify(db, nid)
