@@ -56,6 +56,10 @@ class SchemaError(SendSystemError):
     """The database schema does not match this version of SendSystem."""
 
 
+class KeptCountsMismatch(SendSystemError):
+    """`counts verify` found kept counts that differ from the message rows."""
+
+
 class TemporaryError(SendSystemError):
     """Something outside us is down (database, relay): try again later."""
 

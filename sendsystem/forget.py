@@ -123,6 +123,9 @@ STEPS: tuple[Step, ...] = (
     Step("subscriber_events", "forget_count_events", "forget_scrub_events", "subscription"),
     Step("blocklist", "forget_count_blocklist", "forget_scrub_blocklist", "address"),
     Step("relay_health", "forget_count_relay_health", "forget_scrub_relay_health", "address"),
+    # After messages: the kept counts' sample replies and emptied failure reasons.
+    Step("kept_counts", "forget_count_kept_samples", "forget_scrub_kept_samples", "address"),
+    Step("kept_failures", "forget_count_kept_failures", "forget_scrub_kept_failures", "address"),
     Step("newsletter_summaries", "forget_count_summaries", "forget_scrub_summaries", "address"),
     # Their opens and clicks go (the tracking helper's statements, keyed by address).
     Step("tracking_events", "forget_count_tracking_events", "forget_tracking_events", "address"),

@@ -6,7 +6,8 @@ on Galera, replicate as one huge write set that stalls every node while it
 is applied. So the rows are created by set-based ``INSERT IGNORE … SELECT``
 statements over ranges of ``RELEASE_CHUNK`` subscriber ids, each chunk its
 own short transaction that also moves the newsletter's cursor
-(``release_next``) and adds what it created to ``total``.
+(``release_next``) and adds what it created to ``total`` and to the kept
+counts (keptcounts.py: message INSERTs have no trigger).
 
 The newsletter stays ``scheduled`` until the last chunk is in, so no balancer
 hands out a half-released newsletter; only then does it become ``running``.
@@ -48,7 +49,8 @@ RELEASE_LEASE = 30.0
 CHUNK_ATTEMPTS = 5
 
 RELEASE_STATEMENTS = ("newsletter_release_claim", "newsletter_lock_for_release",
-                      "newsletter_release_messages", "newsletter_release_advance",
+                      "newsletter_release_messages", "kept_counts_add_released",
+                      "newsletter_release_advance",
                       "newsletter_mark_released", "list_subscriber_id_range",
                       "newsletter_get_total")
 
@@ -117,6 +119,10 @@ def _chunk(db: Database, newsletter_id: int, list_id: int, claim: dict[str, obje
                 end = min(start + RELEASE_CHUNK - 1, hi)
                 n = db.execute("newsletter_release_messages", {
                     "id": newsletter_id, "list_id": list_id, "lo": start, "hi": end})
+                # The rows just created, all queued, are counted in the same
+                # transaction: message INSERTs have no trigger (keptcounts.py).
+                # This is the only code that creates message rows.
+                db.execute("kept_counts_add_released", {"id": newsletter_id, "n": n})
                 db.execute("newsletter_release_advance",
                            {**claim, "next": end + 1, "created": n})
                 finished = end >= hi

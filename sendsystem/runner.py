@@ -189,6 +189,7 @@ class Runner:
                 "host": self.options.hostname, "role": self.role,
                 "name": self.options.name, "pid": os.getpid(), "db_node": self.db.node_name,
             })
+            self.db.set_slot(self.worker_id)  # its kept counts' own slot (migration 014)
             row = self.db.fetchone("worker_get", {"id": self.worker_id})
             if row is None or not row["enabled"]:
                 log.info("%s %s (worker %s) is disabled; exiting. Enable it with "

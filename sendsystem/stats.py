@@ -2,6 +2,13 @@
 
 reports/text.py and reports/html.py turn these into text and HTML; `--json` prints them
 as they are, with the fields the README documents.
+
+Every per-newsletter number comes from the kept tables (sendsystem/keptcounts.py),
+never from a scan of its message rows, so `stats` and `status` cost the same
+for 100 messages and for 10,000,000. What that changes in precision: the
+timeline, its bucket choice and status's last-minute rate count whole
+seconds (up to one second more in the minute); a worker's first and last
+message and the duration are exact (microseconds).
 """
 
 from __future__ import annotations
@@ -213,15 +220,33 @@ def bucket_start(first: datetime, bucket: int) -> datetime:
     return epoch + timedelta(seconds=seconds - seconds % bucket)
 
 
+# The resolutions of the kept timeline rows (migration 014), in seconds.
+KEPT_RESOLUTIONS = (1, 10, 60, 600, 3600)
+
+
+def timeline_resolution(bucket: int) -> int:
+    """The kept timeline rows a bucket is added up from: the coarsest resolution
+    that divides it (so at most 24 rows per bucket and worker, for day buckets)."""
+    return max(r for r in KEPT_RESOLUTIONS if bucket % r == 0)
+
+
+def _epoch_seconds(at: datetime) -> int:
+    return int((at - _UNIX_EPOCH).total_seconds())
+
+
+_UNIX_EPOCH = datetime(1970, 1, 1)
+
+
 def timeline_detail(db: Database, newsletter_id: int) -> dict[str, Any]:
     """Sent per worker per bucket, the bucket chosen from the send's length (HTML report)."""
     span = db.fetchone("stats_sent_span", {"id": newsletter_id})
     if not span or span["first"] is None:
         return {"bucket_seconds": 1, "rows": []}
-    bucket = timeline_bucket((span["last"] - span["first"]).total_seconds())
-    start = bucket_start(span["first"], bucket)
+    bucket = timeline_bucket(float(span["last"]) - float(span["first"]))
+    start = bucket_start(_UNIX_EPOCH + timedelta(seconds=int(span["first"])), bucket)
     rows = db.fetchall("stats_timeline_buckets",
-                       {"id": newsletter_id, "start": start, "bucket": bucket})
+                       {"id": newsletter_id, "start": _epoch_seconds(start), "bucket": bucket,
+                        "resolution": timeline_resolution(bucket)})
     return {"bucket_seconds": bucket,
             "rows": [{"at": (start + timedelta(seconds=int(r["bucket"]) * bucket))
                       .strftime("%Y-%m-%dT%H:%M:%S"), "worker": r["worker"],
@@ -229,7 +254,8 @@ def timeline_detail(db: Database, newsletter_id: int) -> dict[str, Any]:
 
 
 def message_facts(db: Database, newsletter_id: int) -> dict[str, Any]:
-    """Everything `stats` derives from the message rows: what a purge keeps.
+    """Everything `stats` derives from the message rows (through their kept
+    tables, keptcounts.py): what a purge keeps.
 
     The keys are newsletter_stats' keys; retention.py stores this dict as the
     newsletter's summary before it deletes the rows, and newsletter_stats reads
@@ -239,7 +265,8 @@ def message_facts(db: Database, newsletter_id: int) -> dict[str, Any]:
         "counts": counts(db, newsletter_id),
         "workers": _workers(db, "stats_sort_workers", "sort", newsletter_id)
         + _workers(db, "stats_send_workers", "send", newsletter_id),
-        "timeline": [{"minute": r["minute"], "worker": r["worker"], "sent": int(r["sent"])}
+        "timeline": [{"minute": (_UNIX_EPOCH + timedelta(seconds=int(r["minute"])))
+                      .strftime("%Y-%m-%dT%H:%M"), "worker": r["worker"], "sent": int(r["sent"])}
                      for r in db.fetchall("stats_timeline", {"id": newsletter_id})],
         "timeline_detail": timeline_detail(db, newsletter_id),
         "replies": [{"code": int(r["code"]), "reply": r["reply"], "count": int(r["count"])}

@@ -17,6 +17,7 @@ import pymysql
 import pytest
 from hypothesis import settings
 
+from sendsystem import keptcounts
 from sendsystem.config import load_config
 from sendsystem.db import Database
 from tests.harness.env import Env, server_settings, truncate_all, write_config
@@ -71,4 +72,9 @@ def env(schema: str, tmp_path: Path) -> Iterator[Env]:
     db = Database(config.database)
     truncate_all(db)
     yield Env(path=path, config=config, db=db, tmp=tmp_path)
-    db.close()
+    try:
+        # Whatever the test did to the messages (a real send, a cancel, a bounce,
+        # a purge, or its own SQL), the kept counts must still equal the rows.
+        assert keptcounts.verify(db) == [], "kept counts differ from the message rows"
+    finally:
+        db.close()

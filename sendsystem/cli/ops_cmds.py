@@ -1,4 +1,5 @@
-"""What ops and admins look at: status and statistics; and the demo."""
+"""What ops and admins look at: status and statistics, the kept counts behind them;
+and the demo."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import click
 
+from .. import keptcounts
 from .. import stats as stats_mod
 from ..config import parse_relays
-from ..errors import SendSystemError
+from ..errors import KeptCountsMismatch, SendSystemError
 from . import Context, cli, pass_ctx, path_arg
 
 
@@ -89,6 +91,49 @@ def stats(ctx: Context, newsletter_id: int, as_json: bool, html_file: Path | Non
         click.echo(format_stats(facts))
         if html_file is not None:
             click.echo(f"HTML report written to {html_file}")
+
+
+@cli.group()
+def counts() -> None:
+    """The kept per-newsletter counts that status, stats and metrics read."""
+
+
+@counts.command("verify")
+@click.argument("newsletter_id", type=int, required=False)
+@click.option("--repair", is_flag=True, help="Recount each newsletter that differs from its "
+              "message rows (locks its rows while it counts; see the README for Galera).")
+@pass_ctx
+def counts_verify(ctx: Context, newsletter_id: int | None, repair: bool) -> None:
+    """Compare the kept counts with COUNT(*) over the message rows (of NEWSLETTER_ID, or
+    of all: one scan of them). Exit 0 when they agree, else 1, naming each difference."""
+    database = ctx.db()
+    if newsletter_id is not None:
+        from ..admin import get_newsletter
+        get_newsletter(database, newsletter_id)  # an unknown id is a user error
+    found = keptcounts.verify(database, newsletter_id)
+    for difference in found:
+        click.echo(str(difference))
+    if not found:
+        click.echo("kept counts agree with the message rows"
+                   + (f" of newsletter {newsletter_id}" if newsletter_id is not None else ""))
+        return
+    ids = sorted({d.newsletter_id for d in found})
+    if not repair:
+        raise KeptCountsMismatch(
+            f"kept counts differ from the message rows of newsletter(s) "
+            f"{', '.join(map(str, ids))}. Recount them with `sendsystem counts verify "
+            f"--repair` (best with the roles stopped or the newsletter finished).")
+    for nid in ids:
+        rows = keptcounts.repair(database, nid)
+        click.echo(f"newsletter {nid}: kept counts rebuilt from {rows} message rows")
+    left = [d for nid in ids for d in keptcounts.verify(database, nid)]
+    for difference in left:
+        click.echo(str(difference))
+    if left:
+        raise KeptCountsMismatch(
+            "kept counts still differ after the repair: something wrote the newsletter "
+            "meanwhile through another Galera node. Run the repair again with the roles "
+            "stopped.")
 
 
 @cli.command()

@@ -61,7 +61,7 @@ from .queries import load_queries, load_value_columns, migrations, to_server_syn
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 Params = Mapping[str, Any] | Sequence[Any] | None
 
 # Client error codes that mean "the connection is gone", not "your SQL is wrong".
@@ -73,6 +73,9 @@ _FINAL_CONNECT_ERRNOS = {1044, 1045, 1049}
 # InnoDB gave up on a lock (deadlock, lock wait timeout): retry, do not die.
 _CONFLICT_ERRNOS = {1205, 1213}
 CONFLICT_RETRIES = 5
+# Refusals of a migration's CREATE TRIGGER: no TRIGGER privilege (1142), or a
+# binary log without SUPER / log_bin_trust_function_creators (1419, 1227).
+_PRIVILEGE_ERRNOS = {1142, 1227, 1419}
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -109,6 +112,8 @@ class Database:
         self._next = 0  # the node the next connection attempt starts at
         self.node: DbHost | None = None  # the node the open connection is on
         self.galera = False
+        # The kept counts' slot of this connection's writes (see set_slot).
+        self.slot: int | None = None
 
     @property
     def node_name(self) -> str | None:
@@ -147,6 +152,8 @@ class Database:
             except pymysql.err.MySQLError as exc:
                 if not exc.args or exc.args[0] != 1193:  # a server without the variable
                     raise
+            if self.slot is not None:
+                cur.execute(self.sql("db_session_slot"), {"slot": self.slot})
             try:
                 cur.execute(self.sql("db_node_state"))
             except pymysql.err.MySQLError as exc:
@@ -221,6 +228,20 @@ class Database:
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = None
+
+    def set_slot(self, slot: int) -> None:
+        """Write kept counts into ``slot`` (a role's worker id), on this connection
+        and every one it reconnects with.
+
+        The kept-count triggers (migration 014) spread each hot counter over
+        slots so that two workers committing changes to one newsletter never
+        wait for, or on Galera conflict on, one row; a worker's own id keeps
+        its slot apart from every other worker's. Without it the connection id
+        decides, which two workers may share.
+        """
+        self.slot = slot
+        if self._conn is not None:
+            self.execute("db_session_slot", {"slot": slot})
 
     def connection_id(self) -> int:
         return int(self.fetchval("connection_id") or 0)
@@ -449,9 +470,20 @@ class Database:
                 if version <= current or (up_to is not None and version > up_to):
                     continue
                 log.info("applying schema migration %s", path.name)
-                cur.execute(path.read_text(encoding="utf-8"))
-                while cur.nextset():
-                    pass
+                try:
+                    cur.execute(path.read_text(encoding="utf-8"))
+                    while cur.nextset():
+                        pass
+                except pymysql.err.MySQLError as exc:
+                    if exc.args and exc.args[0] in _PRIVILEGE_ERRNOS:
+                        raise SchemaError(
+                            f"Migration {path.name} was refused: {exc.args[-1]}. The user "
+                            f"{cfg.user!r} needs the TRIGGER privilege on {cfg.name!r} (the "
+                            "kept counts are maintained by triggers), and, when the server "
+                            "writes a binary log, SUPER or BINLOG ADMIN, or the server "
+                            "setting log_bin_trust_function_creators = 1. Grant it and run "
+                            "`sendsystem db init` again.") from None
+                    raise
                 current = version
         return start, current
 

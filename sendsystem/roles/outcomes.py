@@ -83,6 +83,7 @@ class OutcomeWriter:
         self.worker_id = worker_id
         self.db = Database(config.database, retry_for=None, should_abort=should_abort,
                            read_timeout=config.database.read_timeout)
+        self.db.set_slot(worker_id)  # the worker's kept-counts slot, as its main connection
         # Called from the writer thread with the ids of each committed write.
         self.on_written = on_written
         directory = config.paths.journal_dir

@@ -15,6 +15,7 @@ import time
 
 from ..brakes import failure_rate_reason
 from ..config import Config
+from ..keptcounts import COMPACT_STATEMENTS, compact
 from ..runner import RunOptions
 from ..states import SEND_PENDING, MessageState
 from .balancer import BALANCER_STATEMENTS, BalancerRunner
@@ -30,7 +31,8 @@ class SendBalancer(BalancerRunner):
     pending_states = SEND_PENDING
     statements = (*BALANCER_STATEMENTS, "send_ready_count", "send_retry_ready_count",
                   "send_assign", "send_assign_retries", "newsletter_unfinished",
-                  "newsletter_mark_done", "newsletter_counts", "newsletter_pause")
+                  "newsletter_mark_done", "newsletter_counts", "newsletter_pause",
+                  *COMPACT_STATEMENTS)
 
     def __init__(self, config: Config, options: RunOptions) -> None:
         super().__init__(config, options)
@@ -43,6 +45,9 @@ class SendBalancer(BalancerRunner):
             if not self.db.fetchval("newsletter_unfinished", {"id": nid}):
                 if self.db.execute("newsletter_mark_done", {"id": nid}):
                     log.info("newsletter %s is done", nid)
+                    # Its counters go quiet: fold their slots, so the metrics'
+                    # totals read one row per state and reply code of it.
+                    compact(self.db, nid)
             elif check_failures:
                 self.check_failure_rate(nid)
         if check_failures:

@@ -28,6 +28,11 @@ SELECT @@wsrep_on AS wsrep_on,
 -- On connect: the server drops a connection idle inside a transaction this long.
 SET SESSION idle_transaction_timeout = %(seconds)s;
 
+-- name: db_session_slot
+-- The kept counts' slot of this session's writes (migration 014): the worker
+-- id of the role that owns the connection.
+SET @sendsystem_slot = %(slot)s;
+
 -- name: db_causal_reads
 -- Galera only: reads wait until this node has applied every write committed
 -- anywhere in the cluster before they began.
@@ -132,6 +137,16 @@ SET release_holder = %(holder)s, release_until = TIMESTAMPADD(MICROSECOND, %(lea
 WHERE id = %(id)s AND state = 'scheduled'
   AND (release_holder IS NULL OR release_holder = %(holder)s OR release_until < NOW(6));
 
+-- name: kept_counts_add_released
+-- The rows newsletter_release_messages created (its row count), counted in
+-- the same transaction: INSERTs have no trigger (see migration 014).
+INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n)
+VALUES (%(id)s, 'queued', 65535,
+        COALESCE(@sendsystem_slot,
+                 CONNECTION_ID() * @@auto_increment_increment + @@auto_increment_offset) MOD 64,
+        %(n)s)
+ON DUPLICATE KEY UPDATE n = n + VALUES(n);
+
 -- name: newsletter_lock_for_release
 -- First statement of each chunk's transaction: the chunk goes ahead only if the
 -- newsletter is still scheduled and the lease is still ours (a releaser that
@@ -187,7 +202,9 @@ UPDATE newsletters SET state = 'done', finished_at = NOW(6)
 WHERE id = %(id)s AND state = 'running';
 
 -- name: newsletter_counts
-SELECT state, COUNT(*) AS n FROM messages WHERE newsletter_id = %(id)s GROUP BY state;
+-- Kept counts (migration 014): the slots and reply codes of a state added up.
+SELECT state, SUM(n) AS n FROM kept_counts WHERE newsletter_id = %(id)s
+GROUP BY state HAVING SUM(n) <> 0;
 
 -- ================================================================== workers
 
@@ -507,58 +524,74 @@ WHERE n.state IN ('scheduled', 'running', 'paused')
 ORDER BY n.id;
 
 -- name: newsletter_recent_sent
-SELECT COUNT(*) AS n FROM messages
-WHERE newsletter_id = %(id)s AND finished_at >= TIMESTAMPADD(SECOND, -%(seconds)s, NOW(6))
-  AND state IN ('sent', 'bounced');
+-- Delivered in the last %(seconds)s seconds, counted in whole seconds (so up to
+-- one second more than asked).
+SELECT COALESCE(SUM(sent), 0) AS n FROM kept_timeline
+WHERE newsletter_id = %(id)s AND resolution = 1
+  AND bucket >= TO_SECONDS(NOW(6)) - 62167219200 - %(seconds)s;
 
 -- name: stats_sort_workers
-SELECT w.name, w.host, COUNT(*) AS messages,
-       TIMESTAMPDIFF(MICROSECOND, MIN(m.merged_at), MAX(m.merged_at)) / 1000000 AS span
-FROM messages m JOIN workers w ON w.id = m.sort_worker_id
-WHERE m.newsletter_id = %(id)s
-GROUP BY w.id, w.name, w.host ORDER BY w.name;
+SELECT w.name, w.host, k.messages,
+       TIMESTAMPDIFF(MICROSECOND, k.first_at, k.last_at) / 1000000 AS span
+FROM kept_sort_workers k JOIN workers w ON w.id = k.worker_id
+WHERE k.newsletter_id = %(id)s AND k.messages > 0
+ORDER BY w.name;
 
 -- name: stats_send_workers
-SELECT w.name, w.host, COUNT(*) AS messages,
-       TIMESTAMPDIFF(MICROSECOND, MIN(m.finished_at), MAX(m.finished_at)) / 1000000 AS span
-FROM messages m JOIN workers w ON w.id = m.send_worker_id
-WHERE m.newsletter_id = %(id)s AND m.state IN ('sent', 'failed', 'bounced')
-GROUP BY w.id, w.name, w.host ORDER BY w.name;
+-- Sent, failed or bounced per send worker, and the span of their finished_at,
+-- from the hourly timeline rows (their first/last are exact).
+SELECT w.name, w.host, SUM(k.sent + k.failed) AS messages,
+       TIMESTAMPDIFF(MICROSECOND, MIN(k.first_at), MAX(k.last_at)) / 1000000 AS span
+FROM kept_timeline k JOIN workers w ON w.id = k.worker_id
+WHERE k.newsletter_id = %(id)s AND k.resolution = 3600
+GROUP BY w.id, w.name, w.host HAVING SUM(k.sent + k.failed) > 0
+ORDER BY w.name;
 
 -- name: stats_timeline
-SELECT DATE_FORMAT(m.finished_at, '%%Y-%%m-%%dT%%H:%%i') AS minute, w.name AS worker,
-       COUNT(*) AS sent
-FROM messages m JOIN workers w ON w.id = m.send_worker_id
-WHERE m.newsletter_id = %(id)s AND m.state IN ('sent', 'bounced')
-GROUP BY minute, w.name ORDER BY minute, w.name;
+-- Delivered per minute and worker; `minute`: seconds since 1970 (kept_timeline.bucket).
+SELECT k.bucket AS minute, w.name AS worker, SUM(k.sent) AS sent
+FROM kept_timeline k JOIN workers w ON w.id = k.worker_id
+WHERE k.newsletter_id = %(id)s AND k.resolution = 60
+GROUP BY k.bucket, w.name HAVING SUM(k.sent) > 0
+ORDER BY k.bucket, w.name;
 
 -- name: stats_sent_span
-SELECT MIN(finished_at) AS first, MAX(finished_at) AS last FROM messages
-WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced');
+-- The first and last second anything was delivered, in seconds since 1970
+-- (index order: a row or two read each).
+SELECT (SELECT bucket FROM kept_timeline
+        WHERE newsletter_id = %(id)s AND resolution = 1 AND sent > 0
+        ORDER BY bucket LIMIT 1) AS first,
+       (SELECT bucket FROM kept_timeline
+        WHERE newsletter_id = %(id)s AND resolution = 1 AND sent > 0
+        ORDER BY bucket DESC LIMIT 1) AS last;
 
 -- name: stats_timeline_buckets
--- Sent per worker per bucket of %(bucket)s seconds from %(start)s; stats.py picks
--- the bucket from the send's length so there are at most ~300 of them.
-SELECT TIMESTAMPDIFF(SECOND, %(start)s, m.finished_at) DIV %(bucket)s AS bucket,
-       w.name AS worker, COUNT(*) AS sent
-FROM messages m JOIN workers w ON w.id = m.send_worker_id
-WHERE m.newsletter_id = %(id)s AND m.state IN ('sent', 'bounced')
-GROUP BY bucket, w.name ORDER BY bucket, w.name;
+-- Delivered per worker per bucket of %(bucket)s seconds from %(start)s (seconds
+-- since 1970), read
+-- from the kept rows of %(resolution)s seconds (the coarsest that divides the
+-- bucket: stats.timeline_resolution). stats.py picks the bucket from the
+-- send's length so there are at most ~300 of them.
+SELECT (k.bucket - %(start)s) DIV %(bucket)s AS bucket, w.name AS worker, SUM(k.sent) AS sent
+FROM kept_timeline k JOIN workers w ON w.id = k.worker_id
+WHERE k.newsletter_id = %(id)s AND k.resolution = %(resolution)s AND k.bucket >= %(start)s
+GROUP BY (k.bucket - %(start)s) DIV %(bucket)s, w.name HAVING SUM(k.sent) > 0
+ORDER BY 1, w.name;
 
 -- name: stats_replies
-SELECT reply_code AS code, MIN(reply) AS reply, COUNT(*) AS count
-FROM messages WHERE newsletter_id = %(id)s AND reply_code IS NOT NULL
-GROUP BY reply_code ORDER BY count DESC, reply_code LIMIT 10;
+SELECT reply_code AS code, MIN(sample) AS reply, SUM(n) AS count
+FROM kept_counts WHERE newsletter_id = %(id)s AND reply_code <> 65535
+GROUP BY reply_code HAVING SUM(n) > 0
+ORDER BY count DESC, reply_code LIMIT 10;
 
 -- name: stats_failures
--- Why messages failed: the relay's reply, or the merge's reason. Reads only the
--- failed rows of the newsletter (ix_messages_pick).
-SELECT COALESCE(reply, detail, '(no reason recorded)') AS reason, COUNT(*) AS count
-FROM messages WHERE newsletter_id = %(id)s AND state = 'failed'
-GROUP BY reason ORDER BY count DESC, reason LIMIT 10;
+-- Why messages failed: the relay's reply, or the merge's reason. Ten entries
+-- of ix_kept_failures_top, however many reasons there are.
+SELECT reason, n AS count FROM kept_failures
+WHERE newsletter_id = %(id)s AND n > 0
+ORDER BY n DESC, reason LIMIT 10;
 
 -- name: stats_deferrals
-SELECT COALESCE(SUM(deferrals), 0) AS n FROM messages WHERE newsletter_id = %(id)s;
+SELECT COALESCE(SUM(deferrals), 0) AS n FROM kept_counts WHERE newsletter_id = %(id)s;
 
 -- name: stats_bounces
 -- Unverified reports (verified = 0) are counted apart: they changed nothing.
@@ -570,8 +603,19 @@ SELECT COUNT(*) AS n FROM bounces
 WHERE verified = 0 AND received_at >= TIMESTAMPADD(HOUR, -%(hours)s, NOW(6));
 
 -- name: stats_span
-SELECT TIMESTAMPDIFF(MICROSECOND, MIN(merged_at), MAX(finished_at)) / 1000000 AS duration
-FROM messages WHERE newsletter_id = %(id)s;
+-- From the first merge to the last merge, send outcome or cancel (kept tables:
+-- the sort workers' and the send workers' first/last marks; a sort worker's
+-- skipped and failed messages finish when they are merged). A send-time
+-- skip (a recipient gone since the merge) finishing last is not seen.
+SELECT TIMESTAMPDIFF(MICROSECOND,
+           (SELECT MIN(first_at) FROM kept_sort_workers WHERE newsletter_id = n.id),
+           GREATEST(COALESCE((SELECT MAX(last_at) FROM kept_sort_workers
+                              WHERE newsletter_id = n.id), '1970-01-01'),
+                    COALESCE((SELECT MAX(last_at) FROM kept_timeline
+                              WHERE newsletter_id = n.id AND resolution = 3600), '1970-01-01'),
+                    IF(n.state = 'cancelled', n.finished_at, '1970-01-01'))) / 1000000
+           AS duration
+FROM newsletters n WHERE n.id = %(id)s;
 
 -- name: stats_bounces_between
 -- The bounce rows of a newsletter received in [since, before): what purge folds
@@ -800,17 +844,18 @@ WHERE id = %(id)s AND state = 'done';
 
 -- name: metrics_running_counts
 -- Messages by state of running newsletters only (bounded label cardinality).
-SELECT m.newsletter_id, m.state, COUNT(*) AS n
-FROM newsletters n JOIN messages m ON m.newsletter_id = n.id
+SELECT k.newsletter_id, k.state, SUM(k.n) AS n
+FROM newsletters n JOIN kept_counts k ON k.newsletter_id = n.id
 WHERE n.state = 'running'
-GROUP BY m.newsletter_id, m.state;
+GROUP BY k.newsletter_id, k.state;
 
 -- name: metrics_deliveries
--- Every message ever by state, and the deferrals they went through: counters
--- that survive restarts because they are the rows themselves. One index scan
--- of messages (ix_messages_pick covers state; deferrals is read from the rows).
-SELECT state, COUNT(*) AS n, COALESCE(SUM(deferrals), 0) AS deferrals
-FROM messages GROUP BY state;
+-- Every message there is by state, and the deferrals they went through:
+-- counters that survive restarts because they are the rows themselves, read
+-- from the kept counts (a finished newsletter's are folded into one row per
+-- state and reply code, see keptcounts.compact).
+SELECT state, SUM(n) AS n, COALESCE(SUM(deferrals), 0) AS deferrals
+FROM kept_counts GROUP BY state;
 
 -- name: metrics_purged_deliveries
 -- The same counts for newsletters whose rows `purge` deleted, from their
@@ -828,17 +873,21 @@ FROM newsletter_summaries WHERE purged_at IS NOT NULL;
 SELECT kind, verified, COUNT(*) AS n FROM bounces GROUP BY kind, verified;
 
 -- name: check_running
--- Each running newsletter: work a worker could take now (queued, merged, due
--- retries) and the last moment anything moved (a merge, an outcome, the release).
+-- Each running newsletter: work a worker could take now (queued and merged from
+-- the kept counts, plus the retries that are due: those are read from the
+-- deferred rows, ix_messages_pick) and the last moment anything moved (a
+-- merge, a send outcome, the release; the kept sort workers and timeline).
 SELECT n.id,
-       (SELECT COUNT(*) FROM messages p
-        WHERE p.newsletter_id = n.id
-          AND (p.state IN ('queued', 'merged')
-               OR (p.state = 'deferred' AND p.next_attempt_at <= NOW(6)))) AS pending,
+       COALESCE((SELECT SUM(k.n) FROM kept_counts k
+                 WHERE k.newsletter_id = n.id AND k.state IN ('queued', 'merged')), 0)
+       + (SELECT COUNT(*) FROM messages p
+          WHERE p.newsletter_id = n.id AND p.state = 'deferred'
+            AND p.next_attempt_at <= NOW(6)) AS pending,
        TIMESTAMPDIFF(MICROSECOND,
-           GREATEST(COALESCE((SELECT MAX(f.finished_at) FROM messages f
-                              WHERE f.newsletter_id = n.id), n.released_at),
-                    COALESCE((SELECT MAX(g.merged_at) FROM messages g
+           GREATEST(COALESCE((SELECT MAX(f.last_at) FROM kept_timeline f
+                              WHERE f.newsletter_id = n.id AND f.resolution = 3600),
+                             n.released_at),
+                    COALESCE((SELECT MAX(g.last_at) FROM kept_sort_workers g
                               WHERE g.newsletter_id = n.id), n.released_at),
                     n.released_at),
            NOW(6)) / 1e6 AS idle_seconds
@@ -1168,6 +1217,22 @@ SELECT COUNT(*) AS n FROM relay_health WHERE last_error REGEXP %(pattern)s;
 UPDATE relay_health SET last_error = REGEXP_REPLACE(last_error, %(pattern)s, '[forgotten]')
 WHERE last_error REGEXP %(pattern)s LIMIT %(chunk)s;
 
+-- name: forget_count_kept_samples
+-- The kept counts keep one sample reply per (state, code): it may quote them.
+SELECT COUNT(*) AS n FROM kept_counts WHERE sample REGEXP %(pattern)s;
+
+-- name: forget_scrub_kept_samples
+UPDATE kept_counts SET sample = REGEXP_REPLACE(sample, %(pattern)s, '[forgotten]')
+WHERE sample REGEXP %(pattern)s LIMIT %(chunk)s;
+
+-- name: forget_count_kept_failures
+-- Scrubbing their failed messages' replies moved those counts to the scrubbed
+-- reason (the trigger); what is left under the old text counts 0 and goes.
+SELECT COUNT(*) AS n FROM kept_failures WHERE reason REGEXP %(pattern)s;
+
+-- name: forget_scrub_kept_failures
+DELETE FROM kept_failures WHERE reason REGEXP %(pattern)s AND n = 0 LIMIT %(chunk)s;
+
 -- name: forget_count_summaries
 -- A purged newsletter's summary keeps its top SMTP replies and failure reasons.
 SELECT COUNT(*) AS n FROM newsletter_summaries WHERE facts REGEXP %(pattern)s;
@@ -1223,3 +1288,201 @@ WHERE b.pattern = CONCAT('sha256:', SHA2(CONCAT(p.salt, LOWER(%(email)s)), 256))
 INSERT IGNORE INTO blocklist (pattern, reason)
 SELECT CONCAT('sha256:', SHA2(CONCAT(p.salt, LOWER(%(email)s)), 256)), 'erasure request'
 FROM privacy_salt p WHERE p.id = 1;
+-- ============================================================ kept counts
+-- sendsystem/keptcounts.py: verify the kept tables (migration 014) against the
+-- rows, rebuild a newsletter's, fold a finished newsletter's slots.
+-- The verify statements read the kept rows and the message rows in ONE
+-- statement, so one consistent snapshot: exact even while roles write. Each
+-- returns only the keys where the two differ. %(id)s NULL: every newsletter.
+
+-- name: kept_verify_counts
+SELECT newsletter_id, state, reply_code, SUM(kept) AS kept, SUM(actual) AS actual,
+       SUM(kept_deferrals) AS kept_deferrals, SUM(actual_deferrals) AS actual_deferrals
+FROM (
+    SELECT newsletter_id, state, reply_code, n AS kept, 0 AS actual,
+           deferrals AS kept_deferrals, 0 AS actual_deferrals
+    FROM kept_counts WHERE %(id)s IS NULL OR newsletter_id = %(id)s
+    UNION ALL
+    SELECT newsletter_id, state, COALESCE(reply_code, 65535), 0, COUNT(*), 0, SUM(deferrals)
+    FROM messages WHERE %(id)s IS NULL OR newsletter_id = %(id)s
+    GROUP BY newsletter_id, state, reply_code
+) AS x
+GROUP BY newsletter_id, state, reply_code
+HAVING SUM(kept) <> SUM(actual) OR SUM(kept_deferrals) <> SUM(actual_deferrals)
+ORDER BY newsletter_id, state, reply_code;
+
+-- name: kept_verify_timeline
+-- Only newsletters without a summary: `purge` drops the history once the
+-- summary holds it.
+SELECT newsletter_id, resolution, bucket, worker_id, SUM(kept_sent) AS kept_sent,
+       SUM(actual_sent) AS actual_sent, SUM(kept_failed) AS kept_failed,
+       SUM(actual_failed) AS actual_failed
+FROM (
+    SELECT newsletter_id, resolution, bucket, worker_id, sent AS kept_sent,
+           0 AS actual_sent, failed AS kept_failed, 0 AS actual_failed
+    FROM kept_timeline WHERE %(id)s IS NULL OR newsletter_id = %(id)s
+    UNION ALL
+    SELECT newsletter_id, 1, TO_SECONDS(finished_at) - 62167219200 AS bucket_s,
+           send_worker_id, 0, SUM(state <> 'failed'), 0, SUM(state = 'failed')
+    FROM messages
+    WHERE (%(id)s IS NULL OR newsletter_id = %(id)s)
+      AND state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+      AND send_worker_id IS NOT NULL
+    GROUP BY newsletter_id, bucket_s, send_worker_id
+    UNION ALL
+    SELECT newsletter_id, 10, (TO_SECONDS(finished_at) - 62167219200) DIV 10 * 10 AS bucket_s,
+           send_worker_id, 0, SUM(state <> 'failed'), 0, SUM(state = 'failed')
+    FROM messages
+    WHERE (%(id)s IS NULL OR newsletter_id = %(id)s)
+      AND state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+      AND send_worker_id IS NOT NULL
+    GROUP BY newsletter_id, bucket_s, send_worker_id
+    UNION ALL
+    SELECT newsletter_id, 60, (TO_SECONDS(finished_at) - 62167219200) DIV 60 * 60 AS bucket_s,
+           send_worker_id, 0, SUM(state <> 'failed'), 0, SUM(state = 'failed')
+    FROM messages
+    WHERE (%(id)s IS NULL OR newsletter_id = %(id)s)
+      AND state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+      AND send_worker_id IS NOT NULL
+    GROUP BY newsletter_id, bucket_s, send_worker_id
+    UNION ALL
+    SELECT newsletter_id, 600, (TO_SECONDS(finished_at) - 62167219200) DIV 600 * 600 AS bucket_s,
+           send_worker_id, 0, SUM(state <> 'failed'), 0, SUM(state = 'failed')
+    FROM messages
+    WHERE (%(id)s IS NULL OR newsletter_id = %(id)s)
+      AND state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+      AND send_worker_id IS NOT NULL
+    GROUP BY newsletter_id, bucket_s, send_worker_id
+    UNION ALL
+    SELECT newsletter_id, 3600, (TO_SECONDS(finished_at) - 62167219200) DIV 3600 * 3600 AS bucket_s,
+           send_worker_id, 0, SUM(state <> 'failed'), 0, SUM(state = 'failed')
+    FROM messages
+    WHERE (%(id)s IS NULL OR newsletter_id = %(id)s)
+      AND state IN ('sent', 'bounced', 'failed') AND finished_at IS NOT NULL
+      AND send_worker_id IS NOT NULL
+    GROUP BY newsletter_id, bucket_s, send_worker_id
+) AS x
+WHERE newsletter_id NOT IN (SELECT newsletter_id FROM newsletter_summaries)
+GROUP BY newsletter_id, resolution, bucket, worker_id
+HAVING SUM(kept_sent) <> SUM(actual_sent) OR SUM(kept_failed) <> SUM(actual_failed)
+ORDER BY newsletter_id, resolution, bucket, worker_id;
+
+-- name: kept_verify_sort_workers
+SELECT newsletter_id, worker_id, SUM(kept) AS kept, SUM(actual) AS actual
+FROM (
+    SELECT newsletter_id, worker_id, messages AS kept, 0 AS actual
+    FROM kept_sort_workers WHERE %(id)s IS NULL OR newsletter_id = %(id)s
+    UNION ALL
+    SELECT newsletter_id, sort_worker_id, 0, COUNT(*)
+    FROM messages
+    WHERE (%(id)s IS NULL OR newsletter_id = %(id)s) AND sort_worker_id IS NOT NULL
+    GROUP BY newsletter_id, sort_worker_id
+) AS x
+WHERE newsletter_id NOT IN (SELECT newsletter_id FROM newsletter_summaries)
+GROUP BY newsletter_id, worker_id HAVING SUM(kept) <> SUM(actual)
+ORDER BY newsletter_id, worker_id;
+
+-- name: kept_verify_failures
+-- Grouped in the columns' collation, as kept_failures is keyed.
+SELECT newsletter_id, MIN(reason) AS reason, SUM(kept) AS kept, SUM(actual) AS actual
+FROM (
+    SELECT newsletter_id, reason, n AS kept, 0 AS actual
+    FROM kept_failures WHERE %(id)s IS NULL OR newsletter_id = %(id)s
+    UNION ALL
+    SELECT newsletter_id, COALESCE(reply, detail, '(no reason recorded)') AS reason, 0, COUNT(*)
+    FROM messages
+    WHERE (%(id)s IS NULL OR newsletter_id = %(id)s) AND state = 'failed'
+    GROUP BY newsletter_id, reason
+) AS x
+WHERE newsletter_id NOT IN (SELECT newsletter_id FROM newsletter_summaries)
+GROUP BY newsletter_id, reason HAVING SUM(kept) <> SUM(actual)
+ORDER BY newsletter_id, reason;
+
+-- name: kept_lock_messages
+-- Repair: share-lock the newsletter's rows, so no transaction changes one
+-- (and its kept rows) until the recount commits. Node-local on Galera.
+SELECT COUNT(*) AS n FROM messages WHERE newsletter_id = %(id)s LOCK IN SHARE MODE;
+
+-- name: kept_has_summary
+SELECT EXISTS (SELECT 1 FROM newsletter_summaries WHERE newsletter_id = %(id)s) AS has;
+
+-- name: kept_counts_delete
+DELETE FROM kept_counts WHERE newsletter_id = %(id)s;
+
+-- name: kept_history_delete_timeline
+-- `purge` drops a summarised newsletter's history in chunks.
+DELETE FROM kept_timeline WHERE newsletter_id = %(id)s LIMIT %(chunk)s;
+
+-- name: kept_history_delete_sort_workers
+DELETE FROM kept_sort_workers WHERE newsletter_id = %(id)s LIMIT %(chunk)s;
+
+-- name: kept_history_delete_failures
+DELETE FROM kept_failures WHERE newsletter_id = %(id)s LIMIT %(chunk)s;
+
+-- name: kept_rebuild_counts
+-- The recount (the same as migration 014's backfill), into slot 0.
+INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample)
+SELECT newsletter_id, state, COALESCE(reply_code, 65535) AS code, 0, COUNT(*), SUM(deferrals),
+       MIN(reply)
+FROM messages WHERE newsletter_id = %(id)s
+GROUP BY newsletter_id, state, code;
+
+-- name: kept_rebuild_timeline
+INSERT INTO kept_timeline (newsletter_id, resolution, bucket, worker_id, sent, failed,
+                           first_at, last_at)
+SELECT newsletter_id, 1, TO_SECONDS(finished_at) - 62167219200 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
+FROM messages
+WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced', 'failed')
+  AND finished_at IS NOT NULL AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 10, (TO_SECONDS(finished_at) - 62167219200) DIV 10 * 10 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
+FROM messages
+WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced', 'failed')
+  AND finished_at IS NOT NULL AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 60, (TO_SECONDS(finished_at) - 62167219200) DIV 60 * 60 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
+FROM messages
+WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced', 'failed')
+  AND finished_at IS NOT NULL AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 600, (TO_SECONDS(finished_at) - 62167219200) DIV 600 * 600 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), NULL, NULL
+FROM messages
+WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced', 'failed')
+  AND finished_at IS NOT NULL AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id
+UNION ALL
+SELECT newsletter_id, 3600, (TO_SECONDS(finished_at) - 62167219200) DIV 3600 * 3600 AS bucket_s,
+       send_worker_id, SUM(state <> 'failed'), SUM(state = 'failed'), MIN(finished_at), MAX(finished_at)
+FROM messages
+WHERE newsletter_id = %(id)s AND state IN ('sent', 'bounced', 'failed')
+  AND finished_at IS NOT NULL AND send_worker_id IS NOT NULL
+GROUP BY newsletter_id, bucket_s, send_worker_id;
+
+-- name: kept_rebuild_sort_workers
+INSERT INTO kept_sort_workers (newsletter_id, worker_id, messages, first_at, last_at)
+SELECT newsletter_id, sort_worker_id, COUNT(*), MIN(merged_at), MAX(merged_at)
+FROM messages WHERE newsletter_id = %(id)s AND sort_worker_id IS NOT NULL
+GROUP BY newsletter_id, sort_worker_id;
+
+-- name: kept_rebuild_failures
+INSERT INTO kept_failures (newsletter_id, reason, n)
+SELECT newsletter_id, COALESCE(reply, detail, '(no reason recorded)') AS reason, COUNT(*)
+FROM messages WHERE newsletter_id = %(id)s AND state = 'failed'
+GROUP BY newsletter_id, reason;
+
+-- name: kept_counts_for_update
+-- Compaction: lock a newsletter's kept counts (and, in REPEATABLE READ, the
+-- gaps between them, so no new slot row appears) while they are folded.
+SELECT state, reply_code, slot, n, deferrals, sample
+FROM kept_counts WHERE newsletter_id = %(id)s FOR UPDATE;
+
+-- name: kept_counts_insert
+INSERT INTO kept_counts (newsletter_id, state, reply_code, slot, n, deferrals, sample)
+VALUES (%(id)s, %(state)s, %(reply_code)s, 0, %(n)s, %(deferrals)s, %(sample)s);

@@ -90,6 +90,7 @@ def test_speeds_1_2_4_get_proportional_shares_and_finish_near_ideal(cluster: Clu
     for worker, d in deviation.items():
         assert abs(d) <= 0.10, f"{worker}: share off by {d:+.1%}"
     assert elapsed <= 1.2 * ideal + startup
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 # ------------------------------------------------------- 2. slowed mid-run
@@ -133,6 +134,7 @@ def test_slowed_worker_backlog_stays_within_horizon(cluster: Cluster) -> None:
           f"batch_max {batch_max}; shares {cluster.shares(nid, 'sort_worker_id')}")
     assert len(samples) >= 10
     assert max(samples) <= bound
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 # ------------------------------------------------ 3. SIGKILL, cron restart
@@ -171,6 +173,7 @@ def test_sigkill_send_worker_restarted_by_cron(cluster: Cluster, sink: SmtpSink,
     assert acc.lost == 0
     assert acc.strangers == 0
     assert acc.duplicates <= window
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 # ---------------------------------------------- 4. SIGKILL, never back
@@ -214,6 +217,7 @@ def test_sigkill_send_worker_never_back_batch_is_reassigned(cluster: Cluster,
     assert "reclaimed batch" in (cluster.tmp / "send-balancer-b.log").read_text()
     assert acc.lost == 0
     assert acc.strangers == 0
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 # --------------------------------------------------- 5. balancer failover
@@ -275,6 +279,7 @@ def test_sigkill_active_balancer_standby_takes_over(cluster: Cluster, sink: Smtp
     # The sampling here is every 20 ms; 0.3 s is room for a loaded 2-core machine.
     assert max(takeover.values()) <= b.heartbeat_timeout + 0.3
     assert acc.lost == 0 and acc.duplicates == 0 and acc.strangers == 0
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 def test_stopped_active_balancer_hands_its_lease_over_at_once(cluster: Cluster) -> None:
@@ -298,6 +303,7 @@ def test_stopped_active_balancer_hands_its_lease_over_at_once(cluster: Cluster) 
           f"lease {b.heartbeat_timeout}s)")
     assert "released the sort lease" in first.log()
     assert after < b.heartbeat_timeout - 1
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 def test_frozen_active_balancer_is_replaced_and_fenced(cluster: Cluster, sink: SmtpSink) -> None:
@@ -338,6 +344,7 @@ def test_frozen_active_balancer_is_replaced_and_fenced(cluster: Cluster, sink: S
     assert takeover <= b.heartbeat_timeout + 0.3
     assert holder == b_id
     assert acc.lost == 0 and acc.duplicates == 0 and acc.strangers == 0
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 # ---------------------------------------------------------- 6. disable
@@ -388,6 +395,7 @@ def test_admin_disables_a_worker_mid_run(cluster: Cluster, sink: SmtpSink) -> No
     assert final is not None and final["enabled"] == 0 and final["state"] == "stopped"
     assert late == 0
     assert acc.lost == 0 and acc.duplicates == 0 and acc.strangers == 0
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 # ------------------------------------------------------- 7. MariaDB restart
@@ -427,6 +435,7 @@ def test_mariadb_down_for_10s_everyone_reconnects(cluster: Cluster, sink: SmtpSi
           f"duplicates {acc.duplicates}")
     assert all(alive_after)
     assert acc.lost == 0 and acc.duplicates == 0 and acc.strangers == 0
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 def test_connection_lost_while_send_worker_commits_outcomes(cluster: Cluster,
@@ -462,6 +471,7 @@ def test_connection_lost_while_send_worker_commits_outcomes(cluster: Cluster,
           f"duplicates {acc.duplicates}")
     assert alive
     assert acc.lost == 0 and acc.duplicates == 0 and acc.strangers == 0
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 # --------------------------------------------------------- 8. relay 421
@@ -496,6 +506,7 @@ def test_relay_refuses_everything_for_20s(cluster: Cluster, sink: SmtpSink) -> N
     assert deferred > 0 and refusals > 0
     assert acc.lost == 0 and acc.duplicates == 0 and acc.strangers == 0
     assert acc.states == {"sent": n}
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 # ---------------------------------------------------- 9. pause and resume
@@ -535,3 +546,4 @@ def test_pause_and_resume_mid_run(cluster: Cluster, sink: SmtpSink) -> None:
     assert still == settled
     assert settled < n
     assert acc.lost == 0 and acc.duplicates == 0 and acc.strangers == 0
+    cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest

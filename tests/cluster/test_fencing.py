@@ -122,6 +122,7 @@ def test_partitioned_send_worker_fences_itself_and_never_resumes_reclaimed_rows(
         assert not [t for t in by_victim if cut_at + 1.0 <= t < heal_at]
         assert "were reclaimed while it was cut off" in log
         assert lifted_at is not None and lifted_at >= heal_at
+        cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest
 
 
 def test_journal_replay_after_sigkill_resends_nothing(cluster: Cluster) -> None:
@@ -158,3 +159,4 @@ def test_journal_replay_after_sigkill_resends_nothing(cluster: Cluster) -> None:
         assert replayed >= 1 and replayed == journaled
         assert acc.lost == 0 and acc.strangers == 0
         assert acc.duplicates == 0
+        cluster.assert_kept_counts()  # kept counts == COUNT(*) by state, and the rest

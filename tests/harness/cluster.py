@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pwd
@@ -40,7 +41,7 @@ from typing import Any, Protocol
 import pymysql
 import pymysql.cursors
 
-from sendsystem import demo
+from sendsystem import demo, keptcounts
 from sendsystem.config import Config, load_config
 from sendsystem.db import Database
 from sendsystem.demo import CountingSink
@@ -514,6 +515,23 @@ class Cluster(demo.Cluster):
         rows = self.sql("SELECT state, COUNT(*) AS n FROM messages WHERE newsletter_id = %s "
                         "GROUP BY state", (newsletter_id,))
         return {r["state"]: int(r["n"]) for r in rows}
+
+    def kept_count_differences(self, host: str | None = None) -> list[keptcounts.Difference]:
+        """Where the kept counts differ from COUNT(*) over the rows (keptcounts.verify),
+        through the cluster's database, or through one node (``host``: host:port)."""
+        config = self.config.database if host is None else \
+            dataclasses.replace(self.config.database, host=host)
+        db = Database(config, retry_for=30)
+        try:
+            return keptcounts.verify(db)
+        finally:
+            db.close()
+
+    def assert_kept_counts(self, host: str | None = None) -> None:
+        """The invariant every scenario ends with: kept counts == the rows."""
+        differences = self.kept_count_differences(host)
+        assert not differences, "kept counts differ from the message rows: " + \
+            "; ".join(map(str, differences))
 
     def finished(self, newsletter_id: int) -> bool:
         """Every message of the newsletter is in a final state."""
