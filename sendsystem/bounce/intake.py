@@ -262,7 +262,8 @@ def _unverified(db: Database, config: Config, report: BounceReport,
 def _mailto_unsubscribe(db: Database, config: Config, report: BounceReport) -> IntakeOutcome:
     target = (verify_unsubscribe_token(config.secret(), report.unsubscribe_token)
               if report.unsubscribe_token else None)
-    row = recipients.unsubscribe(db, target.subscriber_id, target.list_id) if target else None
+    row = (recipients.unsubscribe(db, target.subscriber_id, target.list_id, via="mail")
+           if target else None)
     if target is None or row is None:
         # A request without a valid token is still a person asking to leave,
         # but From: is forgeable: keep it unverified where a human will see it.

@@ -31,6 +31,12 @@ The intake records at most one bounce of each kind per message
 temporary failure, a scan interrupted between recording and moving the
 file, or a delay warning followed by the final report never count twice
 towards the thresholds.
+
+Every status change also records when and why (``subscribers.left_at`` and
+``left_reason``, shown by `list export`): a short reason built here
+(:func:`bounce_reason`, :func:`complaint_reason`, :func:`unsubscribe_reason`)
+from what is already stored (counts, the DSN status code, the kind of
+evidence), never a diagnostic text, which may quote the address.
 """
 
 from __future__ import annotations
@@ -53,6 +59,24 @@ INTAKE_STATEMENTS = (*RECIPIENT_STATEMENTS, "bounce_message_lock", "bounce_seen_
 
 # What tied a report to us (the `bounces.evidence` column).
 EVIDENCE = ("verp", "message-id", "token", "smtp", "webhook")
+
+
+def bounce_reason(hard: int, soft: int, status: str | None) -> str:
+    """Why the bounce thresholds ended a subscription, e.g. ``bounced: 1 hard, 0 soft,
+    last 5.1.1``."""
+    last = f", last {status[:20]}" if status else ""
+    return f"bounced: {hard} hard, {soft} soft{last}"
+
+
+def complaint_reason(evidence: str) -> str:
+    """``complaint: ESP webhook`` or ``complaint: feedback report`` (an ARF report
+    tied to us by VERP, a signed Message-ID or an unsubscribe token)."""
+    return "complaint: ESP webhook" if evidence == "webhook" else "complaint: feedback report"
+
+
+def unsubscribe_reason(via: str) -> str:
+    """``unsubscribe: web`` (the link, one-click or the page) or ``unsubscribe: mail``."""
+    return f"unsubscribe: {via}"
 
 
 @dataclass(frozen=True)
@@ -96,10 +120,12 @@ def _store(db: Database, limits: BounceConfig, *, email: str, kind: str, evidenc
     hard = int(tally["hard"]) if tally else 0
     soft = int(tally["soft"]) if tally else 0
     if hard >= limits.hard_limit or soft >= limits.soft_limit:
+        reason = bounce_reason(hard, soft, status)
         if per_list:
-            changed = db.execute("subscriber_mark_bounced", {"id": subscriber_id})
+            changed = db.execute("subscriber_mark_bounced", {"id": subscriber_id,
+                                                             "reason": reason})
         else:
-            changed = db.execute("subscribers_mark_bounced", {"email": email})
+            changed = db.execute("subscribers_mark_bounced", {"email": email, "reason": reason})
         if changed:
             log.info("%s set to bounced on %s (%d hard, %d soft bounces)", email,
                      "its list" if per_list else "every list", hard, soft)
@@ -157,7 +183,8 @@ def record_complaint(db: Database, limits: BounceConfig, *, email: str, evidence
                 message_id=message_id, subscriber_id=subscriber_id, diagnostic=diagnostic)
         changed = 0
         if subscriber_id is not None:
-            changed = db.execute("subscriber_complained", {"id": subscriber_id})
+            changed = db.execute("subscriber_complained", {
+                "id": subscriber_id, "reason": complaint_reason(evidence)})
         if limits.scope == "address":
             db.execute("block_add", {"pattern": email, "reason": "complaint"})
     log.info("complaint from %s: %s", email, "unsubscribed and blocked on every list"
@@ -185,16 +212,19 @@ def store_event(db: Database, *, kind: str, email: str | None, evidence: str,
             subscriber_id=subscriber_id, status=status, diagnostic=diagnostic)
 
 
-def unsubscribe(db: Database, subscriber_id: int, list_id: int) -> dict[str, Any] | None:
+def unsubscribe(db: Database, subscriber_id: int, list_id: int, *,
+                via: str = "web") -> dict[str, Any] | None:
     """Take one subscriber off one list (idempotent); their row, or None if unknown.
 
     Only an `active` subscription changes: a bounced or complained one is
-    already off the list and keeps the stronger reason.
+    already off the list and keeps the stronger reason. ``via``: ``web`` (the
+    unsubscribe app) or ``mail`` (a mailto unsubscribe), for ``left_reason``.
     """
     row = db.fetchone("subscriber_with_list", {"id": subscriber_id, "list_id": list_id})
     if row is None:
         return None
-    if db.execute("subscriber_unsubscribe", {"id": subscriber_id, "list_id": list_id}):
+    if db.execute("subscriber_unsubscribe", {"id": subscriber_id, "list_id": list_id,
+                                             "reason": unsubscribe_reason(via)}):
         log.info("subscriber %d (%s) unsubscribed from list %d", subscriber_id, row["email"],
                  list_id)
     return row

@@ -49,19 +49,77 @@ FROM lists l ORDER BY l.name;
 
 -- ============================================================== subscribers
 
--- name: subscriber_upsert
--- Re-import updates the merge fields; it never re-activates someone who
--- unsubscribed, bounced or complained.
-INSERT INTO subscribers (list_id, email, domain, fields)
-VALUES (%(list_id)s, %(email)s, %(domain)s, %(fields)s)
-ON DUPLICATE KEY UPDATE fields = VALUES(fields), domain = VALUES(domain);
-
 -- name: subscriber_get
 SELECT s.id, s.list_id, s.email, s.status FROM subscribers s WHERE s.id = %(id)s;
 
 -- name: subscriber_set_status
-UPDATE subscribers SET status = %(status)s
-WHERE id = %(id)s AND (status = 'active' OR %(status)s = 'complained');
+-- left_at / left_reason say when and why the subscription got its current
+-- status (every statement that changes it sets them; assigned before status,
+-- which MariaDB assigns left to right).
+UPDATE subscribers SET left_at = NOW(), left_reason = %(reason)s, status = %(status)s
+WHERE id = %(id)s AND (status = 'active' OR (%(status)s = 'complained' AND status <> 'complained'));
+
+-- name: subscribers_import
+-- values: list_id, email, domain, fields, status, left_at, left_reason
+-- `list import` writes its checked rows in address order, one statement per
+-- chunk of at most a fraction of a second (sendsystem/importer.py).
+-- A new row takes the file's status (active when it has none), left_at and
+-- left_reason. An existing row takes the new merge fields and never goes
+-- back to active: an active one takes a non-active status from the file
+-- (when: the file's left_at, else now; why: the file's reason, else
+-- 'import'); one that already left keeps its status, left_at and
+-- left_reason. status is assigned last: the others test its old value.
+INSERT INTO subscribers (list_id, email, domain, fields, status, left_at, left_reason)
+VALUES %(rows)s
+ON DUPLICATE KEY UPDATE
+    fields = VALUES(fields), domain = VALUES(domain),
+    left_at = IF(status = 'active' AND VALUES(status) <> 'active',
+                 COALESCE(VALUES(left_at), NOW()), left_at),
+    left_reason = IF(status = 'active' AND VALUES(status) <> 'active',
+                     COALESCE(VALUES(left_reason), 'import'), left_reason),
+    status = IF(status = 'active', VALUES(status), status);
+
+-- name: subscribers_export_chunk
+-- `list export`: the next rows of one status after id `after` (keyset
+-- pagination on ix_subscribers_list_status, which ends in the id).
+SELECT id, email, fields, status, left_at, left_reason
+FROM subscribers
+WHERE list_id = %(list_id)s AND status = %(status)s AND id > %(after)s
+ORDER BY id LIMIT %(limit)s;
+
+-- name: list_status_counts
+SELECT status, COUNT(*) AS n FROM subscribers WHERE list_id = %(list_id)s GROUP BY status;
+
+-- =================================================================== imports
+
+-- name: list_lock
+-- Serialises the start of two imports into one list (sendsystem/importer.py).
+SELECT id FROM lists WHERE id = %(list_id)s FOR UPDATE;
+
+-- name: imports_unfinished
+SELECT id, file, host, pid, state, rows_to_write, rows_written, started_at,
+       TIMESTAMPDIFF(SECOND, heartbeat_at, NOW(6)) AS idle
+FROM imports WHERE list_id = %(list_id)s AND state IN ('reading', 'writing') ORDER BY id;
+
+-- name: import_interrupted
+-- Only if it is still silent: a live import's heartbeat wins the race.
+UPDATE imports SET state = 'interrupted', finished_at = NOW(6), message = %(message)s
+WHERE id = %(id)s AND state IN ('reading', 'writing')
+  AND heartbeat_at < TIMESTAMPADD(SECOND, -%(stale)s, NOW(6));
+
+-- name: import_begin
+INSERT INTO imports (list_id, file, host, pid) VALUES (%(list_id)s, %(file)s, %(host)s, %(pid)s);
+
+-- name: import_progress
+UPDATE imports SET heartbeat_at = NOW(6), state = %(state)s, rows_read = %(rows_read)s,
+       bad_rows = %(bad_rows)s, rows_to_write = %(rows_to_write)s, rows_written = %(rows_written)s
+WHERE id = %(id)s;
+
+-- name: import_finish
+UPDATE imports SET heartbeat_at = NOW(6), finished_at = NOW(6), state = %(state)s,
+       rows_read = %(rows_read)s, bad_rows = %(bad_rows)s, rows_to_write = %(rows_to_write)s,
+       rows_written = %(rows_written)s, message = %(message)s
+WHERE id = %(id)s;
 
 -- ================================================================ templates
 
@@ -616,21 +674,26 @@ FROM bounces WHERE subscriber_id = %(subscriber_id)s AND verified = 1;
 
 -- name: subscribers_mark_bounced
 -- [bounce] scope = address: every subscription of the address.
-UPDATE subscribers SET status = 'bounced' WHERE email = %(email)s AND status = 'active';
+UPDATE subscribers SET status = 'bounced', left_at = NOW(), left_reason = %(reason)s
+WHERE email = %(email)s AND status = 'active';
 
 -- name: subscriber_mark_bounced
 -- [bounce] scope = list: the one subscription the bounced message went to.
-UPDATE subscribers SET status = 'bounced' WHERE id = %(id)s AND status = 'active';
+UPDATE subscribers SET status = 'bounced', left_at = NOW(), left_reason = %(reason)s
+WHERE id = %(id)s AND status = 'active';
 
 -- name: message_mark_bounced
 UPDATE messages SET state = 'bounced' WHERE id = %(id)s AND state = 'sent';
 
 -- name: subscriber_unsubscribe
-UPDATE subscribers SET status = 'unsubscribed'
+UPDATE subscribers SET status = 'unsubscribed', left_at = NOW(), left_reason = %(reason)s
 WHERE id = %(id)s AND list_id = %(list_id)s AND status = 'active';
 
 -- name: subscriber_complained
-UPDATE subscribers SET status = 'complained' WHERE id = %(id)s;
+-- A complaint is the strongest reason to leave: it replaces an unsubscribe or
+-- a bounce, and left_at / left_reason with it (never a first complaint's).
+UPDATE subscribers SET left_at = NOW(), left_reason = %(reason)s, status = 'complained'
+WHERE id = %(id)s AND status <> 'complained';
 
 -- name: subscriber_with_list
 SELECT s.id, s.email, s.status, l.id AS list_id, l.name AS list_name

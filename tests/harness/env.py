@@ -22,7 +22,7 @@ from sendsystem.db import Database
 
 TABLES = ("bounces", "blocklist", "messages", "batches", "workers", "attachments",
           "newsletters", "templates", "subscribers", "lists", "leases",
-          "relay_usage", "relay_health", "newsletter_summaries")
+          "relay_usage", "relay_health", "newsletter_summaries", "imports")
 
 
 def server_settings() -> dict[str, object]:
