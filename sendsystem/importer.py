@@ -103,7 +103,8 @@ Problems = Callable[[int, str], None]
 
 @dataclass
 class ImportResult:
-    imported: int = 0  # rows written (new or updated subscribers)
+    imported: int = 0  # rows now in the list (new, updated, or already so)
+    unchanged: int = 0  # of those, rows that were in the list just so already
     bad: list[tuple[int, str]] = field(default_factory=list)  # the first KEPT_PROBLEMS
     total: int = 0  # rows read (blank lines are not rows)
     bad_count: int = 0
@@ -363,25 +364,26 @@ def _import(db: Database, list_id: int, source: Source, tracker: _Tracker, tmp: 
     # 3. Write, in address order.
     tracker.beat(state="writing")
     started = time.monotonic()
-    result.imported = _write(db, list_id, rows, unique, tracker, report)
+    result.imported, result.unchanged = _write(db, list_id, rows, unique, tracker, report)
     result.seconds["write"] = time.monotonic() - started
     rows.close()
     tracker.finish("done", None)
-    log.info("import %s: %d rows read, %d written, %d bad; %s", tracker.id, result.total,
-             result.imported, result.bad_count,
+    log.info("import %s: %d rows read, %d imported (%d unchanged), %d bad; %s", tracker.id,
+             result.total, result.imported, result.unchanged, result.bad_count,
              ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     return result
 
 
 def _write(db: Database, list_id: int, rows: ExternalSort, unique: int, tracker: _Tracker,
-           report: Progress) -> int:
+           report: Progress) -> tuple[int, int]:
     """Write the first row of each address, in chunks of about CHUNK_SECONDS each.
 
     A thread (:class:`_ChunkWriter`) runs the statements while this one reads
     and prepares the next chunk: the database's time and ours overlap.
     """
     loads = json.loads
-    writer = _ChunkWriter(db, tracker)
+    fresh = not db.fetchone("list_has_subscribers", {"list_id": list_id})
+    writer = _ChunkWriter(db, tracker, list_id, fresh)
     chunk: list[tuple[Any, ...]] = []
     chars = 0
     report("Writing", 0, unique)
@@ -413,20 +415,30 @@ def _write(db: Database, list_id: int, rows: ExternalSort, unique: int, tracker:
             tracker.finish("failed", message[:1000])
         raise
     report("Writing", writer.written, unique)
-    return writer.written
+    return writer.written, writer.unchanged
 
 
 class _ChunkWriter(threading.Thread):
     """Runs ``subscribers_import`` for each chunk it is given, one at a time, and is
     the only user of the database connection meanwhile (heartbeats included).
-    At most two chunks wait, so memory stays bounded."""
+    At most two chunks wait, so memory stays bounded.
 
-    def __init__(self, db: Database, tracker: _Tracker) -> None:
+    Into a list that had subscribers, a chunk first reads which of its
+    addresses are there already (``subscribers_existing``) and leaves out the
+    rows that would change nothing: an upsert of an existing row costs an
+    insert attempt, its rollback and the update (re-importing the same
+    1,000,000 rows took 38 s of writing, against 15 s for a fresh import).
+    """
+
+    def __init__(self, db: Database, tracker: _Tracker, list_id: int, fresh: bool) -> None:
         super().__init__(name="import-writer", daemon=True)
         self.db = db
         self.tracker = tracker
+        self.list_id = list_id
+        self.fresh = fresh  # the list was empty: every row is new
         self.size = CHUNK_FIRST  # rows per statement, adapted to CHUNK_SECONDS
-        self.written = 0
+        self.written = 0  # rows of the file done (new, updated, or unchanged)
+        self.unchanged = 0
         self.error: BaseException | None = None
         self._queue: queue.Queue[list[tuple[Any, ...]] | None] = queue.Queue(maxsize=2)
         self._halt = threading.Event()
@@ -436,8 +448,11 @@ class _ChunkWriter(threading.Thread):
         try:
             while (chunk := self._queue.get()) is not None and not self._halt.is_set():
                 started = time.monotonic()
-                self.db.execute_rows("subscribers_import", chunk)
+                changes = chunk if self.fresh else self._changes(chunk)
+                if changes:
+                    self.db.execute_rows("subscribers_import", changes)
                 elapsed = time.monotonic() - started
+                self.unchanged += len(chunk) - len(changes)
                 self.written += len(chunk)
                 self.tracker.written = self.written
                 # Aim for CHUNK_SECONDS a statement, moving halfway there each time.
@@ -448,6 +463,19 @@ class _ChunkWriter(threading.Thread):
                     self.tracker.beat()
         except BaseException as exc:
             self.error = exc
+
+    def _changes(self, chunk: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The rows that are new or would change their subscriber."""
+        existing = {str(r["email"]).lower(): r for r in self.db.fetchall(
+            "subscribers_existing", {"list_id": self.list_id, "emails": [r[1] for r in chunk]})}
+        changes = []
+        for row in chunk:
+            old = existing.get(row[1].lower())
+            # (list_id, email, domain, fields, status, left_at, left_reason)
+            if old is None or old["fields"] != row[3] or old["domain"] != row[2] or \
+                    (old["status"] == "active" and row[4] != "active"):
+                changes.append(row)
+        return changes
 
     def put(self, chunk: list[tuple[Any, ...]] | None) -> None:
         while True:

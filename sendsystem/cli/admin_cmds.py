@@ -120,7 +120,8 @@ def list_import(ctx: Context, name: str, file: Path, skip_invalid: bool) -> None
     finally:
         if bars is not None:
             bars.close()
-    click.echo(f"Imported {result.imported} of {result.total} rows into {name!r}.")
+    same = f" ({result.unchanged} unchanged)" if result.unchanged else ""
+    click.echo(f"Imported {result.imported} of {result.total} rows into {name!r}{same}.")
     if result.bad_count:
         click.echo(f"Skipped {result.bad_count} invalid rows (named above).", err=True)
 

@@ -79,6 +79,15 @@ ON DUPLICATE KEY UPDATE
                      COALESCE(VALUES(left_reason), 'import'), left_reason),
     status = IF(status = 'active', VALUES(status), status);
 
+-- name: subscribers_existing
+-- `list import` into a list with subscribers: which of a chunk's addresses are
+-- there, and as what (rows that would not change are not written).
+SELECT email, domain, fields, status FROM subscribers
+WHERE list_id = %(list_id)s AND email IN %(emails)s;
+
+-- name: list_has_subscribers
+SELECT 1 AS yes FROM subscribers WHERE list_id = %(list_id)s LIMIT 1;
+
 -- name: subscribers_export_chunk
 -- `list export`: the next rows of one status after id `after` (keyset
 -- pagination on ix_subscribers_list_status, which ends in the id).

@@ -207,6 +207,27 @@ def test_import_file_status_never_reactivates_and_sets_when_and_why(news: Env) -
     assert rows["bo@example.com"]["left_reason"] == "old bounce"
 
 
+def test_reimport_writes_only_what_changes(news: Env) -> None:
+    path = write_big(news.tmp / "big.csv", 20_000)
+    assert admin.import_csv(news.db, "news", path).unchanged == 0
+    again = admin.import_csv(news.db, "news", path)
+    assert (again.imported, again.unchanged) == (20_000, 20_000)
+    before = sql(news, "SELECT MAX(updated_at) AS t FROM subscribers")[0]["t"]
+    edited = news.tmp / "edited.csv"
+    edited.write_text("email,first_name,city,status\n"
+                      "user1@example.com,Bruger 1,Århus,unsubscribed\n"   # same fields, leaves
+                      "user2@example.com,Bruger 2,Vejle,\n"               # moved
+                      "user3@example.com,Bruger 3,Århus,\n"               # as it was
+                      "new@example.com,Ny,Køge,\n", encoding="utf-8")
+    result = admin.import_csv(news.db, "news", edited)
+    assert (result.imported, result.unchanged) == (4, 1)
+    changed = sql(news, "SELECT email, status, fields FROM subscribers WHERE updated_at > %s "
+                        "ORDER BY email", (before,))
+    assert [(r["email"], r["status"]) for r in changed] == [
+        ("new@example.com", "active"), ("user1@example.com", "unsubscribed"),
+        ("user2@example.com", "active")]
+
+
 def test_status_changes_record_when_and_why(news: Env) -> None:
     path = news.tmp / "s.csv"
     path.write_text("email\n" + "".join(f"u{i}@example.com\n" for i in range(4)), "utf-8")
