@@ -60,6 +60,7 @@ import contextlib
 import csv
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -423,11 +424,13 @@ class _ChunkWriter(threading.Thread):
     the only user of the database connection meanwhile (heartbeats included).
     At most two chunks wait, so memory stays bounded.
 
-    Into a list that had subscribers, a chunk first reads which of its
-    addresses are there already (``subscribers_existing``) and leaves out the
-    rows that would change nothing: an upsert of an existing row costs an
-    insert attempt, its rollback and the update (re-importing the same
-    1,000,000 rows took 38 s of writing, against 15 s for a fresh import).
+    Into a list that had subscribers, the database first says which rows of a
+    chunk would change something (``subscribers_import_changes``), and only
+    those are written: an upsert of an existing row costs an insert attempt,
+    its rollback and the update even when nothing changes (re-importing the
+    same 1,000,000 rows took 38 s of writing, against 15 s for a fresh
+    import), and reading the rows back to compare them in Python cost 17 µs
+    a row in PyMySQL's row parsing alone.
     """
 
     def __init__(self, db: Database, tracker: _Tracker, list_id: int, fresh: bool) -> None:
@@ -465,17 +468,14 @@ class _ChunkWriter(threading.Thread):
             self.error = exc
 
     def _changes(self, chunk: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """The rows that are new or would change their subscriber."""
-        existing = {str(r["email"]).lower(): r for r in self.db.fetchall(
-            "subscribers_existing", {"list_id": self.list_id, "emails": [r[1] for r in chunk]})}
-        changes = []
-        for row in chunk:
-            old = existing.get(row[1].lower())
-            # (list_id, email, domain, fields, status, left_at, left_reason)
-            if old is None or old["fields"] != row[3] or old["domain"] != row[2] or \
-                    (old["status"] == "active" and row[4] != "active"):
-                changes.append(row)
-        return changes
+        """The rows that are new or would change their subscriber (the database
+        compares; see ``subscribers_import_changes``)."""
+        md5 = hashlib.md5
+        # chunk rows: (list_id, email, domain, fields, status, left_at, left_reason)
+        probe = [(row[0], row[1], md5(f"{row[2]}\t{row[3]}".encode()).hexdigest(), row[4])
+                 for row in chunk]
+        changed = {r["email"] for r in self.db.fetch_rows("subscribers_import_changes", probe)}
+        return [row for row in chunk if row[1] in changed]
 
     def put(self, chunk: list[tuple[Any, ...]] | None) -> None:
         while True:

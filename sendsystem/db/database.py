@@ -365,24 +365,36 @@ class Database:
         columns, for the row width and for PREPARE, are the statement's
         ``-- values:`` line.
         """
-        statement = self.sql(name)
-        width = len(self._value_columns[name])
+        if not rows:
+            return 0
 
         def op(cur: pymysql.cursors.DictCursor) -> int:
-            conn = cur.connection
-            status = int(getattr(conn, "server_status", 0) or 0)
-            backslash = not status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES
-            literals = []
-            for row in rows:
-                if len(row) != width:
-                    raise ValueError(f"{name}: a row of {len(row)} values, the statement "
-                                     f"takes {width}")
-                literals.append("(" + ",".join([_literal(v, backslash, conn) for v in row]) + ")")
-            if not literals:
-                return 0
             # No parameters: PyMySQL leaves the text alone (no %-formatting).
-            return int(cur.execute(statement.replace("%(rows)s", ",".join(literals))))
+            return int(cur.execute(self._with_rows(name, rows, cur.connection)))
         return int(self._run(op))
+
+    def fetch_rows(self, name: str, rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+        """A query over a row set given as ``%(rows)s`` (quoted as in :meth:`execute_rows`)."""
+        if not rows:
+            return []
+
+        def op(cur: pymysql.cursors.DictCursor) -> list[dict[str, Any]]:
+            cur.execute(self._with_rows(name, rows, cur.connection))
+            return list(cur.fetchall())
+        return list(self._run(op))
+
+    def _with_rows(self, name: str, rows: Sequence[Sequence[Any]],
+                   conn: pymysql.connections.Connection) -> str:
+        width = len(self._value_columns[name])
+        status = int(getattr(conn, "server_status", 0) or 0)
+        backslash = not status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+        literals = []
+        for row in rows:
+            if len(row) != width:
+                raise ValueError(f"{name}: a row of {len(row)} values, the statement "
+                                 f"takes {width}")
+            literals.append("(" + ",".join([_literal(v, backslash, conn) for v in row]) + ")")
+        return self.sql(name).replace("%(rows)s", ",".join(literals))
 
     def fetchall(self, name: str, params: Params = None) -> list[dict[str, Any]]:
         statement = self.sql(name)

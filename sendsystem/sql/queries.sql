@@ -79,11 +79,18 @@ ON DUPLICATE KEY UPDATE
                      COALESCE(VALUES(left_reason), 'import'), left_reason),
     status = IF(status = 'active', VALUES(status), status);
 
--- name: subscribers_existing
--- `list import` into a list with subscribers: which of a chunk's addresses are
--- there, and as what (rows that would not change are not written).
-SELECT email, domain, fields, status FROM subscribers
-WHERE list_id = %(list_id)s AND email IN %(emails)s;
+-- name: subscribers_import_changes
+-- values: list_id, email, h, status
+-- `list import` into a list with subscribers: which rows of a chunk would
+-- change something (new, other merge fields or domain, or an active
+-- subscriber the file says left); the others are not written. h is the MD5
+-- of domain TAB fields as the import would store them, so that only the
+-- addresses travel back.
+WITH v (list_id, email, h, status) AS (VALUES %(rows)s)
+SELECT v.email
+FROM v LEFT JOIN subscribers s ON s.list_id = v.list_id AND s.email = v.email
+WHERE s.id IS NULL OR (s.status = 'active' AND v.status <> 'active')
+   OR MD5(CONCAT(s.domain, CHAR(9 USING utf8mb4), s.fields)) <> v.h;
 
 -- name: list_has_subscribers
 SELECT 1 AS yes FROM subscribers WHERE list_id = %(list_id)s LIMIT 1;
