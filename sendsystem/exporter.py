@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 from .db import Database
 from .errors import UserError
+from .extsort import work_dir
 from .listcsv import STATUSES, export_header, format_left_at, spreadsheet_safe
 
 CHUNK = 10_000
@@ -82,7 +83,7 @@ def export_csv(db: Database, list_id: int, out: TextIO, *, status: str | None = 
     expected = sum(counts.get(s, 0) for s in statuses)
     key_sets: dict[tuple[str, ...], int] = {}
     with tempfile.TemporaryFile("w+", encoding="utf-8", newline="",
-                                dir=temp_dir) as spool:
+                                dir=temp_dir or work_dir()) as spool:
         spool_writer = csv.writer(spool, lineterminator="\n")
         n = 0
         report("Reading", 0, expected)

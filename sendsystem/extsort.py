@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +25,18 @@ from pathlib import Path
 RUN_CHARS = 24 << 20
 FAN_IN = 64
 _BUFFER = 1 << 16
+
+
+def work_dir() -> Path:
+    """Where `list import` and `list export` keep their temporary files: ``$TMPDIR``
+    when set, else /var/tmp (on disk: /tmp may be a tmpfs, which is memory, as on
+    Debian 13), else Python's default."""
+    if os.environ.get("TMPDIR") or tempfile.tempdir:
+        return Path(tempfile.gettempdir())
+    var = Path("/var/tmp")
+    if var.is_dir() and os.access(var, os.W_OK | os.X_OK):
+        return var
+    return Path(tempfile.gettempdir())
 
 
 class ExternalSort:

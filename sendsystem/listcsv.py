@@ -39,6 +39,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
+from typing import NamedTuple
 
 from .addresses import validate_email
 from .states import SubscriberStatus
@@ -117,9 +118,8 @@ def export_header(field_names: list[str]) -> list[str]:
     return ["email", *(column(n) for n in field_names), "status", "left_at", "left_reason"]
 
 
-@dataclass(frozen=True)
-class Checked:
-    """One good row, ready to store."""
+class Checked(NamedTuple):
+    """One good row, ready to store (a tuple: a list of millions makes millions)."""
 
     email: str
     status: str | None  # None: the file did not say
@@ -133,20 +133,28 @@ class RowChecker:
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
+        self._width = layout.width
+        self._email = layout.email
+        # The optional columns: checked only when the file has any of them.
+        self._statuses = (layout.status, layout.left_at, layout.left_reason) != (None,) * 3
         # JSON keys are encoded once per file, not once per row; the object is
         # byte-for-byte what json.dumps(..., ensure_ascii=False) writes.
         self._keys = tuple((index, encode_basestring(name) + ": ")
                            for index, name in layout.fields)
 
     def check(self, row: list[str]) -> Checked:
-        layout = self.layout
-        if len(row) != layout.width:
-            raise ValueError(f"has {len(row)} fields, the header has {layout.width}")
+        if len(row) != self._width:
+            raise ValueError(f"has {len(row)} fields, the header has {self._width}")
         if _UNSAFE_RE.search("".join(row)):
-            for name, value in zip(layout.names, row, strict=True):
+            for name, value in zip(self.layout.names, row, strict=True):
                 if _UNSAFE_RE.search(value):
                     raise ValueError(f"field {name!r} contains a line break or NUL")
-        email = validate_email(row[layout.email])
+        email = validate_email(row[self._email])
+        fields = "{" + ", ".join([key + encode_basestring(row[index])
+                                  for index, key in self._keys]) + "}"
+        if not self._statuses:
+            return Checked(email, None, None, None, fields)
+        layout = self.layout
         status = None if layout.status is None else parse_status(row[layout.status])
         left_at = None if layout.left_at is None else parse_left_at(row[layout.left_at])
         reason = None
@@ -157,8 +165,6 @@ class RowChecker:
         if (left_at or reason) and status in (None, SubscriberStatus.ACTIVE):
             raise ValueError("left_at and left_reason are only for a subscriber who left "
                              "(status unsubscribed, bounced or complained)")
-        fields = "{" + ", ".join([key + encode_basestring(row[index])
-                                  for index, key in self._keys]) + "}"
         return Checked(email, status, left_at, reason, fields)
 
 

@@ -95,9 +95,9 @@ def list_import(ctx: Context, name: str, file: Path, skip_invalid: bool) -> None
     """Import subscribers from a CSV file with a header row: email, any merge fields,
     and optionally status, left_at, left_reason (the layout `list export` writes).
 
-    Every bad line is named on stderr. The file is read as a stream (any size; about
-    twice its size is needed in TMPDIR); an existing subscriber gets the new merge
-    fields and never goes back to active."""
+    Every bad line is named on stderr. The file is read as a stream, any size; up to
+    5 times its size is needed for a while in TMPDIR (default /var/tmp). An existing
+    subscriber gets the new merge fields and never goes back to active."""
     database = ctx.db()
     bars = ProgressBars() if interactive() else None
     named = 0
@@ -142,7 +142,7 @@ def list_export(ctx: Context, name: str, file: Path | None, status: str | None,
     left_at (UTC), left_reason. `list import` reads it back.
 
     FILE is created with mode 0600 (it is personal data) and appears only when
-    complete. Needs about the file's size in TMPDIR."""
+    complete. Needs about the file's size in TMPDIR (default /var/tmp)."""
     database = ctx.db()
     admin.get_list(database, name)
     to_terminal = file is None and sys.stdout.isatty()

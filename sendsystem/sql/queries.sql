@@ -96,12 +96,17 @@ WHERE s.id IS NULL OR (s.status = 'active' AND v.status <> 'active')
 SELECT 1 AS yes FROM subscribers WHERE list_id = %(list_id)s LIMIT 1;
 
 -- name: subscribers_export_chunk
--- `list export`: the next rows of one status after id `after` (keyset
--- pagination on ix_subscribers_list_status, which ends in the id).
-SELECT id, email, fields, status, left_at, left_reason
-FROM subscribers
-WHERE list_id = %(list_id)s AND status = %(status)s AND id > %(after)s
-ORDER BY id LIMIT %(limit)s;
+-- `list export`: the next rows of one status after id `after`: keyset
+-- pagination on ix_subscribers_list_status (list_id, status, id). The ids
+-- come from the index alone (ordered by all three columns, or MariaDB reads
+-- the index from the list's first entry, skipping up to `after` on every
+-- chunk: 643 s for 10,000,000 rows); the rows are then fetched by id.
+SELECT s.id, s.email, s.fields, s.status, s.left_at, s.left_reason
+FROM (SELECT id FROM subscribers
+      WHERE list_id = %(list_id)s AND status = %(status)s AND id > %(after)s
+      ORDER BY list_id, status, id LIMIT %(limit)s) AS k
+JOIN subscribers s ON s.id = k.id
+ORDER BY s.id;
 
 -- name: list_status_counts
 SELECT status, COUNT(*) AS n FROM subscribers WHERE list_id = %(list_id)s GROUP BY status;

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sendsystem.extsort import ExternalSort
+from sendsystem.extsort import ExternalSort, work_dir
 
 
 def records(n: int, seed: int = 1) -> list[str]:
@@ -52,3 +54,12 @@ def test_same_order_as_sorted(tmp_path_factory: object, texts: list[str], run_ch
         sorter.add(line)
     assert list(sorter.sorted()) == sorted(lines)
     sorter.close()
+
+
+def test_work_dir_is_tmpdir_else_var_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert work_dir() == tmp_path
+    monkeypatch.delenv("TMPDIR")
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert work_dir() == Path("/var/tmp")
