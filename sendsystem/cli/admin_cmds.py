@@ -66,6 +66,8 @@ class ProgressBars:
         self._pos = 0
 
     def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase == self._phase and self._bar is None:
+            return  # this phase's bar was closed already
         if phase != self._phase:
             self.close()
             self._phase = phase
@@ -76,12 +78,13 @@ class ProgressBars:
         if done > self._pos:
             self._bar.update(done - self._pos)
             self._pos = done
+        if done >= total:
+            self.close()  # the phase is over: what is said next gets its own line
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
             self._bar = None
-            self._phase = None
 
 
 @list_group.command("import")
