@@ -3,37 +3,35 @@
 Each function takes the :class:`Database` it works on and raises a
 :class:`UserError` that says what to fix; nothing is half-done: every
 change that spans several rows runs in one transaction, except the two that
-may touch millions (creating a newsletter's messages, see release.py, and
-importing a list), which work in resumable chunks.
+may touch millions, which work in short chunks: creating a newsletter's
+messages (release.py) and importing a list (importer.py says why and what a
+crash leaves).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import mimetypes
 import os
 import socket
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from . import history
-from .addresses import domain_of, parse_from, validate_email
+from . import exporter, history, importer
+from .addresses import parse_from, validate_email
 from .config import format_track, parse_track
 from .db import Database
-from .errors import ImportRowsError, UserError
+from .errors import UserError
+from .importer import ImportResult
 from .merge import TemplateSource, check_template
 from .release import release
 from .states import SubscriberStatus
 
 log = logging.getLogger(__name__)
 
-IMPORT_CHUNK = 2000
+__all__ = ["ImportResult"]
 
 
 # ------------------------------------------------------------------ lists
@@ -60,107 +58,25 @@ def get_list(db: Database, name: str) -> dict[str, Any]:
     return row
 
 
-@dataclass
-class ImportResult:
-    imported: int = 0
-    bad: list[tuple[int, str]] = field(default_factory=list)
-    total: int = 0
-
-
-def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file.") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                        "save the file as UTF-8 CSV.") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise UserError(f"{path}: the file is empty; it needs a header row with 'email'.") from None
-    except csv.Error as exc:
-        raise UserError(f"{path}: the header row (line 1) {_csv_problem(exc)}.") from None
-    names = [h.strip() for h in header]
-    lowered = [n.lower() for n in names]
-    if "email" not in lowered:
-        raise UserError(f"{path}: the header row has no 'email' column "
-                        f"(it has: {', '.join(names)}).")
-    if len(set(lowered)) != len(lowered) or "" in lowered:
-        raise UserError(f"{path}: the header row has empty or repeated column names.")
-    names = ["email" if n.lower() == "email" else n for n in names]
-    while True:
-        start = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            # The reader carries on with the next line; report the line the
-            # row began on (a never-closed quote runs on over many lines).
-            yield start, {"__error__": _csv_problem(exc)}
-            continue
-        line = reader.line_num
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != len(names):
-            yield line, {"__error__": f"has {len(row)} fields, the header has {len(names)}"}
-            continue
-        yield line, dict(zip(names, row, strict=True))
-
-
-def _csv_problem(exc: csv.Error) -> str:
-    """A csv module error as a reason an admin can act on."""
-    if "field limit" in str(exc):
-        # The limit (128 KiB) is kept: no merge field needs more, and it bounds
-        # the memory a hostile file can make one row take.
-        return (f"a field is longer than {csv.field_size_limit()} characters "
-                "(or a quote that is never closed runs on over the following lines)")
-    return f"cannot be read as CSV: {exc}"
-
-
-def _check_row(row: dict[str, str]) -> tuple[str, dict[str, str]]:
-    if "__error__" in row:
-        raise ValueError(row["__error__"])
-    for key, value in row.items():
-        if "\r" in value or "\n" in value or "\x00" in value:
-            raise ValueError(f"field {key!r} contains a line break or NUL")
-    email = validate_email(row["email"])
-    fields = {k: v for k, v in row.items() if k != "email"}
-    return email, fields
-
-
 def import_csv(db: Database, list_name: str, path: Path, *, skip_invalid: bool = False,
-               progress: Callable[[int], None] | None = None) -> ImportResult:
-    """Import (or update) subscribers. Strict: any bad row and nothing is imported."""
+               progress: importer.Progress | None = None,
+               on_problem: importer.Problems | None = None) -> ImportResult:
+    """Import (or update) subscribers from a CSV file of any size; strict: any bad row
+    and nothing is imported. See :mod:`sendsystem.importer`."""
     lst = get_list(db, list_name)
-    result = ImportResult()
-    good: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for line, row in _read_csv(path):
-        result.total += 1
-        try:
-            email, fields = _check_row(row)
-            key = email.lower()
-            if key in seen:
-                raise ValueError(f"{email} already appears on line {seen[key]}")
-            seen[key] = line
-        except ValueError as exc:
-            result.bad.append((line, str(exc)))
-            continue
-        good.append({"list_id": lst["id"], "email": email, "domain": domain_of(email),
-                     "fields": json.dumps(fields, ensure_ascii=False)})
-    if result.bad and not skip_invalid:
-        raise ImportRowsError(result.bad, result.total)
-    with db.transaction():
-        for start in range(0, len(good), IMPORT_CHUNK):
-            chunk = good[start:start + IMPORT_CHUNK]
-            db.executemany("subscriber_upsert", chunk)
-            if progress:
-                progress(len(chunk))
-    result.imported = len(good)
-    return result
+    return importer.import_csv(db, int(lst["id"]), str(lst["name"]), path,
+                               skip_invalid=skip_invalid, progress=progress,
+                               on_problem=on_problem)
+
+
+def export_csv(db: Database, list_name: str, out: TextIO, *, status: str | None = None,
+               for_spreadsheet: bool = False,
+               progress: exporter.Progress | None = None) -> int:
+    """Write the list as CSV in the layout `list import` reads; the number of rows.
+    See :mod:`sendsystem.exporter`."""
+    lst = get_list(db, list_name)
+    return exporter.export_csv(db, int(lst["id"]), out, status=status,
+                               for_spreadsheet=for_spreadsheet, progress=progress)
 
 
 # -------------------------------------------------------------- templates

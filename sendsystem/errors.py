@@ -39,14 +39,23 @@ class TemplateError(UserError):
 
 
 class ImportRowsError(UserError):
-    """A CSV import found bad rows; ``problems`` is [(line_number, reason), ...]."""
+    """A CSV import found bad rows; ``problems`` is [(line_number, reason), ...], the
+    first of them (all ``count`` are reported as they are found, not kept)."""
 
-    def __init__(self, problems: list[tuple[int, str]], total: int) -> None:
+    SHOWN = 50
+
+    def __init__(self, problems: list[tuple[int, str]], total: int,
+                 count: int | None = None) -> None:
         self.problems = problems
-        lines = "\n".join(f"  line {line}: {reason}" for line, reason in problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        self.count = len(problems) if count is None else count
+        self.summary = (f"{self.count} of {total} rows are invalid; nothing was imported. "
+                        "Fix those lines, or re-run with --skip-invalid to import only the "
+                        "good rows.")
+        lines = "\n".join(f"  line {line}: {reason}" for line, reason in problems[:self.SHOWN])
+        shown = min(len(problems), self.SHOWN)
+        more = f"\n  ... and {self.count - shown} more" if self.count > shown else ""
         super().__init__(
-            f"{len(problems)} of {total} rows are invalid; nothing was imported.\n"
+            f"{self.count} of {total} rows are invalid; nothing was imported.\n"
             f"{lines}{more}\n"
             "Fix those lines, or re-run with --skip-invalid to import only the good rows."
         )

@@ -36,6 +36,7 @@ Decisions:
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from .db import Database
@@ -90,7 +91,8 @@ def change(db: Database, subscriber_id: int, statement: str, params: Params, *,
     row = db.fetchone("subscriber_lock", {"id": subscriber_id})
     if row is None:
         return False
-    changed = bool(db.execute(statement, params))
+    # The event's reason is also the row's left_reason: one vocabulary.
+    changed = bool(db.execute(statement, {**_mapping(params), "reason": reason[:_REASON_MAX]}))
     if changed and row["status"] != to_status:
         record(db, list_id=int(row["list_id"]), subscriber_id=subscriber_id,
                from_status=str(row["status"]), to_status=to_status, reason=reason,
@@ -105,7 +107,7 @@ def change_active_by_email(db: Database, email: str, statement: str, params: Par
     address``); the statement must end exactly the active subscriptions of ``email``."""
     rows: list[dict[str, Any]] = db.fetchall("subscribers_lock_active_by_email",
                                              {"email": email})
-    changed = db.execute(statement, params)
+    changed = db.execute(statement, {**_mapping(params), "reason": reason[:_REASON_MAX]})
     if changed != len(rows):
         log.warning("%s: %d subscriptions locked, %d changed", email, len(rows), changed)
     for row in rows:
@@ -113,3 +115,9 @@ def change_active_by_email(db: Database, email: str, statement: str, params: Par
                from_status=str(row["status"]), to_status=to_status, reason=reason,
                message_id=message_id)
     return changed
+
+
+def _mapping(params: Params) -> dict[str, Any]:
+    if not isinstance(params, Mapping):
+        raise TypeError("status statements take named parameters")
+    return dict(params)

@@ -31,6 +31,12 @@ The intake records at most one bounce of each kind per message
 temporary failure, a scan interrupted between recording and moving the
 file, or a delay warning followed by the final report never count twice
 towards the thresholds.
+
+Every status change also records when and why (``subscribers.left_at`` and
+``left_reason``, shown by `list export`): a short reason built here
+(:func:`bounce_reason`, :func:`complaint_reason`, :func:`unsubscribe_reason`)
+from what is already stored (counts, the DSN status code, the kind of
+evidence), never a diagnostic text, which may quote the address.
 """
 
 from __future__ import annotations

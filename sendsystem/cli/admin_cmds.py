@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .. import admin, liststats
+from ..db import Database
+from ..errors import ImportRowsError, UserError
+from ..listcsv import STATUSES
 from ..states import worker_alive, worker_dead
 from . import Context, cli, pass_ctx, path_arg
 
@@ -53,6 +59,36 @@ def list_create(ctx: Context, name: str, from_header: str) -> None:
     click.echo(f"Created list {name!r} (id {list_id}).")
 
 
+class ProgressBars:
+    """One click progress bar per phase, on stderr: ``progress(phase, done, total)``."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._phase: str | None = None
+        self._pos = 0
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase == self._phase and self._bar is None:
+            return  # this phase's bar was closed already
+        if phase != self._phase:
+            self.close()
+            self._phase = phase
+            self._bar = click.progressbar(length=max(total, 1), label=phase, file=sys.stderr)
+            self._bar.__enter__()
+            self._pos = 0
+        self._bar.length = max(total, 1)
+        if done > self._pos:
+            self._bar.update(done - self._pos)
+            self._pos = done
+        if done >= total:
+            self.close()  # the phase is over: what is said next gets its own line
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
 @list_group.command("import")
 @click.argument("name")
 @click.argument("file", type=path_arg(dir_okay=False))
@@ -61,28 +97,96 @@ def list_create(ctx: Context, name: str, from_header: str) -> None:
                    "if any row is bad).")
 @pass_ctx
 def list_import(ctx: Context, name: str, file: Path, skip_invalid: bool) -> None:
-    """Import subscribers from a CSV file with a header row (email + merge fields)."""
+    """Import subscribers from a CSV file with a header row: email, any merge fields,
+    and optionally status, left_at, left_reason (the layout `list export` writes).
+
+    Every bad line is named on stderr. The file is read as a stream, any size; up to
+    5 times its size is needed for a while in TMPDIR (default /var/tmp). An existing
+    subscriber gets the new merge fields and never goes back to active."""
     database = ctx.db()
-    if interactive():
-        with click.progressbar(length=_count_lines(file), label="Importing",
-                               file=sys.stderr) as bar:
-            result = admin.import_csv(database, name, file, skip_invalid=skip_invalid,
-                                      progress=bar.update)
-    else:
-        result = admin.import_csv(database, name, file, skip_invalid=skip_invalid)
-    click.echo(f"Imported {result.imported} of {result.total} rows into {name!r}.")
-    if result.bad:
-        click.echo(f"Skipped {len(result.bad)} invalid rows:", err=True)
-        for line, reason in result.bad:
-            click.echo(f"  line {line}: {reason}", err=True)
+    bars = ProgressBars() if interactive() else None
+    named = 0
 
+    def problem(line: int, reason: str) -> None:
+        nonlocal named
+        if bars is not None:
+            bars.close()
+        if not named:
+            click.echo(f"{file}: bad lines:", err=True)
+        named += 1
+        click.echo(f"  line {line}: {reason}", err=True)
 
-def _count_lines(path: Path) -> int:
     try:
-        with path.open("rb") as fh:
-            return max(sum(1 for _ in fh) - 1, 1)
-    except OSError:
-        return 1
+        result = admin.import_csv(database, name, file, skip_invalid=skip_invalid,
+                                  progress=bars, on_problem=problem)
+    except ImportRowsError as exc:
+        # Every line is above already; the error says what it means.
+        raise UserError(exc.summary) from None
+    finally:
+        if bars is not None:
+            bars.close()
+    same = f" ({result.unchanged} unchanged)" if result.unchanged else ""
+    click.echo(f"Imported {result.imported} of {result.total} rows into {name!r}{same}.")
+    if result.bad_count:
+        click.echo(f"Skipped {result.bad_count} invalid rows (named above).", err=True)
+
+
+@list_group.command("export")
+@click.argument("name")
+@click.argument("file", required=False, type=path_arg(dir_okay=False))
+@click.option("--status", type=click.Choice(STATUSES),
+              help="Only the subscribers with this status.")
+@click.option("--for-spreadsheet", is_flag=True,
+              help="Make the file safe to open in a spreadsheet: a cell that begins with "
+                   "= + - @ gets a ' in front (so it is no longer an exact copy), and a "
+                   "UTF-8 byte-order mark.")
+@pass_ctx
+def list_export(ctx: Context, name: str, file: Path | None, status: str | None,
+                for_spreadsheet: bool) -> None:
+    """Write a list as CSV to FILE (or stdout): email, the merge fields, status,
+    left_at (UTC), left_reason. `list import` reads it back.
+
+    FILE is created with mode 0600 (it is personal data) and appears only when
+    complete. Needs about the file's size in TMPDIR (default /var/tmp)."""
+    database = ctx.db()
+    admin.get_list(database, name)
+    to_terminal = file is None and sys.stdout.isatty()
+    bars = ProgressBars() if interactive() and not to_terminal else None
+    try:
+        if file is None:
+            out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
+            try:
+                n = admin.export_csv(database, name, out, status=status,
+                                     for_spreadsheet=for_spreadsheet, progress=bars)
+                out.flush()
+            finally:
+                out.detach()
+        else:
+            n = _export_to_file(database, name, file, status, for_spreadsheet, bars)
+    finally:
+        if bars is not None:
+            bars.close()
+    where = f" to {file}" if file is not None else ""
+    click.echo(f"Exported {n} subscribers of {name!r}{where}.", err=True)
+
+
+def _export_to_file(database: Database, name: str, file: Path, status: str | None,
+                    for_spreadsheet: bool, bars: ProgressBars | None) -> int:
+    """Export through a temporary name next to FILE (mode 0600), renamed when complete."""
+    partial = file.with_name(f".{file.name}.{os.getpid()}.partial")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise UserError(f"{file}: cannot write there ({exc.strerror or exc}).") from None
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as out:
+            n = admin.export_csv(database, name, out, status=status,
+                                 for_spreadsheet=for_spreadsheet, progress=bars)
+        os.replace(partial, file)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return n
 
 
 @list_group.command("show")

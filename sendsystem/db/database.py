@@ -53,7 +53,7 @@ from typing import Any
 
 import pymysql
 import pymysql.cursors
-from pymysql.constants import CLIENT
+from pymysql.constants import CLIENT, SERVER_STATUS
 
 from ..config import DatabaseConfig, DbHost
 from ..errors import DatabaseConflict, DatabaseUnavailable, SchemaError, UserError
@@ -61,7 +61,7 @@ from .queries import load_queries, load_value_columns, migrations, to_server_syn
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 14
+SCHEMA_VERSION = 15
 Params = Mapping[str, Any] | Sequence[Any] | None
 
 # Client error codes that mean "the connection is gone", not "your SQL is wrong".
@@ -369,6 +369,54 @@ class Database:
             return int(cur.execute(statement.replace("%(values)s", table), params))
         return int(self._run(op))
 
+    def execute_rows(self, name: str, rows: Sequence[Sequence[Any]]) -> int:
+        """One multi-row statement: ``%(rows)s`` becomes ``(v, ..), (v, ..)``; rows changed.
+
+        For bulk writes too big for PyMySQL's ``executemany``, whose per-value
+        escaping measured 11 µs a row (7 values), most of a 10,000,000-row
+        import's client time. Strings are quoted here with two C-level
+        ``str.replace`` calls (0.4 µs a row): inside a quoted literal the
+        server needs only the backslash and the quote escaped ("MySQL
+        requires only that backslash and the quote character used to quote
+        the string in the query be escaped", the C API's documentation of
+        mysql_real_escape_string; it escapes NUL, CR, LF and ^Z only for
+        logs), and with ``NO_BACKSLASH_ESCAPES`` only the quote, doubled. The
+        connection is utf8mb4, so no multi-byte character can swallow a
+        backslash. Other types go through PyMySQL's own escaping. The
+        columns, for the row width and for PREPARE, are the statement's
+        ``-- values:`` line.
+        """
+        if not rows:
+            return 0
+
+        def op(cur: pymysql.cursors.DictCursor) -> int:
+            # No parameters: PyMySQL leaves the text alone (no %-formatting).
+            return int(cur.execute(self._with_rows(name, rows, cur.connection)))
+        return int(self._run(op))
+
+    def fetch_rows(self, name: str, rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+        """A query over a row set given as ``%(rows)s`` (quoted as in :meth:`execute_rows`)."""
+        if not rows:
+            return []
+
+        def op(cur: pymysql.cursors.DictCursor) -> list[dict[str, Any]]:
+            cur.execute(self._with_rows(name, rows, cur.connection))
+            return list(cur.fetchall())
+        return list(self._run(op))
+
+    def _with_rows(self, name: str, rows: Sequence[Sequence[Any]],
+                   conn: pymysql.connections.Connection) -> str:
+        width = len(self._value_columns[name])
+        status = int(getattr(conn, "server_status", 0) or 0)
+        backslash = not status & SERVER_STATUS.SERVER_STATUS_NO_BACKSLASH_ESCAPES
+        literals = []
+        for row in rows:
+            if len(row) != width:
+                raise ValueError(f"{name}: a row of {len(row)} values, the statement "
+                                 f"takes {width}")
+            literals.append("(" + ",".join([_literal(v, backslash, conn) for v in row]) + ")")
+        return self.sql(name).replace("%(rows)s", ",".join(literals))
+
     def fetchall(self, name: str, params: Params = None) -> list[dict[str, Any]]:
         statement = self.sql(name)
 
@@ -539,6 +587,19 @@ class Database:
         with self._admin() as cur:
             if self._schema_comment(cur, name) == comment:
                 cur.execute(f"DROP DATABASE `{name}`")
+
+
+def _literal(value: Any, backslash: bool, conn: pymysql.connections.Connection) -> str:
+    """An SQL literal for :meth:`Database.execute_rows` (see there for why it is safe)."""
+    if type(value) is str:
+        if backslash:
+            return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return "'" + value.replace("'", "''") + "'"
+    if value is None:
+        return "NULL"
+    if type(value) is int:
+        return str(value)
+    return str(conn.escape(value))
 
 
 def _ident(name: str) -> str:

@@ -77,4 +77,6 @@ def to_server_syntax(statement: str, values_columns: tuple[str, ...] = ()) -> st
     if values_columns:
         row = ", ".join(f"? AS `{c}`" for c in values_columns)
         statement = statement.replace("%(values)s", f"SELECT {row}")
+        # Database.execute_rows: one row of the multi-row VALUES list.
+        statement = statement.replace("%(rows)s", f"({', '.join('?' * len(values_columns))})")
     return _PARAM_RE.sub("?", statement).replace("%%", "%")

@@ -24,7 +24,7 @@ TABLES = ("bounces", "blocklist", "messages", "batches", "workers", "attachments
           "newsletters", "templates", "subscribers", "lists", "leases",
           "relay_usage", "relay_health", "newsletter_summaries",
           "newsletter_links", "tracking_events", "tracking_unique", "subscriber_events",
-          "privacy_salt", "list_stats_weeks", "list_stats_cache",
+          "privacy_salt", "list_stats_weeks", "list_stats_cache", "imports",
           # TRUNCATE fires no trigger: the kept tables are emptied with the rows.
           "kept_counts", "kept_timeline", "kept_sort_workers", "kept_failures")
 

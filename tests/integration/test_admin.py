@@ -142,7 +142,8 @@ def test_block_patterns(news: Env) -> None:
 def test_release_in_id_ranges_with_progress(news: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     csv = write(news.tmp / "s.csv", "email\n" + "".join(f"u{i}@example.com\n" for i in range(50)))
     admin.import_csv(news.db, "news", csv)
-    news.db.execute("subscriber_set_status", {"id": 3, "status": "unsubscribed"})
+    news.db.execute("subscriber_set_status", {"id": 3, "status": "unsubscribed",
+                                            "reason": "admin"})
     html = write(news.tmp / "t.html", "<p>Hi</p>")
     admin.add_template(news.db, "t", "Hi", html, None)
     monkeypatch.setattr(release, "RELEASE_CHUNK", 7)

@@ -42,7 +42,8 @@ class Sent:
 
 
 def send_newsletter(env: Env, emails: list[str], list_name: str = "news") -> list[Sent]:
-    """A list with these subscribers and one newsletter whose messages are all `sent`."""
+    """A list with these subscribers and one newsletter whose messages are all `sent`;
+    their messages in the order of ``emails``."""
     db = env.db
     if db.fetchone("list_by_name", {"name": list_name}) is None:
         admin.create_list(db, list_name, "News <news@lists.test.example>")
@@ -65,7 +66,10 @@ def send_newsletter(env: Env, emails: list[str], list_name: str = "news") -> lis
         out.append(Sent(row["id"], nid, row["subscriber_id"], row["list_id"], row["email"],
                         header, verp_address(secret, row["id"], domain),
                         unsubscribe_token(secret, row["subscriber_id"], row["list_id"])))
-    return out
+    # In the order given (an import numbers new subscribers in address order).
+    order = [e.lower() for e in emails]
+    return sorted(out, key=lambda s: (order.index(s.email.lower())
+                                      if s.email.lower() in order else len(order), s.id))
 
 
 def dsn(to: str, recipient: str, *, action: str = "failed", status: str = "5.1.1",
