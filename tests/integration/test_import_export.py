@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sendsystem import admin, extsort, importer
+from sendsystem import admin, extsort, history, importer
 from sendsystem.bounce import recipients
 from sendsystem.config import BounceConfig
 from sendsystem.db import Database
@@ -171,7 +171,8 @@ def test_import_file_status_never_reactivates_and_sets_when_and_why(news: Env) -
     admin.import_csv(news.db, "news", first)
     ids = {r["email"]: r["id"] for r in sql(news, "SELECT id, email FROM subscribers")}
     list_id = admin.get_list(news.db, "news")["id"]
-    recipients.unsubscribe(news.db, ids["cy@example.com"], list_id, via="web")
+    recipients.unsubscribe(news.db, ids["cy@example.com"], list_id,
+                           via=history.UNSUBSCRIBE_LINK)
     second = news.tmp / "b.csv"
     second.write_text("email,name,status,left_at,left_reason\n"
                       "ann@example.com,Ann 2,,,\n"                              # stays active
@@ -189,7 +190,7 @@ def test_import_file_status_never_reactivates_and_sets_when_and_why(news: Env) -
         "bounced", "2020-01-02 03:04:05", "old bounce")
     cy = rows["cy@example.com"]
     assert (cy["status"], cy["left_reason"], cy["fields"]) == (
-        "unsubscribed", "unsubscribe: web", '{"name": "Cy 2"}')
+        "unsubscribed", "unsubscribe link", '{"name": "Cy 2"}')
     dot = rows["dot@example.com"]
     assert (dot["status"], dot["left_at"], dot["left_reason"]) == ("unsubscribed", None, None)
     assert (rows["eve@example.com"]["status"], rows["eve@example.com"]["left_reason"]) == (
@@ -235,7 +236,8 @@ def test_status_changes_record_when_and_why(news: Env) -> None:
     ids = {r["email"]: int(r["id"]) for r in sql(news, "SELECT id, email FROM subscribers")}
     list_id = int(admin.get_list(news.db, "news")["id"])
     limits = BounceConfig()
-    recipients.unsubscribe(news.db, ids["u0@example.com"], list_id, via="mail")
+    recipients.unsubscribe(news.db, ids["u0@example.com"], list_id,
+                           via=history.UNSUBSCRIBE_EMAIL)
     recipients.record_bounce(news.db, limits, email="u1@example.com", kind="hard",
                              evidence="smtp", subscriber_id=ids["u1@example.com"],
                              status="5.1.1")
@@ -245,9 +247,10 @@ def test_status_changes_record_when_and_why(news: Env) -> None:
                                               "status": "unsubscribed", "reason": "admin"})
     rows = {r["email"]: r for r in subscribers(news, "news")}
     assert {e: r["left_reason"] for e, r in rows.items()} == {
-        "u0@example.com": "unsubscribe: mail",
-        "u1@example.com": "bounced: 1 hard, 0 soft, last 5.1.1",
-        "u2@example.com": "complaint: ESP webhook",
+        # The history's reasons (sendsystem/history.py): one vocabulary.
+        "u0@example.com": "unsubscribe email",
+        "u1@example.com": "hard bounce 5.1.1",
+        "u2@example.com": "complaint (webhook)",
         "u3@example.com": "admin"}
     assert all(r["left_at"] is not None for r in rows.values())
     # A complaint after an unsubscribe replaces it; a second complaint changes nothing.
@@ -258,7 +261,7 @@ def test_status_changes_record_when_and_why(news: Env) -> None:
                                         subscriber_id=ids["u0@example.com"])
     assert not again.status_changed
     u0 = subscribers(news, "news")[0]
-    assert (u0["status"], u0["left_reason"]) == ("complained", "complaint: feedback report")
+    assert (u0["status"], u0["left_reason"]) == ("complained", "complaint (ARF)")
 
 
 TRICKY = [
@@ -302,7 +305,7 @@ def test_export_then_import_round_trips_exactly(news: Env) -> None:
     assert code == 0, err
     assert subscribers(news, "copy") == subscribers(news, "news")
     copy = {r["email"]: r for r in subscribers(news, "copy")}
-    assert copy["u8@example.com"]["left_reason"] == "complaint: ESP webhook"
+    assert copy["u8@example.com"]["left_reason"] == "complaint (webhook)"
     assert copy["anne@example.com"]["status"] == "unsubscribed"
     # And the copy exports to the same bytes (to stdout this time).
     code, again, err = news.cli("list", "export", "copy")
