@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import exporter, history, importer
+from . import exporter, history, importer, keptcounts
 from .addresses import parse_from, validate_email
 from .config import format_track, parse_track
 from .db import Database
@@ -185,7 +185,10 @@ def cancel(db: Database, newsletter_id: int) -> int:
     with db.transaction():
         if not db.execute("newsletter_cancel", {"id": newsletter_id}):
             raise UserError(f"Newsletter {newsletter_id} is already {nl['state']}.")
-        return db.execute("newsletter_cancel_messages", {"id": newsletter_id})
+        n = db.execute("newsletter_cancel_messages", {"id": newsletter_id})
+    # Finished: fold its kept counters' slots, as the send balancer does for a done one.
+    keptcounts.compact(db, newsletter_id)
+    return n
 
 
 def reply_like(pattern: str | None) -> str:

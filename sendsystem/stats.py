@@ -253,6 +253,27 @@ def timeline_detail(db: Database, newsletter_id: int) -> dict[str, Any]:
                       "sent": int(r["sent"])} for r in rows]}
 
 
+def minute_timeline(db: Database, newsletter_id: int) -> list[dict[str, Any]]:
+    """Delivered per minute and worker name, in time then name order (the JSON
+    ``timeline``; workers that share a name on two hosts are added together)."""
+    names = {int(r["id"]): str(r["name"]) for r in db.fetchall("worker_names")}
+    sent: dict[tuple[int, str], int] = {}
+    for r in db.fetchall("stats_timeline", {"id": newsletter_id}):
+        key = (int(r["minute"]), names.get(int(r["worker_id"]), str(r["worker_id"])))
+        sent[key] = sent.get(key, 0) + int(r["sent"])
+    labels: dict[int, str] = {}
+    out = []
+    for (minute, worker), n in sorted(sent.items()):
+        if n <= 0:
+            continue
+        label = labels.get(minute)
+        if label is None:
+            label = labels[minute] = (_UNIX_EPOCH + timedelta(seconds=minute)).strftime(
+                "%Y-%m-%dT%H:%M")
+        out.append({"minute": label, "worker": worker, "sent": n})
+    return out
+
+
 def message_facts(db: Database, newsletter_id: int) -> dict[str, Any]:
     """Everything `stats` derives from the message rows (through their kept
     tables, keptcounts.py): what a purge keeps.
@@ -265,9 +286,7 @@ def message_facts(db: Database, newsletter_id: int) -> dict[str, Any]:
         "counts": counts(db, newsletter_id),
         "workers": _workers(db, "stats_sort_workers", "sort", newsletter_id)
         + _workers(db, "stats_send_workers", "send", newsletter_id),
-        "timeline": [{"minute": (_UNIX_EPOCH + timedelta(seconds=int(r["minute"])))
-                      .strftime("%Y-%m-%dT%H:%M"), "worker": r["worker"], "sent": int(r["sent"])}
-                     for r in db.fetchall("stats_timeline", {"id": newsletter_id})],
+        "timeline": minute_timeline(db, newsletter_id),
         "timeline_detail": timeline_detail(db, newsletter_id),
         "replies": [{"code": int(r["code"]), "reply": r["reply"], "count": int(r["count"])}
                     for r in db.fetchall("stats_replies", {"id": newsletter_id})],
