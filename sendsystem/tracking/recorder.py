@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import collections
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -110,7 +111,10 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._prefix = b""
-        self._counter = 0
+        # gunicorn's gthread workers record from several threads at once: next()
+        # on itertools.count is one C call, so no two hits share an id (INSERT
+        # IGNORE would keep one of them).
+        self._ids = itertools.count(1)
         self._spool: IO[bytes] | None = None
         self._spool_path: Path | None = None
         self._spooled = 0            # rows in our spool file not yet replayed
@@ -129,8 +133,7 @@ class Recorder:
         """Buffer one verified hit. Cheap and never blocks on I/O."""
         if os.getpid() != self._pid:
             self._start()
-        self._counter += 1
-        row = HitRow(self._prefix + self._counter.to_bytes(8, "big"), hit.newsletter_id,
+        row = HitRow(self._prefix + next(self._ids).to_bytes(8, "big"), hit.newsletter_id,
                      hit.message_id, hit.kind, hit.link_idx, self.clock(), verdict)
         self._buffer.append(row)
         if len(self._buffer) >= self.config.flush_rows:
@@ -141,13 +144,15 @@ class Recorder:
             if os.getpid() == self._pid:
                 return
             # A new process (first use, or a fork of one that recorded): own ids,
-            # own spool, own thread; the parent's buffer is the parent's.
-            self._pid = os.getpid()
+            # own spool, own thread; the parent's buffer is the parent's. The pid
+            # is published last: other request threads check it without the lock,
+            # and one that saw it early would buffer a hit this then cleared.
             self._prefix = os.urandom(8)
-            self._counter = 0
+            self._ids = itertools.count(1)
             self._buffer.clear()
             self._spool, self._spool_path, self._spooled = None, None, 0
             self._db = None
+            self._pid = os.getpid()
             if self.start_thread:
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="tracking-flusher",
