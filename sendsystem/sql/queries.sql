@@ -97,6 +97,31 @@ FROM v LEFT JOIN subscribers s ON s.list_id = v.list_id AND s.email = v.email
 WHERE s.id IS NULL OR (s.status = 'active' AND v.status <> 'active')
    OR MD5(CONCAT(s.domain, CHAR(9 USING utf8mb4), s.fields)) <> v.h;
 
+-- name: subscribers_import_left
+-- values: list_id, email
+-- `list import` into a list with subscribers: which of a chunk's addresses
+-- that the file says left have already left (their status stays, so no
+-- history event). Locked until the chunk's transaction ends, so nothing
+-- changes their status between this and the upsert.
+WITH v (list_id, email) AS (VALUES %(rows)s)
+SELECT s.email
+FROM v JOIN subscribers s ON s.list_id = v.list_id AND s.email = v.email
+WHERE s.status <> 'active'
+FOR UPDATE;
+
+-- name: subscriber_events_import
+-- values: list_id, email
+-- `list import`: the history events of a chunk's subscriptions that it
+-- ended or created ended (the addresses given are exactly those), in the
+-- chunk's transaction. The event's time is when the list learned of it (the
+-- row's left_at keeps the file's date): list stats' completed weeks are
+-- counted once and kept, so an event is never dated into one of them.
+INSERT INTO subscriber_events (list_id, subscriber_id, from_status, to_status, reason)
+WITH v (list_id, email) AS (VALUES %(rows)s)
+SELECT s.list_id, s.id, 'active', s.status, LEFT(COALESCE(s.left_reason, 'import'), 100)
+FROM v JOIN subscribers s ON s.list_id = v.list_id AND s.email = v.email
+WHERE s.status <> 'active';
+
 -- name: list_has_subscribers
 SELECT 1 AS yes FROM subscribers WHERE list_id = %(list_id)s LIMIT 1;
 

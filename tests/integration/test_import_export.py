@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sendsystem import admin, extsort, history, importer
+from sendsystem import admin, extsort, history, importer, liststats
 from sendsystem.bounce import recipients
 from sendsystem.config import BounceConfig
 from sendsystem.db import Database
@@ -206,6 +206,40 @@ def test_import_file_status_never_reactivates_and_sets_when_and_why(news: Env) -
     assert ann["left_at"] is not None
     assert rows["bo@example.com"]["status"] == "bounced"  # already left: kept with its reason
     assert rows["bo@example.com"]["left_reason"] == "old bounce"
+    # Every status the imports set left its history event (one each; none for a
+    # subscription that had already left), so list stats agrees with the table.
+    events = sql(news, "SELECT s.email, e.from_status, e.to_status, e.reason "
+                       "FROM subscriber_events e JOIN subscribers s ON s.id = e.subscriber_id "
+                       "ORDER BY s.email")
+    assert [tuple(e.values()) for e in events] == [
+        ("ann@example.com", "active", "unsubscribed", "import"),
+        ("bo@example.com", "active", "bounced", "old bounce"),
+        ("cy@example.com", "active", "unsubscribed", "unsubscribe link"),
+        ("dot@example.com", "active", "unsubscribed", "import"),
+        ("eve@example.com", "active", "complained", "spam")]
+    report = liststats.list_stats(news.db, "news", verify=True)
+    assert not [n for n in report["notes"] if "disagree" in n]
+
+
+def test_a_large_import_of_left_subscribers_agrees_with_list_stats(news: Env) -> None:
+    """Many chunks, fresh list and then an existing one, left rows mixed in."""
+    path = news.tmp / "left.csv"
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write("email,status\n")
+        for i in range(30_000):
+            fh.write(f"u{i}@example.com,{'unsubscribed' if i % 7 == 0 else ''}\n")
+    admin.import_csv(news.db, "news", path)
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write("email,status\n")
+        for i in range(40_000):
+            fh.write(f"U{i}@Example.com,{'bounced' if i % 5 == 0 else ''}\n")
+    admin.import_csv(news.db, "news", path)
+    left = sql(news, "SELECT status, COUNT(*) AS n FROM subscribers GROUP BY status")
+    events = sql(news, "SELECT to_status, COUNT(*) AS n FROM subscriber_events GROUP BY 1")
+    assert {r["status"]: r["n"] for r in left if r["status"] != "active"} == {
+        r["to_status"]: r["n"] for r in events}
+    report = liststats.list_stats(news.db, "news", verify=True)
+    assert not [n for n in report["notes"] if "disagree" in n]
 
 
 def test_reimport_writes_only_what_changes(news: Env) -> None:
