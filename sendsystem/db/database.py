@@ -62,6 +62,8 @@ from .queries import load_queries, load_value_columns, migrations, to_server_syn
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 15
+# Every table's, and every connection's (see _connect_node).
+COLLATION = "utf8mb4_unicode_ci"
 Params = Mapping[str, Any] | Sequence[Any] | None
 
 # Client error codes that mean "the connection is gone", not "your SQL is wrong".
@@ -125,9 +127,16 @@ class Database:
     def _connect_node(self, node: DbHost, database: str | None
                       ) -> pymysql.connections.Connection:
         cfg = self.config
+        # The connection's collation is the schema's (every table is
+        # utf8mb4_unicode_ci). With the server's default for utf8mb4
+        # (utf8mb4_general_ci), `status = 'active'` is not seen as fixing the
+        # column, so an ORDER BY over (list_id, status, id) no longer follows
+        # the index: `list export` read each chunk's index range to its end and
+        # sorted it (0.74 s a chunk at ten million subscribers, 0.06 s with this).
         return pymysql.connect(
             host=node.host, port=node.port, user=cfg.user, password=cfg.password,
-            database=database, charset="utf8mb4", autocommit=True, binary_prefix=True,
+            database=database, charset="utf8mb4", collation=COLLATION, autocommit=True,
+            binary_prefix=True,
             cursorclass=pymysql.cursors.DictCursor, connect_timeout=cfg.connect_timeout,
             client_flag=CLIENT.MULTI_STATEMENTS if database is None else 0,
             init_command="SET SESSION time_zone = '+00:00'",
@@ -504,7 +513,7 @@ class Database:
         with self._admin() as cur:
             cur.execute(
                 f"CREATE DATABASE IF NOT EXISTS `{_ident(cfg.name)}` "
-                "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+                f"CHARACTER SET utf8mb4 COLLATE {COLLATION}"
             )
             cur.execute(f"USE `{_ident(cfg.name)}`")
             cur.execute("SHOW TABLES LIKE 'schema_version'")
@@ -579,7 +588,7 @@ class Database:
                         "SENDSYSTEM_DB_NAME (or [database] name in the config).")
                 cur.execute(f"DROP DATABASE `{name}`")
             cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 "
-                        "COLLATE utf8mb4_unicode_ci COMMENT %s", (comment,))
+                        f"COLLATE {COLLATION} COMMENT %s", (comment,))
 
     def drop_database(self, comment: str) -> None:
         """Drop the database, but only if its schema COMMENT is ``comment``."""
