@@ -136,6 +136,7 @@ class Hoisted:
     template: jinja2.Template
     constant_chars: int   # literal text, a message
     units: int            # dynamic pieces run per message
+    literals: tuple[str, ...] = ()   # the literal texts (their encoding is cached: merge.py)
 
 
 @dataclass
@@ -440,4 +441,5 @@ def hoist(env: jinja2.Environment, part: str, source: str, constants: Mapping[st
     body, chars, spliced = folder.splice(parts)
     if chars > MAX_CONSTANT_CHARS or spliced > MAX_SPLICED:
         raise NotHoisted(f"{chars:,} constant characters, {spliced:,} units a message")
-    return Hoisted(_template(env, part, body), chars, spliced)
+    literals = tuple(text for text in parts[::2] if text)
+    return Hoisted(_template(env, part, body), chars, spliced, literals)

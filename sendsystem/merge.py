@@ -821,6 +821,8 @@ class Merger:
         # What renders a message: the hoisted template of a part, else the part as written.
         self._fast = dict(self._plain)
         self.hoisted: dict[str, hoisting.Hoisted] = {}
+        # The quoted-printable of the hoisted literal text, encoded once (mime.py).
+        self._qp: dict[str, mime.QpTable] = {}
         if hoist:
             constants = {"list": self._list, "newsletter": {"id": info.newsletter_id}}
             for part, source in _sources(src):
@@ -833,6 +835,7 @@ class Merger:
                     continue
                 self.hoisted[part] = done
                 self._fast[part] = done.template
+                self._qp[part] = mime.qp_table(done.literals)
         try:
             self._skeleton = mime.build_skeleton(
                 info.newsletter_id, info.from_header, src.text is not None, info.has_attachments
@@ -881,19 +884,28 @@ class Merger:
         context["subscriber"] = subscriber
         subject = mime.safe_header_value("".join(self._pieces("subject", context)))
         newsletter["subject"] = subject
+        pieces = self._pieces("html", context)
         if tracker is None:
-            html = "".join(self._pieces("html", context))
+            html = self._encode("html", pieces)
         else:
-            pieces = self._pieces("html", context)
-            html = tracker.html("".join(pieces), cast(int, message_id), new_links, pieces)
+            html = mime.encode_qp(tracker.html("".join(pieces), cast(int, message_id), new_links,
+                                               pieces))
         sk = self._skeleton
         head = (sk.from_line, b"To: ", to, b"\r\n", mime.header_line("Subject", subject), sk.head)
         if "text" not in self._plain:
-            return b"".join((*head, mime.encode_qp(html), sk.end))
-        text = "".join(self._pieces("text", context))
-        if tracker is not None:
-            text = tracker.text(text, cast(int, message_id), new_links)
-        return b"".join((*head, mime.encode_qp(text), sk.mid, mime.encode_qp(html), sk.end))
+            return b"".join((*head, html, sk.end))
+        pieces = self._pieces("text", context)
+        if tracker is not None and tracker.text_links:
+            text = mime.encode_qp(tracker.text("".join(pieces), cast(int, message_id), new_links))
+        else:
+            text = self._encode("text", pieces)
+        return b"".join((*head, text, sk.mid, html, sk.end))
+
+    def _encode(self, part: str, pieces: list[str]) -> bytes:
+        table = self._qp.get(part)
+        if table is None:
+            return mime.encode_qp("".join(pieces))
+        return mime.encode_qp_pieces(pieces, table)
 
     def compress(self, message: bytes) -> bytes:
         """``compress(message, self.zdict)``, faster (primed dictionary reused)."""

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sendsystem import mime
 from sendsystem.config import SortingConfig
 from sendsystem.demo.newsletter import sample_newsletter
 from sendsystem.errors import TemplateError
@@ -238,3 +239,18 @@ def test_generated_templates_render_the_same(body: str, recipients: list[dict[st
                                              ) -> None:
     template = PREAMBLE + body
     assert_same(TemplateSource("S {{ v }} {{ list.name }}", template, template), recipients)
+
+
+# --- the quoted-printable of the literal text, encoded once (mime.encode_qp_pieces) ---
+
+_QP_PIECE = st.lists(st.sampled_from(["a", " ", "\t", ".", "=", "æ", "\n", "\r", "x" * 40,
+                                      "<p>", "\n.\n", " \n", "\u2028", "\x00"]),
+                     max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_QP_PIECE, max_size=8), st.lists(_QP_PIECE, max_size=4))
+def test_encoding_pieces_equals_encoding_the_whole(pieces: list[str], literals: list[str]
+                                                   ) -> None:
+    table = mime.qp_table([*literals, *pieces[::2]])
+    assert mime.encode_qp_pieces(pieces, table) == mime.encode_qp("".join(pieces))
