@@ -172,8 +172,8 @@ def test_what_is_not_hoisted() -> None:
     assert not hoisted("{{ 1 // 0 }}{{ v }}")                      # the constant part fails
     assert not hoisted("{{ list.name }}{{ undefined_name }}x" + "{{ 'x' * 6000000 }}")
     assert not hoisted("{{ list.name.upper }}{{ v }}")             # an object's address
-    assert not hoisted("{{ list.name }}{% for i in range(10) %}{{ i }}{% endfor %}" * 0
-                       + "{% for i in [1] %}{{ v ~ i }}{% endfor %}")  # the loop needs i
+    assert not hoisted("{% for i in [1] %}{{ v ~ i }}{% endfor %}")  # the unit reads i
+    assert not hoisted("{% for i in range(3) %}{{ i }}{% endfor %}")  # range: maybe a column
 
 
 def test_hoisting_is_on_by_default() -> None:
