@@ -1,8 +1,9 @@
 # ruff: noqa: E501  (the newsletter HTML has the long lines real ones have)
 """Merge throughput on one core: render + compress, as the sort worker does it.
 
-    .venv/bin/python bench/merge_bench.py [--recipients 20000] [--profile] [--send-side] [--child]
-    .venv/bin/python bench/merge_bench.py --track [--child]
+    .venv/bin/python bench/merge_bench.py [--recipients 20000] [--demo] [--no-hoist] [--profile]
+                                          [--send-side] [--child]
+    .venv/bin/python bench/merge_bench.py --track [--child] [--no-hoist]
 
 A realistic ~20 KB newsletter (HTML with a 10-article loop defined by
 ``{% set %}``, a text version, 5 merge fields) merged for N recipients with
@@ -14,6 +15,13 @@ decompress + finalize + DKIM sign (2048-bit key from ``sendsystem.dkim.generate_
 its render child (render_child.py, under the default limits) in chunks of 200
 over the pipe, timed from the parent; prints msgs/s, the parent's and the
 child's peak RSS, and the child's CPU seconds per message.
+``--demo`` merges the demo newsletter instead (sendsystem/demo/newsletter.py, the
+one bench/pipeline.py sends: 10 article cards, each with two merge fields).
+``--no-hoist`` renders every part per message, as written, instead of the
+hoisted templates (sendsystem/hoisting.py: what is the same for every
+recipient rendered once per newsletter); with hoisting the first 500 messages
+are also checked to be byte-identical to the plain render. Besides msgs/s the
+bench prints this process's CPU time per message (steadier on a shared machine).
 ``--track`` measures open and click tracking instead: the same newsletter with
 a navigation bar and a footer of links added (30 links in all, one the
 unsubscribe link), merged with tracking off and then on (every http link
@@ -38,6 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sendsystem.demo.newsletter import sample_newsletter
 from sendsystem.dkim import DkimSigner, generate_key
 from sendsystem.merge import Merger, NewsletterInfo, TemplateSource, decompress
 from sendsystem.mime import finalize
@@ -204,8 +213,8 @@ def track_bench(args: argparse.Namespace) -> None:
                         skip_prefixes("https://lists.example.com/u/{token}", base + "/c/",
                                       base + "/o/"))
 
-    off = Merger(src, info)
-    on = Merger(src, info, zdict=off.zdict, tracker=tracker())
+    off = Merger(src, info, hoist=not args.no_hoist)
+    on = Merger(src, info, zdict=off.zdict, tracker=tracker(), hoist=not args.no_hoist)
     people = [recipient(i) for i in range(args.recipients)]
     # QP may break a line inside a URL; the tokens' path is short enough not to be split.
     tracked = on.render(*people[0], message_id=1).count(b"/c/")
@@ -251,7 +260,7 @@ def track_bench(args: argparse.Namespace) -> None:
                             opens=True, clicks=True)
         child: dict[str, tuple[float, float]] = {}
         for label, tracking in (("off", None), ("on", job_t)):
-            child[label] = child_rate(src, info, people, tracking)
+            child[label] = child_rate(src, info, people, tracking, not args.no_hoist)
             print(f"via render child, {label:<3}  {child[label][0]:,.0f} msgs/s, child CPU "
                   f"{child[label][1] * 1e6:,.0f} us/msg")
         print(f"via render child       slowdown {(1 - child['on'][0] / child['off'][0]) * 100:.1f} %,"
@@ -259,8 +268,8 @@ def track_bench(args: argparse.Namespace) -> None:
 
 
 def child_rate(src: TemplateSource, info: NewsletterInfo,
-               people: list[tuple[str, dict[str, str], str]], tracking: object
-               ) -> tuple[float, float]:
+               people: list[tuple[str, dict[str, str], str]], tracking: object,
+               hoist: bool = True) -> tuple[float, float]:
     """Messages per second through the render child, and its CPU seconds per message."""
     import json
 
@@ -271,7 +280,7 @@ def child_rate(src: TemplateSource, info: NewsletterInfo,
         process_cpu_seconds,
     )
 
-    rp = RenderProcess(RenderLimits(), lambda: None)
+    rp = RenderProcess(RenderLimits(hoist=hoist), lambda: None)
     job = NewsletterJob(info.newsletter_id, src, info, tracking=tracking)  # type: ignore[arg-type]
     rp.dictionary(job)
     rows = [(i + 1, e, json.dumps(f), u) for i, (e, f, u) in enumerate(people)]
@@ -296,12 +305,20 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help="also through the render child")
     parser.add_argument("--track", action="store_true",
                         help="tracking off vs on (a 30-link newsletter)")
+    parser.add_argument("--demo", action="store_true",
+                        help="the demo newsletter (sendsystem/demo/newsletter.py)")
+    parser.add_argument("--no-hoist", action="store_true",
+                        help="render every part per message as written (no hoisting)")
     args = parser.parse_args()
     if args.track:
         track_bench(args)
         return
 
-    src = TemplateSource(subject=SUBJECT, html=HTML, text=TEXT)
+    if args.demo:
+        demo = sample_newsletter()
+        src = TemplateSource(subject=demo.subject, html=demo.html, text=demo.text)
+    else:
+        src = TemplateSource(subject=SUBJECT, html=HTML, text=TEXT)
     info = NewsletterInfo(
         newsletter_id=4711,
         list_name="Medlemsnyt",
@@ -309,16 +326,19 @@ def main() -> None:
         has_attachments=False,
     )
     t0 = time.perf_counter()
-    merger = Merger(src, info)
+    merger = Merger(src, info, hoist=not args.no_hoist)
     setup = time.perf_counter() - t0
     people = [recipient(i) for i in range(args.recipients)]
+    if not args.no_hoist:
+        plain = Merger(src, info, zdict=merger.zdict, hoist=False)
+        assert all(plain.render(*p) == merger.render(*p) for p in people[:500]), "hoisting"
 
     sample = merger.render(*people[0])
     profiler = cProfile.Profile() if args.profile else None
     stored_total = 0
     raw_total = 0
     blobs: list[bytes] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
     for email, fields, unsub in people:
@@ -331,6 +351,11 @@ def main() -> None:
     if profiler:
         profiler.disable()
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    c0 = time.process_time()
+    for email, fields, unsub in people:
+        merger.render(email, fields, unsub)
+    render_cpu = time.process_time() - c0
 
     blob = merger.compress(sample)
     assert decompress(blob, merger.zdict) == sample
@@ -340,18 +365,23 @@ def main() -> None:
     print(f"raw message size       {raw_total / n:,.0f} bytes (mean)")
     print(f"stored (compressed)    {stored_total / n:,.0f} bytes/message (mean)")
     print(f"zdict                  {len(merger.zdict):,} bytes")
+    hoisted = ", ".join(f"{part} {h.constant_chars:,} chars/{h.units} units"
+                        for part, h in merger.hoisted.items()) or "off"
+    print(f"hoisted (constant/dyn) {hoisted}")
     print(f"render+compress        {n / elapsed:,.0f} msgs/s on one core ({elapsed:.2f} s)")
+    print(f"CPU per message        {cpu / n * 1e6:,.0f} us render+compress ({n / cpu:,.0f} msgs/s "
+          f"per CPU-second), {render_cpu / n * 1e6:,.0f} us render only")
     print(f"peak RSS               {peak_kb / 1024:.1f} MB")
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
     if args.send_side:
         send_side(blobs, merger.zdict)
     if args.child:
-        child_side(src, info, people)
+        child_side(src, info, people, not args.no_hoist)
 
 
 def child_side(src: TemplateSource, info: NewsletterInfo,
-               people: list[tuple[str, dict[str, str], str]]) -> None:
+               people: list[tuple[str, dict[str, str], str]], hoist: bool = True) -> None:
     import json
 
     from sendsystem.render_child import (
@@ -368,7 +398,7 @@ def child_side(src: TemplateSource, info: NewsletterInfo,
                     return int(line.split()[1]) / 1024
         return 0.0
 
-    rp = RenderProcess(RenderLimits(), lambda: None)
+    rp = RenderProcess(RenderLimits(hoist=hoist), lambda: None)
     job = NewsletterJob(info.newsletter_id, src, info)
     rp.dictionary(job)
     rows = [(i, e, json.dumps(f), u) for i, (e, f, u) in enumerate(people)]

@@ -205,10 +205,12 @@ class SortingConfig:
     # Customer templates render in a child process of the sort worker under
     # these limits (render_child.py): CPU seconds per render, the child's
     # address space in MB, and how many render failures in a row pause a
-    # newsletter (0: never).
+    # newsletter (0: never). hoist_constants: what a template prints the same
+    # for every recipient is rendered once per newsletter (hoisting.py).
     render_timeout: float = 2.0
     render_memory_mb: int = 1024
     render_failures_pause: int = 5
+    hoist_constants: bool = True
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import base64
 import binascii
 import email.policy
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.message import MIMEPart
 
@@ -89,6 +89,55 @@ def encode_qp(text: str) -> bytes:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     qp = binascii.b2a_qp(text.encode("utf-8", "surrogatepass"), False, True, False)
     return qp.replace(b"\n", b"\r\n")
+
+
+# The quoted-printable of a template's literal text, split at its first and last
+# newline: (text up to the first newline, the lines in between encoded, the rest).
+QpTable = dict[str, tuple[str, bytes, str]]
+
+
+def _qp_lf(text: str) -> bytes:
+    return binascii.b2a_qp(text.encode("utf-8", "surrogatepass"), False, True, False)
+
+
+def qp_table(literals: Iterable[str]) -> QpTable:
+    """What :func:`encode_qp_pieces` needs to encode these literal texts only once.
+
+    Why a line can be encoded alone: ``b2a_qp`` (text mode, LF) starts every line
+    afresh (the soft-break column, a lone '.', a blank before the newline are all
+    decided within the line), and only the data's last line, without a newline,
+    is treated as the end. So the lines strictly between a literal's first and
+    last newline encode the same wherever the literal stands.
+    """
+    table: QpTable = {}
+    for text in literals:
+        first, last = text.find("\n"), text.rfind("\n")
+        if first >= 0 and "\r" not in text:
+            table[text] = (text[:first + 1], _qp_lf(text[first + 1:last + 1]), text[last + 1:])
+    return table
+
+
+def encode_qp_pieces(pieces: Sequence[str], table: QpTable) -> bytes:
+    """``encode_qp("".join(pieces))``, with the pieces found in ``table`` encoded once.
+
+    Text is gathered up to and including a known literal's first newline, encoded,
+    followed by the literal's encoded middle lines; its rest starts the next run.
+    """
+    out: list[bytes] = []
+    run: list[str] = []
+    for piece in pieces:
+        known = table.get(piece)
+        if known is None:
+            if "\r" in piece:  # line ends to normalise first: the whole way
+                return encode_qp("".join(pieces))
+            run.append(piece)
+            continue
+        run.append(known[0])
+        out.append(_qp_lf("".join(run)))
+        out.append(known[1])
+        run = [known[2]]
+    out.append(_qp_lf("".join(run)))
+    return b"".join(out).replace(b"\n", b"\r\n")
 
 
 def _b_word(text: str) -> bytes:

@@ -83,6 +83,7 @@ POLL = 0.1
 class RenderLimits:
     timeout: float = 2.0          # CPU seconds per render
     memory_mb: int = 1024         # address space of the child
+    hoist: bool = True            # constant parts rendered once per newsletter (hoisting.py)
 
     @property
     def watchdog(self) -> float:
@@ -190,7 +191,7 @@ def _limit_memory(megabytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (want, hard))
 
 
-def _load(job: NewsletterJob, alarm: _CpuAlarm) -> Merger:
+def _load(job: NewsletterJob, alarm: _CpuAlarm, hoist: bool = True) -> Merger:
     # Compiling folds constants, so it runs customer code too: Merger compiles
     # and renders the dictionary (when not stored yet) each under the alarm.
     tracker = None
@@ -201,7 +202,7 @@ def _load(job: NewsletterJob, alarm: _CpuAlarm) -> Merger:
         tracker = Rewriter(Signer(t.key), job.newsletter_id, t.click_base, t.open_base,
                            t.skip_prefixes, clicks=t.clicks, opens=t.opens,
                            text_links=t.text_links, max_links=t.max_links)
-    return Merger(job.src, job.info, zdict=job.zdict, limit=alarm, tracker=tracker)
+    return Merger(job.src, job.info, zdict=job.zdict, limit=alarm, tracker=tracker, hoist=hoist)
 
 
 def _render_tracked(merger: Merger, alarm: _CpuAlarm, row: tuple[int, str, str, str]
@@ -263,7 +264,7 @@ def child_main(conn: Connection, limits: RenderLimits) -> None:
             job: NewsletterJob = msg[1]
             computed = None
             try:
-                merger = _load(job, alarm)
+                merger = _load(job, alarm, limits.hoist)
                 mergers[job.newsletter_id] = merger
                 computed = merger.zdict if job.zdict is None else None
                 error = None

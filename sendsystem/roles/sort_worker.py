@@ -96,7 +96,8 @@ class SortWorker(BatchWorker):
         self.zdict_stored: set[int] = set()
         self.url_template = config.unsubscribe.url
         s = config.sorting
-        self.renderer = RenderProcess(RenderLimits(s.render_timeout, s.render_memory_mb),
+        self.renderer = RenderProcess(RenderLimits(s.render_timeout, s.render_memory_mb,
+                                                   s.hoist_constants),
                                       self.heartbeat, name=f"sendsystem-render {options.name}")
 
     def setup(self) -> None:
