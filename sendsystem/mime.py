@@ -117,6 +117,21 @@ def qp_table(literals: Iterable[str]) -> QpTable:
     return table
 
 
+def qp_learn(table: QpTable, pieces: Sequence[str], *, min_chars: int, budget: int) -> int:
+    """Add to ``table`` the pieces of at least ``min_chars`` with a newline, while
+    their characters fit in ``budget``; what is left of the budget. For pieces that
+    recur across messages but are not a template's literals (the text between a
+    tracked message's links). Any text is a valid entry (see :func:`qp_table`), so
+    what is learned never changes a byte."""
+    for text in pieces:
+        if len(text) >= min_chars and len(text) <= budget and text not in table:
+            before = len(table)
+            table.update(qp_table((text,)))
+            if len(table) > before:
+                budget -= len(text)
+    return budget
+
+
 def encode_qp_pieces(pieces: Sequence[str], table: QpTable) -> bytes:
     """``encode_qp("".join(pieces))``, with the pieces found in ``table`` encoded once.
 

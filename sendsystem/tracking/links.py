@@ -529,8 +529,14 @@ class Rewriter:
         ``pieces``: the render's output pieces (``document == "".join(pieces)``); with
         them a render of a known shape skips the scan, and the result is the same.
         """
+        return "".join(self.html_pieces(document, message_id, new, pieces))
+
+    def html_pieces(self, document: str, message_id: int, new: list[tuple[int, str]],
+                    pieces: Sequence[str] | None = None) -> list[str]:
+        """:meth:`html` as pieces: the text between the links (the same for every
+        recipient of a constant template, so merge.py encodes it once) and the links."""
         if not (self.clicks or self.opens):
-            return document
+            return [document]
         found = self._shape(pieces, document) if pieces is not None and self.fast else None
         spans: Sequence[_Span]
         vcum: Sequence[int]
@@ -575,9 +581,9 @@ class Rewriter:
             out += (document[pos:at], pixel)
             pos = at
         if not out:
-            return document
+            return [document]
         out.append(document[pos:])
-        return "".join(out)
+        return out
 
     def text(self, document: str, message_id: int, new: list[tuple[int, str]]) -> str:
         """The text part with its http(s) links tracked (only with ``text_links``)."""

@@ -254,3 +254,17 @@ def test_encoding_pieces_equals_encoding_the_whole(pieces: list[str], literals: 
                                                    ) -> None:
     table = mime.qp_table([*literals, *pieces[::2]])
     assert mime.encode_qp_pieces(pieces, table) == mime.encode_qp("".join(pieces))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(_QP_PIECE, max_size=6), min_size=1, max_size=4),
+       st.integers(min_value=0, max_value=8), st.integers(min_value=0, max_value=60))
+def test_encoding_with_learned_pieces_equals_encoding_the_whole(
+        messages: list[list[str]], min_chars: int, budget: int) -> None:
+    """Tracked HTML: pieces learned from earlier messages (merge.py) change no byte."""
+    table: mime.QpTable = {}
+    for pieces in messages:
+        left = mime.qp_learn(table, pieces, min_chars=min_chars, budget=budget)
+        assert 0 <= left <= budget
+        budget = left
+        assert mime.encode_qp_pieces(pieces, table) == mime.encode_qp("".join(pieces))
