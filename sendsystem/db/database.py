@@ -61,7 +61,7 @@ from .queries import load_queries, load_value_columns, migrations, to_server_syn
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 15
+SCHEMA_VERSION = 16
 # Every table's, and every connection's (see _connect_node).
 COLLATION = "utf8mb4_unicode_ci"
 Params = Mapping[str, Any] | Sequence[Any] | None
