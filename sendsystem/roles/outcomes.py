@@ -193,6 +193,17 @@ class OutcomeWriter:
                 except Exception:
                     log.exception("writing outcomes failed; retrying in 5 s")
                     time.sleep(5)
+            # Committed: the window slots are freed before the journal is emptied.
+            # Emptying it costs an fdatasync (3 ms on this machine's disk) that
+            # has nothing to do with the commit; the next batch is taken (and the
+            # current journal swapped) only after it, in this thread, so a file
+            # is still emptied only once every entry in it is committed.
+            with self._cond:
+                self._written.extend(batch.ids())
+                self._writing = False
+                self._cond.notify_all()
+            if self.on_written is not None:
+                self.on_written(batch.ids())
             try:
                 journal.truncate()
             except JournalError as exc:
@@ -204,12 +215,6 @@ class OutcomeWriter:
                         self.journal_error = exc
                 if first:
                     self._journal_failed(exc)
-            with self._cond:
-                self._written.extend(batch.ids())
-                self._writing = False
-                self._cond.notify_all()
-            if self.on_written is not None:
-                self.on_written(batch.ids())
 
     def _journal_failed(self, exc: JournalError) -> None:
         log.error("%s Outcomes still go to the database; this worker stops.", exc)
