@@ -20,7 +20,13 @@ per message while merged.
 --send-only: merge everything first (sort roles only), measure the table with
 every body stored, then run the send balancer and ONE send worker (pinned with
 taskset to --cpu) against the sink: the single-send-worker rate and RSS
-(issue 4: >= 900 msgs/s on one core with 22 KB messages, RSS <= 100 MB).
+(issue 4: >= 900 msgs/s on one core with 22 KB messages, RSS <= 100 MB), and
+its CPU time per message (user + system of the whole process, every thread,
+from /proc between the first and the last poll that saw messages sent): on a
+shared machine the rate depends on what else runs, the CPU per message much less.
+
+Tuning: the shipped defaults ([balancer] and [sending] of sendsystem/config.py,
+the values config.ini.example documents); the options override them.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import pstats
 import sys
 import tempfile
@@ -41,7 +48,7 @@ from common import bench_database, raw_connect, server_line, table_bytes
 from smtp_bench import free_port, smtp_sink
 
 from sendsystem import admin, stats
-from sendsystem.config import Config, Relay, load_config
+from sendsystem.config import BalancerConfig, Config, Relay, SendingConfig, load_config
 from sendsystem.db import Database
 from sendsystem.demo import (
     LIST_NAME,
@@ -72,22 +79,34 @@ def open_sink(kind: str) -> Iterator[tuple[Relay, CountingSink | None]]:
 
 # ------------------------------------------------------------------ set-up and measuring
 
+_B = BalancerConfig()
+_S = SendingConfig()
+
+
 @dataclass(frozen=True)
 class Tuning:
-    horizon: float = 4.0
-    tick: float = 0.5
-    batch_min: int = 50
-    batch_max: int = 2000
-    probe: int = 200
-    connections: int = 8
-    per_connection: int = 1000
+    """What the benchmark may tune; by default the shipped defaults (issue 17: the
+    benchmark runs with the defaults, so a figure is what an installation gets)."""
+
+    horizon: float = _B.horizon_seconds
+    tick: float = _B.tick_seconds
+    batch_min: int = _B.batch_min
+    batch_max: int = _B.batch_max
+    probe: int = _B.probe_batch
+    heartbeat: float = _B.heartbeat_interval
+    heartbeat_timeout: float = _B.heartbeat_timeout
+    connections: int = _S.connections
+    per_connection: int = _S.messages_per_connection
+    window: int = _S.unconfirmed_window
 
     def overrides(self) -> dict[str, dict[str, object]]:
         return {"balancer": {"horizon_seconds": self.horizon, "tick_seconds": self.tick,
                              "batch_min": self.batch_min, "batch_max": self.batch_max,
-                             "probe_batch": self.probe},
+                             "probe_batch": self.probe, "heartbeat_interval": self.heartbeat,
+                             "heartbeat_timeout": self.heartbeat_timeout},
                 "sending": {"connections": self.connections,
-                            "messages_per_connection": self.per_connection}}
+                            "messages_per_connection": self.per_connection,
+                            "unconfirmed_window": self.window}}
 
 
 def tuning_args(ap: argparse.ArgumentParser) -> None:
@@ -97,16 +116,23 @@ def tuning_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch-min", type=int, default=d.batch_min)
     ap.add_argument("--batch-max", type=int, default=d.batch_max)
     ap.add_argument("--probe", type=int, default=d.probe, help="[balancer] probe_batch")
+    ap.add_argument("--heartbeat", type=float, default=d.heartbeat,
+                    help="[balancer] heartbeat_interval")
+    ap.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout,
+                    help="[balancer] heartbeat_timeout")
     ap.add_argument("--connections", type=int, default=d.connections,
                     help="[sending] connections per relay")
     ap.add_argument("--per-connection", type=int, default=d.per_connection,
                     help="[sending] messages_per_connection")
+    ap.add_argument("--window", type=int, default=d.window,
+                    help="[sending] unconfirmed_window (0: the connections)")
 
 
 def tuning_from(args: argparse.Namespace) -> Tuning:
     return Tuning(horizon=args.horizon, tick=args.tick, batch_min=args.batch_min,
-                  batch_max=args.batch_max, probe=args.probe, connections=args.connections,
-                  per_connection=args.per_connection)
+                  batch_max=args.batch_max, probe=args.probe, heartbeat=args.heartbeat,
+                  heartbeat_timeout=args.heartbeat_timeout, connections=args.connections,
+                  per_connection=args.per_connection, window=args.window)
 
 
 def prepare(config: Config, db: Database, work: Path, relay: Relay, tuning: Tuning,
@@ -160,6 +186,51 @@ def follow(db: Database, cluster: Cluster, nid: int, total: int, until: tuple[st
         if now - started > timeout:
             raise SystemExit(f"timed out after {timeout:.0f}s: {dict(c)}")
         time.sleep(0.25)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a live process and all its threads (None: it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # Fields 14 and 15 of proc(5); the list starts at field 3 (state).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuPerMessage:
+    """CPU time of one role process per message, between the first and the last
+    poll that saw messages done (start-up and the idle tail are left out)."""
+
+    def __init__(self, cluster: Cluster, role: RoleSpec) -> None:
+        self.cluster = cluster
+        self.role = role
+        self.pid: int | None = None
+        self.first: tuple[float, int] | None = None
+        self.last: tuple[float, int] | None = None
+
+    def sample(self, done: int) -> None:
+        proc = self.cluster.current(self.role)
+        if proc is None or not proc.alive():
+            return
+        if proc.pid != self.pid:  # (re)started: measure this process only
+            self.pid, self.first, self.last = proc.pid, None, None
+        cpu = cpu_seconds(proc.pid)
+        if cpu is None or done <= 0:
+            return
+        if self.first is None:
+            self.first = (cpu, done)
+        elif self.last is None or done > self.last[1]:
+            self.last = (cpu, done)
+
+    def line(self) -> str:
+        if self.first is None or self.last is None or self.last[1] <= self.first[1]:
+            return "  CPU per message: not measured (too short a run)"
+        cpu = self.last[0] - self.first[0]
+        n = self.last[1] - self.first[1]
+        return (f"  CPU per message: {cpu / n * 1e6:,.0f} us ({cpu:.2f} s user+system, "
+                f"every thread, for {n:,} messages)")
 
 
 def stage_times(name: str, nid: int) -> dict[str, float]:
@@ -321,10 +392,12 @@ def run_send_only(args: argparse.Namespace, config: Config, db: Database, work: 
                                         RoleSpec("send-worker", "send-1")], work / "logs",
                           log_level="WARNING", interpreter=interpreter_for(args.profile, cpu,
                                                                            work))
+        meter = CpuPerMessage(senders, RoleSpec("send-worker", "send-1"))
         senders.start()
         try:
             wall = follow(db, senders, nid, total, ("sent", "failed", "skipped", "bounced"),
-                          args.timeout)
+                          args.timeout, lambda c: meter.sample(
+                              c["sent"] + c["failed"] + c["skipped"] + c["bounced"]))
         finally:
             senders.stop()
         t = stage_times(config.database.name, nid)
@@ -333,6 +406,7 @@ def run_send_only(args: argparse.Namespace, config: Config, db: Database, work: 
         print(f"\nSEND ONLY: one send worker ({pinned}), sink={args.sink}, {tuning}")
         print(f"  {n / t['send_span']:,.0f} msgs/s  ({n} sent, first -> last "
               f"{t['send_span']:.2f} s; wall incl. start-up {wall:.1f} s)")
+        print(meter.line())
         for line in rss_lines(senders):
             print(line)
         if sink is not None:

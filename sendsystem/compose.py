@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 from .delivery import Envelope, reason_line
 from .merge import TemplateSource, compression_dictionary, decompress
-from .mime import Attachment, attachment_tail, finalize, list_id
+from .mime import Attachment, attachment_tail, finalize, header_lines, list_id
 from .tokens import message_id_header, unsubscribe_token, verp_address
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ class NewsletterParts:
     zdict: bytes
     tail: bytes
     list_id_header: str = ""  # the List-Id value
+    # newsletter_headers() as wire lines, built once (message_headers() are per send).
+    fixed_headers: bytes = b""
     relay_group: str = ""  # the list's relay group ("" = the default group)
     # Set when the shared parts cannot be built: every message of it fails with it.
     broken: str | None = None
@@ -95,6 +97,7 @@ def newsletter_parts(row: Mapping[str, Any], attachments: Sequence[Mapping[str, 
                             relay_group=str(row.get("relay_group") or ""))
     try:
         parts.list_id_header = list_id(parts.list_name, f"list{parts.list_id}", domain)
+        parts.fixed_headers = header_lines(newsletter_headers(parts.list_id_header))
         parts.zdict = newsletter_zdict(row)
         for a in attachments:
             data = a["data"]
@@ -117,11 +120,27 @@ def newsletter_parts(row: Mapping[str, Any], attachments: Sequence[Mapping[str, 
 def send_headers(*, message_id: str, date: str, unsubscribe_url: str, unsubscribe_mailto: str,
                  token: str, list_id_header: str) -> list[tuple[str, str]]:
     """The headers added to a stored message at each send, in their order on the wire."""
+    return [*message_headers(message_id=message_id, date=date,
+                             unsubscribe_url=unsubscribe_url,
+                             unsubscribe_mailto=unsubscribe_mailto, token=token),
+            *newsletter_headers(list_id_header)]
+
+
+def message_headers(*, message_id: str, date: str, unsubscribe_url: str,
+                    unsubscribe_mailto: str, token: str) -> list[tuple[str, str]]:
+    """The first of :func:`send_headers`: those that differ from message to message."""
     return [
         ("Message-ID", message_id),
         ("Date", date),
         ("List-Unsubscribe", f"<{unsubscribe_url}>, <mailto:{unsubscribe_mailto}"
                              f"?subject=unsubscribe%20{token}>"),
+    ]
+
+
+def newsletter_headers(list_id_header: str) -> list[tuple[str, str]]:
+    """The rest of :func:`send_headers`: the same for every message of a newsletter,
+    so they are built into bytes once (``NewsletterParts.fixed_headers``)."""
+    return [
         ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
         ("List-Id", list_id_header),
         ("Precedence", "bulk"),
@@ -129,15 +148,16 @@ def send_headers(*, message_id: str, date: str, unsubscribe_url: str, unsubscrib
 
 
 def wire_bytes(body: bytes, parts: NewsletterParts, headers: Sequence[tuple[str, str]],
-               signer: DkimSigner | None) -> bytes:
-    """Decompress the stored ``body``, add ``headers`` and the attachments, sign.
+               signer: DkimSigner | None, fixed: bytes = b"") -> bytes:
+    """Decompress the stored ``body``, add ``headers``, the ``fixed`` header lines
+    (:func:`sendsystem.mime.header_lines`) and the attachments, sign.
     BuildError says which step refused it and why."""
     try:
         stored = decompress(body, parts.zdict)
     except zlib.error as exc:
         raise BuildError(f"stored body is corrupt (zlib: {exc})") from None
     try:
-        data = finalize(stored, parts.tail, headers)
+        data = finalize(stored, parts.tail, headers, fixed)
     except ValueError as exc:
         raise BuildError(f"refused by finalize: {exc}") from None
     if signer is not None:
@@ -199,12 +219,13 @@ class Composer:
         mid = int(row["id"])
         token = unsubscribe_token(self.secret, int(row["subscriber_id"]), parts.list_id,
                                   parts.newsletter_id)
-        headers = send_headers(
-            message_id=self.message_id(mid, parts.newsletter_id), date=self.date(),
+        message_id = self.message_id(mid, parts.newsletter_id)
+        headers = message_headers(
+            message_id=message_id, date=self.date(),
             unsubscribe_url=self.unsubscribe_url.format(token=token),
-            unsubscribe_mailto=self.unsubscribe_mailto, token=token,
-            list_id_header=parts.list_id_header)
+            unsubscribe_mailto=self.unsubscribe_mailto, token=token)
         return Envelope(key=mid, sender=verp_address(self.secret, mid, self.domain),
                         recipient=row["email"],
-                        data=wire_bytes(row["body"], parts, headers, self.signer),
-                        group=parts.relay_group)
+                        data=wire_bytes(row["body"], parts, headers, self.signer,
+                                        parts.fixed_headers),
+                        group=parts.relay_group, message_id=message_id)

@@ -78,14 +78,20 @@ class PathsConfig:
 @dataclass(frozen=True)
 class BalancerConfig:
     horizon_seconds: float = 30.0
-    heartbeat_interval: float = 2.0
+    # 1 s (was 2): a worker's measured rate reaches the balancer with its
+    # heartbeat, so after its probe batch a worker waits up to this long for
+    # its next batch (bench/pipeline.py's value; one small UPDATE a second).
+    heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 15.0
     batch_min: int = 50
     batch_max: int = 2000
-    # How often a balancer runs one assignment tick.
-    tick_seconds: float = 1.0
-    # The first batch a worker with no measured rate yet receives.
-    probe_batch: int = 50
+    # How often a balancer runs one assignment tick. 0.5 s (was 1): a worker
+    # gets at most batch_max a tick, so batch_max / tick_seconds (4,000/s) must
+    # stay above the fastest worker's rate (a send worker does ~2,500/s).
+    tick_seconds: float = 0.5
+    # The first batch a worker with no measured rate yet receives. 200 (was 50):
+    # 50 messages last ~25 ms at send speed, too short to measure a rate.
+    probe_batch: int = 200
 
 
 TLS_MODES = ("none", "starttls", "tls")
@@ -143,7 +149,10 @@ RELAY_SECTION = re.compile(r"relay\s+([A-Za-z0-9][A-Za-z0-9_.-]{0,63})")
 @dataclass(frozen=True)
 class SendingConfig:
     relays: tuple[Relay, ...] = (Relay("127.0.0.1", 25),)
-    connections: int = 4
+    # 8 (was 4): the unconfirmed window defaults to the connections, and each
+    # of its slots waits for the commit of its 250, so the window, not the
+    # CPU, bounds one send worker (bench/pipeline.py --send-only; README).
+    connections: int = 8
     messages_per_connection: int = 1000
     timeout: float = 30.0
     retry_min: float = 60.0

@@ -27,6 +27,27 @@ Decisions worth knowing:
   or the last reply code seen in this call, reply starting "no relay
   available:") so the worker can back off instead of hanging.
 * See :func:`classify_reply` for how reply codes become outcomes.
+* **No SMTP PIPELINING** (RFC 2920), on purpose: aiosmtplib (5.1.3, the pinned
+  ``<6`` line) cannot take it cleanly. Its ``SMTPProtocol`` parses replies only
+  inside ``data_received()``, one per ``read_response()``, and *drops* bytes
+  that arrive while no command awaits a reply or after the awaited reply was
+  parsed but before it was collected ("so it can't be mis-paired"); a second
+  reply in the same TCP segment stays in the buffer with nothing to parse it
+  until more bytes come. Writing MAIL, RCPT and DATA at once would therefore
+  lose replies or wait for the timeout depending on how the relay's answers
+  are split into segments: a race, not a protocol (``read_response()``'s own
+  docstring: "if multiple commands are written to the transport without
+  awaiting, response data will be lost"). ``SMTP`` builds its
+  ``SMTPProtocol`` itself, with no hook for another, so pipelining means our
+  own SMTP client (TLS, STARTTLS, AUTH, replies) or patching the library's
+  module globals. Neither is worth what it would save: two of the four replies
+  a transaction waits for and two small socket writes. Profiled (one send
+  worker, 22 KB messages, smtp-sink), a message's CPU goes mostly to the
+  22 KB write itself, the line-end check and dot-stuffing below, the
+  decompression and the event loop; a send worker is bound by its
+  unconfirmed window (commit latency), which pipelining does not shorten.
+  The per-reply classification below would stay exactly as it is (MAIL's
+  reply, then RCPT's, then DATA's 354).
 
 Relays of a smarthost or an ESP (``[relay NAME]``):
 
@@ -131,6 +152,7 @@ class Envelope:
     recipient: str  # RCPT TO
     data: bytes  # final message bytes with CRLF line ends (dot-stuffing is done here)
     group: str = ""  # relay group of the message's list; "" = the default group
+    message_id: str = ""  # its Message-ID header, recorded with the outcome ("" = none)
 
 
 @dataclass(frozen=True)

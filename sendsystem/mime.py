@@ -339,8 +339,10 @@ def attachment_tail(newsletter_id: int, attachments: Sequence[Attachment]) -> by
     return b"".join(pieces)
 
 
-def finalize(stored: bytes, tail: bytes, headers: Sequence[tuple[str, str]]) -> bytes:
-    """The wire bytes of one send: per-send ``headers``, the stored message, ``tail``.
+def finalize(stored: bytes, tail: bytes, headers: Sequence[tuple[str, str]],
+             fixed: bytes = b"") -> bytes:
+    """The wire bytes of one send: per-send ``headers``, ``fixed`` (header lines
+    already built by :func:`header_lines`), the stored message, ``tail``.
 
     Raises ValueError for a header name that is not a valid field name or a
     value containing CR, LF or another control character (a header injection
@@ -365,6 +367,15 @@ def finalize(stored: bytes, tail: bytes, headers: Sequence[tuple[str, str]]) -> 
     if tail and not mixed:
         raise ValueError("its newsletter has attachments but the stored message has no "
                          "place for them (merged before they were added?)")
+    return b"".join((header_lines(headers), fixed, stored, tail))
+
+
+def header_lines(headers: Sequence[tuple[str, str]]) -> bytes:
+    """``headers`` as wire lines, checked and encoded as :func:`finalize` describes.
+
+    The send worker builds the headers that are the same for every message of a
+    newsletter once with this and passes them to finalize() as ``fixed``.
+    """
     lines: list[bytes] = []
     for name, value in headers:
         if not _HEADER_NAME.match(name):
@@ -375,8 +386,6 @@ def finalize(stored: bytes, tail: bytes, headers: Sequence[tuple[str, str]]) -> 
             lines.append(f"{name}: {value}\r\n".encode("ascii"))
         else:
             lines.append(header_line(name, value))
-    lines.append(stored)
-    lines.append(tail)
     return b"".join(lines)
 
 

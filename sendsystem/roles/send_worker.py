@@ -461,7 +461,7 @@ class SendWorker(BatchWorker):
                     slot = False
                 # The row stays in `rows` until its outcome is in the database,
                 # so the next fetch of the batch does not send it again.
-                self._record(result, rows[env.key])
+                self._record(result, rows[env.key], env.message_id)
             except Exception as exc:
                 # Recording failed (a bug): defer the row plainly rather than leave it
                 # without an outcome, which would make its batch never finish.
@@ -493,10 +493,12 @@ class SendWorker(BatchWorker):
         delay = retry_delay(0, self.config.sending.retry_min, self.config.sending.retry_max)
         self.writer.add(MessageState.DEFERRED, (mid, 0, reason, int(delay * 1_000_000)))
 
-    def _record(self, result: Result, row: Mapping[str, Any]) -> None:
+    def _record(self, result: Result, row: Mapping[str, Any], msgid: str = "") -> None:
+        """Queue the outcome of a delivery; ``msgid``: its envelope's Message-ID (the
+        HMAC is not computed twice), "" to compute it."""
         assert self.writer is not None
         mid = result.key
-        msgid = self.composer.message_id(mid, int(row["newsletter_id"]))
+        msgid = msgid or self.composer.message_id(mid, int(row["newsletter_id"]))
         reply = result.reply[:500]
         s = self.config.sending
         if result.outcome is Outcome.SENT:

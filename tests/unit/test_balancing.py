@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from sendsystem.balancing import BalanceParams, balance, capacity
 from sendsystem.balancing import WorkerLoad as WorkerState
+from sendsystem.config import BalancerConfig
 from sendsystem.errors import ConfigError
 from sendsystem.ratemeter import RateMeter
 
@@ -337,8 +338,10 @@ def test_simulation_mixed_speeds_with_ramp_up() -> None:
 
 
 def test_simulation_with_config_defaults() -> None:
-    """The shipped [balancer] defaults (horizon 30 s, batch_min 50, probe 50)."""
-    params = BalanceParams(horizon_seconds=30.0, batch_min=50, batch_max=2000, probe_batch=50)
-    done, finish = simulate([40.0, 160.0], 20_000, params, tick=1.0)
+    """The shipped [balancer] defaults (sendsystem/config.py), at their tick."""
+    b = BalancerConfig()
+    params = BalanceParams(horizon_seconds=b.horizon_seconds, batch_min=b.batch_min,
+                           batch_max=b.batch_max, probe_batch=b.probe_batch)
+    done, finish = simulate([40.0, 160.0], 20_000, params, tick=b.tick_seconds)
     assert 0.75 <= done[1] / 20_000 <= 0.85, done
     assert finish <= 1.2 * 100 + 5, finish

@@ -21,8 +21,14 @@ from sendsystem.compose import (
 )
 from sendsystem.config import Config, SendingConfig, UnsubscribeConfig
 from sendsystem.dkim import DkimSigner, generate_key
-from sendsystem.merge import Compressor, Merger, NewsletterInfo, TemplateSource
-from sendsystem.tokens import decode_message_id, decode_verp, verify_unsubscribe_token
+from sendsystem.merge import Compressor, Merger, NewsletterInfo, TemplateSource, decompress
+from sendsystem.mime import finalize
+from sendsystem.tokens import (
+    decode_message_id,
+    decode_verp,
+    unsubscribe_token,
+    verify_unsubscribe_token,
+)
 
 SECRET = b"s" * 32
 DOMAIN = "bounces.example.com"
@@ -86,6 +92,29 @@ def test_envelope_has_signed_ids_and_every_per_send_header() -> None:
     assert target is not None and (target.subscriber_id, target.list_id) == (99, 3)
     assert mailto == f"mailto:unsub@bounces.example.com?subject=unsubscribe%20{token}"
     assert msg["Subject"] == "Hej Søren" and "Hej Søren" in msg.get_body(("plain",)).get_content()
+
+
+@pytest.mark.parametrize("list_name", ["Medlemsnyt", 'Blåbær, "nyt"', "x" * 200])
+@pytest.mark.parametrize("attachments", [False, True])
+def test_envelope_bytes_equal_finalize_of_all_send_headers(list_name: str,
+                                                           attachments: bool) -> None:
+    """The headers that are the same for a whole newsletter are built once
+    (NewsletterParts.fixed_headers): the wire bytes are those of finalize() with
+    every send header, byte for byte, and the envelope carries its Message-ID."""
+    body, zdict = stored_body(attachments)
+    composer = Composer(config(), SECRET, clock=lambda: 1_700_000_000.5)
+    parts = composer.remember(7, newsletter_row(attachments, list_name, zdict),
+                              [ATTACHMENT] if attachments else [])
+    assert parts is not None and parts.broken is None
+    env = composer.envelope(message_row(body), parts)
+    token = unsubscribe_token(SECRET, 99, 3, 7)
+    headers = send_headers(message_id=composer.message_id(4242, 7),
+                           date="Tue, 14 Nov 2023 22:13:20 GMT",
+                           unsubscribe_url=f"https://lists.example.com/u/{token}",
+                           unsubscribe_mailto="unsub@bounces.example.com", token=token,
+                           list_id_header=parts.list_id_header)
+    assert env.data == finalize(decompress(body, zdict), parts.tail, headers)
+    assert env.message_id == composer.message_id(4242, 7)
 
 
 def test_list_id_comes_from_mime_list_id_and_is_safe_for_any_list_name() -> None:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from sendsystem.config import DbHost, Relay, load_config, parse_db_hosts
+from sendsystem.config import (
+    BalancerConfig,
+    DbHost,
+    Relay,
+    SendingConfig,
+    load_config,
+    parse_db_hosts,
+)
 from sendsystem.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.ini.example"
@@ -19,6 +26,16 @@ def test_example_parses_with_every_section() -> None:
     assert config.bounce.soft_limit == 3 and not config.dkim.enabled
     assert (config.sorting.render_timeout, config.sorting.render_memory_mb,
             config.sorting.render_failures_pause) == (2.0, 1024, 5)
+
+
+def test_example_documents_the_tuning_defaults() -> None:
+    """bench/pipeline.py runs with the shipped defaults (issue 17); the example shows them."""
+    example = load_config(EXAMPLE, env={})
+    assert example.balancer == BalancerConfig()
+    default = SendingConfig()
+    assert (example.sending.connections, example.sending.messages_per_connection,
+            example.sending.unconfirmed_window) == (
+        default.connections, default.messages_per_connection, default.unconfirmed_window)
 
 
 def test_environment_overrides_database_and_secret() -> None:
