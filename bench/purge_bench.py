@@ -21,8 +21,9 @@ slower. Run by hand only; say in the numbers whether the machine was shared.
 Measured 2026-11-30 on an idle 2-core box (MariaDB 10.11, 128 MB buffer pool;
 MariaDB, both balancers, 2 sort and 2 send workers and smtp-sink share the
 cores), 1,000,000 rows, --sleep-coef 4 (the default), `-n 100000` (the send
-overlaps the whole purge): alone 895 msgs/s (send stage), while purging 830:
-ratio 0.927, within the goal. The purge took 185.5 s (87 MB peak RSS). Its
+overlaps the whole purge): alone 1,218 msgs/s (send stage), while purging
+1,181: ratio 0.970, within the goal. The purge took 126.5 s (88 MB peak
+RSS). (Earlier that day, before the send-path changes: 895 -> 830, 0.927.) Its
 summary now comes from the kept counts; the unpaced scans of the rows it
 used to take cost a short send 31 % (0.691 on 2026-11-29, `-n 20000`).
 """
