@@ -32,7 +32,7 @@ import base64
 import binascii
 import email.policy
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.message import MIMEPart
 
@@ -132,11 +132,16 @@ def qp_learn(table: QpTable, pieces: Sequence[str], *, min_chars: int, budget: i
     return budget
 
 
-def encode_qp_pieces(pieces: Sequence[str], table: QpTable) -> bytes:
+def encode_qp_pieces(pieces: Sequence[str], table: QpTable,
+                     lines: Callable[[str], bytes] = _qp_lf,
+                     middle: Callable[[bytes], bytes] | None = None) -> bytes:
     """``encode_qp("".join(pieces))``, with the pieces found in ``table`` encoded once.
 
     Text is gathered up to and including a known literal's first newline, encoded,
     followed by the literal's encoded middle lines; its rest starts the next run.
+    Each run starts a line and ends one (or the text), so it encodes the same
+    wherever it stands; ``lines`` encodes it (``b2a_qp`` with bare LF, or a
+    :class:`MarkedRuns`). ``middle`` finishes a known literal's encoded middle lines.
     """
     out: list[bytes] = []
     run: list[str] = []
@@ -148,11 +153,147 @@ def encode_qp_pieces(pieces: Sequence[str], table: QpTable) -> bytes:
             run.append(piece)
             continue
         run.append(known[0])
-        out.append(_qp_lf("".join(run)))
-        out.append(known[1])
+        out.append(lines("".join(run)))
+        out.append(known[1] if middle is None else middle(known[1]))
         run = [known[2]]
-    out.append(_qp_lf("".join(run)))
+    out.append(lines("".join(run)))
     return b"".join(out).replace(b"\n", b"\r\n")
+
+
+class MarkedRuns:
+    """Quoted-printable of tracked HTML whose pieces hold a mark where the message's token
+    goes: what recurs is encoded once, with the mark, and each message's token is put
+    where the mark stands.
+
+    A tracked message's links all carry the message's token (tracking/tokens.py), so
+    its text differs from another message's there and in the merge values only, and
+    ``b2a_qp`` costs ~10 ns a byte. So the rewriter writes a mark instead: random
+    URL-safe base64 (A-Z, a-z, 0-9, ``-``, ``_``) of the token's length, which no
+    document holds. ``b2a_qp`` copies each such character as one column and decides
+    every soft break, escape and line end exactly as it would around the token, so
+    text encoded with the mark, the mark then replaced by the token, is the text
+    encoded with the token: byte for byte. A soft break may fall inside a mark; where
+    it does is found once and kept.
+
+    Two things are learned, while ``learn`` is set: the runs of
+    :func:`encode_qp_pieces` (``__call__``; up to ``max_runs``) and, by
+    :meth:`learn_pieces`, long pieces whose middle lines hold marks (the text between
+    two merge values of a planned render, tracking/links.py), whose encoded middle is
+    then cut where the marks stand (:meth:`middle` puts the token in).
+    """
+
+    def __init__(self, max_runs: int) -> None:
+        self._runs: dict[str, tuple[bytes, tuple[int, ...]]] = {}
+        self._middles: dict[bytes, _Holes] = {}
+        self._max = max_runs
+        self._mark = ""
+        self._mark_b = b""
+        self._token = b""
+        self._forms: dict[int, bytes] = {}
+        self.learn = False
+
+    def begin(self, mark: str, token: str, learn: bool) -> None:
+        """A new message, whose ``token`` stands as ``mark`` in its pieces."""
+        if len(mark) != len(token) or not token.isascii():
+            raise ValueError("a token and its mark differ in length")
+        # What was learned with another mark stays: its texts hold that mark, so they
+        # are found again only when it is back (token lengths go 16, 20, ... as ids grow).
+        if mark != self._mark:
+            self._mark, self._mark_b = mark, mark.encode("ascii")
+        self._token = token.encode("ascii")
+        self._forms.clear()
+        self.learn = learn
+
+    def _form(self, k: int) -> bytes:
+        """The token as it stands in the encoding: whole (0) or cut by a soft break at k."""
+        form = self._forms.get(k)
+        if form is None:
+            tok = self._token
+            form = self._forms[k] = tok[:k] + b"=\n" + tok[k:] if k else tok
+        return form
+
+    def __call__(self, text: str) -> bytes:
+        got = self._runs.get(text)
+        if got is None:
+            count = text.count(self._mark)
+            if not count:
+                return _qp_lf(text)
+            if not self.learn or len(self._runs) >= self._max:
+                return _qp_lf(text.replace(self._mark, self._token.decode("ascii")))
+            encoded = _qp_lf(text)
+            got = (encoded, _split_marks(encoded, self._mark_b, count))
+            self._runs[text] = got
+        encoded, splits = got
+        encoded = encoded.replace(self._mark_b, self._token)
+        for k in splits:
+            mark = self._mark_b
+            encoded = encoded.replace(mark[:k] + b"=\n" + mark[k:], self._form(k))
+        return encoded
+
+    def learn_pieces(self, table: QpTable, pieces: Sequence[str], *, min_chars: int,
+                     budget: int) -> int:
+        """:func:`qp_learn` for tracked pieces: a piece whose middle lines hold marks is
+        kept only if every mark can be cut out of their encoding."""
+        mark = self._mark
+        fresh = [p for p in pieces if len(p) >= min_chars and p not in table]
+        budget = qp_learn(table, fresh, min_chars=min_chars, budget=budget)
+        for piece in fresh:
+            entry = table.get(piece)
+            if entry is None:
+                continue
+            count = piece.count(mark) - entry[0].count(mark) - entry[2].count(mark)
+            if count:
+                holes = _cut(entry[1], self._mark_b, count)
+                if holes is None:
+                    del table[piece]
+                else:
+                    self._middles[entry[1]] = holes
+        return budget
+
+    def middle(self, encoded: bytes) -> bytes:
+        """A learned piece's encoded middle lines with the token where the marks stand."""
+        holes = self._middles.get(encoded)
+        if holes is None:
+            return encoded
+        parts, splits = holes
+        out = [parts[0]]
+        for k, after in zip(splits, parts[1:], strict=True):
+            out += (self._form(k), after)
+        return b"".join(out)
+
+
+# An encoding cut where the marks stand: the bytes around them, and for each mark where a
+# soft break cuts it (0: it does not).
+_Holes = tuple[tuple[bytes, ...], tuple[int, ...]]
+
+
+def _split_marks(encoded: bytes, mark: bytes, count: int) -> tuple[int, ...]:
+    """Where soft breaks cut the ``count`` marks of an encoded run (bare LF): for each
+    mark cut as ``mark[:k] =LF mark[k:]``, its ``k``."""
+    if encoded.count(mark) == count:
+        return ()
+    return tuple(k for k in range(1, len(mark)) if mark[:k] + b"=\n" + mark[k:] in encoded)
+
+
+def _cut(encoded: bytes, mark: bytes, count: int) -> _Holes | None:
+    """``encoded`` cut at each of the ``count`` places ``mark`` stands, whole or cut by a
+    soft break; None when they are not all found, in order."""
+    forms = [mark] + [mark[:k] + b"=\n" + mark[k:] for k in range(1, len(mark))]
+    parts: list[bytes] = []
+    splits: list[int] = []
+    pos = 0
+    for _ in range(count):
+        found = [(at, k) for k, form in enumerate(forms) if (at := encoded.find(form, pos)) >= 0]
+        if not found:
+            return None
+        at, k = min(found)
+        parts.append(encoded[pos:at])
+        splits.append(k)
+        pos = at + len(forms[k])
+    parts.append(encoded[pos:])
+    if any(form in parts[-1] for form in forms):
+        return None
+    return tuple(parts), tuple(splits)
 
 
 def _b_word(text: str) -> bytes:

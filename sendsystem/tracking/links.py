@@ -55,6 +55,18 @@ exact; tests/unit/test_tracking_shapes.py renders generated templates and
 skeletons (values in every kind of place, values made to break the structure)
 through both paths and compares every byte.
 
+Plans and marks (what makes a tracked message cost ~15 % more than an untracked
+one, bench/merge_bench.py --track, where it was ~45 % once hoisting made the untracked
+render cheap). The rewritten HTML is handed to merge.py as pieces, not one string:
+the render's own pieces, cut only where a link or the pixel goes in, so the hoisted
+literals keep their encoding made once. For the token, which differs in every
+message, the rewriter writes a mark of the same length (:meth:`Rewriter.mark`), which
+merge.py replaces after encoding (mime.MarkedRuns). With the mark, a render of a known
+shape whose tracked links are literal text is rewritten the same way every time: the
+first such render's result is kept as a plan (the text between merge values joined,
+the values by index) and every later one only follows it, as long as the links with a
+merge value in them (the unsubscribe link) are left as written.
+
 What is rewritten (:class:`Rewriter`): in the HTML part, ``href`` values that are
 absolute ``http``/``https`` URLs, except the unsubscribe links (anything under
 ``[unsubscribe] url``'s prefix), our own tracking links, links marked
@@ -78,12 +90,15 @@ from __future__ import annotations
 import html
 import logging
 import re
+import secrets
+import string
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from html.parser import attrfind_tolerant, tagfind_tolerant  # type: ignore[attr-defined]
 from itertools import accumulate
 from operator import itemgetter
+from typing import cast
 
 from .tokens import Signer
 
@@ -94,6 +109,7 @@ log = logging.getLogger(__name__)
 MAX_URL = 2048
 # Decisions remembered per newsletter (href as written -> what to do).
 _CACHE_MAX = 20_000
+_MARK_ALPHABET = string.ascii_letters + string.digits + "-_"
 
 # html.parser's locatestarttagend_tolerant without the tag name: one attribute, and all of
 # them. The shape analysis below walks the attributes one at a time with _ATTR_ONE.
@@ -252,6 +268,7 @@ class _Shape:
     links: tuple[_Span, ...] = ()   # in document order, without data-notrack ones
     body: int = -1                  # the last </body> (offset, count), or -1
     body_count: int = 0
+    value_idx: frozenset[int] = frozenset()   # which pieces are the merge values
 
 
 def _quoted_insides(document: str, start: int, end: int, kind: str) -> list[tuple[int, int]] | None:
@@ -421,11 +438,70 @@ def _analyse(pieces: Sequence[str], document: str) -> _Shape:
         where = shaped(body, piece(body)) if body >= 0 else (-1, 0)
     except ValueError:
         return never
-    return _Shape(literals, never.literal_values, _getter(value_idx), spans, *where)
+    return _Shape(literals, never.literal_values, _getter(value_idx), spans, *where,
+                  frozenset(value_idx))
 
 
 _TEXT_URL = re.compile(r"https?://[^\s<>\"]+", re.IGNORECASE)
 _TRAILING = ".,;:!?)]}'\""
+
+
+# What a rewritten render is made of: a whole piece of the render (its index) or text.
+_Plan = list[int | str]
+
+
+def _splice(pieces: Sequence[str], edits: Sequence[tuple[int, int, str]]) -> _Plan:
+    """``pieces`` with each document span [start, end) replaced (edits in document order,
+    not overlapping), as a plan: whole pieces outside every span by index, the cut ends
+    of pieces and the edits as text.
+
+    A render has hundreds of pieces and a few dozen edits: the pieces are found by
+    bisecting their end offsets and taken by ranges, not walked one by one.
+    """
+    ends = list(accumulate(map(len, pieces)))   # where each piece ends in the document
+    n = len(pieces)
+    plan: _Plan = []
+    i = 0     # pieces before i are out
+    done = 0  # how much of pieces[i] is already out (or replaced)
+    for start, end, text in edits:
+        j = bisect_right(ends, start, i)   # the piece the edit starts in
+        if j > i:
+            plan.append(pieces[i][done:] if done else i)
+            plan.extend(range(i + 1, j))
+            done = 0
+        if j < n:
+            head = start - (ends[j] - len(pieces[j]))
+            if head > done:
+                plan.append(pieces[j][done:head])
+        plan.append(text)
+        i = bisect_right(ends, end, j)    # the piece the edit ends in
+        done = end - (ends[i] - len(pieces[i])) if i < n else 0
+    if i < n:
+        plan.append(pieces[i][done:] if done else i)
+        plan.extend(range(i + 1, n))
+    return plan
+
+
+def _follow(plan: _Plan, pieces: Sequence[str]) -> list[str]:
+    return [pieces[x] if isinstance(x, int) else x for x in plan]
+
+
+def _joined(plan: _Plan, pieces: Sequence[str], values: frozenset[int]) -> _Plan:
+    """``plan`` with each stretch between merge values joined into one text: the same
+    for every render of the shape, so merge.py learns its encoding whole."""
+    out: _Plan = []
+    run: list[str] = []
+    for x in plan:
+        if isinstance(x, int) and x in values:
+            if run:
+                out.append("".join(run))
+                run = []
+            out.append(x)
+        else:
+            run.append(pieces[x] if isinstance(x, int) else x)
+    if run:
+        out.append("".join(run))
+    return out
 
 
 @dataclass
@@ -451,10 +527,14 @@ class Rewriter:
     # href as written -> the signed link part, or None: left as written.
     _decided: dict[str, str | None] = field(default_factory=dict)
     untracked: int = 0
+    # Per shape whose links hold no merge value: its rewritten pieces (_splice), by mark.
+    _plans: dict[int, tuple[str, _Plan, tuple[_Span, ...]]] = field(default_factory=dict)
+    _marks: dict[int, str] = field(default_factory=dict)   # by token length
     # The fast path (shapes, above); off only to compare it with the full scan.
     fast: bool = True
     _shapes: dict[int, list[_Shape]] = field(default_factory=dict)   # by number of pieces
     _analysed: int = 0
+    plans_made: int = 0           # html_pieces' plans (merge.py learns from their first use)
     fast_renders: int = 0         # messages rewritten by a shape, and by the full scan
     full_scans: int = 0
 
@@ -499,6 +579,7 @@ class Rewriter:
             self.known.pop(url, None)
             self._by_idx.pop(idx, None)
         self._decided.clear()
+        self._plans.clear()
 
     def _shape(self, pieces: Sequence[str], document: str
                ) -> tuple[_Shape, tuple[str, ...]] | None:
@@ -531,15 +612,54 @@ class Rewriter:
         """
         return "".join(self.html_pieces(document, message_id, new, pieces))
 
+    def token(self, message_id: int) -> str:
+        """The message's signed part: its open token, and the start of its click tokens."""
+        return self.signer.message_part(self.newsletter_id, message_id)
+
+    def sample(self, document: str) -> str:
+        """``document`` rewritten as in a message of this newsletter (message id 0), for
+        the compression dictionary (merge.py); by a fresh rewriter, so that this one
+        learns no link it would then not report as new."""
+        fresh = Rewriter(self.signer, self.newsletter_id, self.click_base, self.open_base,
+                         self.skip_prefixes, clicks=self.clicks, opens=self.opens,
+                         max_links=self.max_links)
+        return fresh.html(document, 0, [])
+
+    def mark(self, length: int) -> str:
+        """What stands for a token of ``length`` characters in :meth:`html_pieces`' output,
+        until merge.py puts the token in after encoding (mime.MarkedRuns says why):
+        random URL-safe base64, never written anywhere, so no document holds it."""
+        mark = self._marks.get(length)
+        if mark is None:
+            mark = "".join(secrets.choice(_MARK_ALPHABET) for _ in range(length))
+            self._marks[length] = mark
+        return mark
+
     def html_pieces(self, document: str, message_id: int, new: list[tuple[int, str]],
-                    pieces: Sequence[str] | None = None) -> list[str]:
-        """:meth:`html` as pieces: the text between the links (the same for every
-        recipient of a constant template, so merge.py encodes it once) and the links."""
+                    pieces: Sequence[str] | None = None, mark: str | None = None
+                    ) -> list[str]:
+        """:meth:`html` as pieces: the render's own pieces (the same ``str`` objects where
+        nothing is rewritten), cut only where a link or the pixel goes in. ``mark``:
+        written where the message's token goes (:meth:`mark`; merge.py puts the token in
+        after encoding), else the token itself.
+
+        Why keep the render's pieces rather than the text between links: the hoisted
+        template's literal pieces are the same in every message, so merge.py finds their
+        quoted-printable already made (mime.encode_qp_pieces) and encodes only the merge
+        values, the links and the few cut ends; text between links that spans merge values
+        would be new in every message and encoded whole each time. And with a mark, a
+        render of a shape whose links hold no merge value is rewritten the same way every
+        time: the first one's result is kept as a plan (which piece, which text) and
+        followed by the others.
+        """
         if not (self.clicks or self.opens):
             return [document]
-        found = self._shape(pieces, document) if pieces is not None and self.fast else None
+        if pieces is None:
+            pieces = (document,)
+        found = self._shape(pieces, document) if self.fast else None
         spans: Sequence[_Span]
         vcum: Sequence[int]
+        keep = None
         if found is None:
             self.full_scans += 1
             links, body = scan(document)
@@ -552,19 +672,25 @@ class Rewriter:
             spans = shape.links
             # The length of the values before each place (they shift the shape's offsets).
             vcum = list(accumulate(map(len, values), initial=0))
+            if mark is not None:
+                kept = self._plans.get(id(shape))
+                if kept is not None and kept[0] == mark and self._left_alone(
+                        kept[2], vcum, document, new):
+                    return _follow(kept[1], pieces)
+                keep = id(shape)
             body = shape.body + vcum[shape.body_count] if shape.body >= 0 else -1
-        token = self.signer.message_part(self.newsletter_id, message_id)
+        token = mark if mark is not None else self.token(message_id)
         # The pixel goes before the last </body>, which links may follow (a footer
         # written after it); -1: no pixel, or already placed.
         at = (body if body >= 0 else len(document)) if self.opens else -1
         pixel = (f'<img src="{self.open_base}{token}" width="1" height="1" alt="" '
                  'style="display:block;border:0;width:1px;height:1px">')
-        out: list[str] = []
-        pos = 0
+        edits: list[tuple[int, int, str]] = []   # (start, end, what replaces it)
         if self.clicks:
             base = self.click_base + token
             decided = self._decided
-            for start, start_count, end, end_count, quoted, raw in spans:
+            for span in spans:
+                start, start_count, end, end_count, quoted, raw = span
                 start += vcum[start_count]
                 end += vcum[end_count]
                 if raw is None:
@@ -572,18 +698,32 @@ class Rewriter:
                 part = decided[raw] if raw in decided else self._decide(raw, None, new)
                 if part is None:
                     continue
+                if span[5] is None:  # a merge value in a tracked link: this render's own
+                    keep = None
                 if 0 <= at < start:
-                    out += (document[pos:at], pixel)
-                    pos, at = at, -1
-                out += (document[pos:start], base + part if quoted else f'"{base}{part}"')
-                pos = end
+                    edits.append((at, at, pixel))
+                    at = -1
+                edits.append((start, end, base + part if quoted else f'"{base}{part}"'))
         if at >= 0:
-            out += (document[pos:at], pixel)
-            pos = at
-        if not out:
-            return [document]
-        out.append(document[pos:])
-        return out
+            edits.append((at, at, pixel))
+        plan = _splice(pieces, edits)
+        if keep is not None and found is not None and len(self._plans) < _SHAPES_MAX:
+            # Every tracked link is literal text: the same plan for each render of this
+            # shape whose links with a merge value (the unsubscribe link) stay as written.
+            plan = _joined(plan, pieces, found[0].value_idx)
+            self._plans[keep] = (cast(str, mark), plan, tuple(sp for sp in spans if sp[5] is None))
+            self.plans_made += 1
+        return _follow(plan, pieces)
+
+    def _left_alone(self, spans: Sequence[_Span], vcum: Sequence[int], document: str,
+                    new: list[tuple[int, str]]) -> bool:
+        """Whether this render leaves each of these links (with a merge value) as written."""
+        decided = self._decided
+        for start, start_count, end, end_count, _quoted, _raw in spans:
+            raw = document[start + vcum[start_count]:end + vcum[end_count]]
+            if (decided[raw] if raw in decided else self._decide(raw, None, new)) is not None:
+                return False
+        return True
 
     def text(self, document: str, message_id: int, new: list[tuple[int, str]]) -> str:
         """The text part with its http(s) links tracked (only with ``text_links``)."""

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from sendsystem import stats
+from sendsystem.compose import newsletter_zdict
 from sendsystem.delivery import DeliveryPool, Envelope, Result
-from sendsystem.merge import TemplateSource, compress, compression_dictionary
+from sendsystem.merge import compress
 from sendsystem.roles.send_worker import SendWorker
 from sendsystem.runner import RunOptions
 from tests.harness.env import Env
@@ -65,7 +66,7 @@ def message_rows(env: Env, nid: int) -> dict[str, dict[str, object]]:
 def zdict_of(env: Env, nid: int) -> bytes:
     row = env.db.fetchone("newsletter_get", {"id": nid})
     assert row is not None
-    return compression_dictionary(TemplateSource(row["subject"], row["html"], row["text"]))
+    return newsletter_zdict(row)  # the stored one, as the send worker reads it
 
 
 def set_body(env: Env, message_id: object, body: bytes) -> None:

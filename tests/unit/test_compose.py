@@ -21,7 +21,14 @@ from sendsystem.compose import (
 )
 from sendsystem.config import Config, SendingConfig, UnsubscribeConfig
 from sendsystem.dkim import DkimSigner, generate_key
-from sendsystem.merge import Compressor, Merger, NewsletterInfo, TemplateSource, decompress
+from sendsystem.merge import (
+    Compressor,
+    Merger,
+    NewsletterInfo,
+    TemplateSource,
+    compression_dictionary,
+    decompress,
+)
 from sendsystem.mime import finalize
 from sendsystem.tokens import (
     decode_message_id,
@@ -154,9 +161,23 @@ def test_a_corrupt_attachment_breaks_the_newsletter_not_the_worker() -> None:
 
 
 def test_newsletter_without_a_stored_dictionary_derives_the_template_one() -> None:
-    body, zdict = stored_body()
+    # Before schema version 3 the dictionary was the template's alone, never stored.
+    legacy = compression_dictionary(SRC)
+    merger = Merger(SRC, NewsletterInfo(7, "Medlemsnyt", "Nyt <nyt@example.dk>"), zdict=legacy)
+    body = Compressor(legacy).compress(
+        merger.render("bo@example.com", {"name": "Søren"}, "https://x/u/t"))
     parts = newsletter_parts(newsletter_row(zdict=None), [], DOMAIN)
-    assert parts.zdict == zdict
+    assert parts.zdict == legacy
+    assert b"Hej S" in wire_bytes(body, parts, [], None)
+
+
+def test_the_dictionary_a_sort_worker_stores_is_the_newsletters_own() -> None:
+    # Rendered with the newsletter's id, list and From: smaller messages than the
+    # template's alone, and the one a send worker uses (it is always stored).
+    body, zdict = stored_body()
+    assert zdict != compression_dictionary(SRC)
+    assert zdict.startswith(b"From: Nyt <nyt@example.dk>")
+    parts = newsletter_parts(newsletter_row(zdict=zdict), [], DOMAIN)
     assert b"Hej S" in wire_bytes(body, parts, [], None)
 
 

@@ -17,7 +17,7 @@ from sendsystem import mime
 from sendsystem.config import SortingConfig
 from sendsystem.demo.newsletter import sample_newsletter
 from sendsystem.errors import TemplateError
-from sendsystem.merge import MergeError, Merger, NewsletterInfo, TemplateSource
+from sendsystem.merge import MergeError, Merger, NewsletterInfo, TemplateSource, decompress
 from sendsystem.tracking.links import Rewriter, skip_prefixes
 from sendsystem.tracking.tokens import Signer
 
@@ -268,3 +268,95 @@ def test_encoding_with_learned_pieces_equals_encoding_the_whole(
         assert 0 <= left <= budget
         budget = left
         assert mime.encode_qp_pieces(pieces, table) == mime.encode_qp("".join(pieces))
+
+
+# --- tracked lines learned with a mark where the token goes (mime.MarkedRuns) ---
+
+_B64URL = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+                  min_size=4, max_size=24)
+_RUN_TEXT = st.lists(st.sampled_from(["a", " ", "\t", ".", "=", "æ", "x" * 37, "<a href=\"",
+                                      "\n", "\n.\n", " \n", "\x00", "-_", "=\n"]),
+                     max_size=10).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_RUN_TEXT, min_size=1, max_size=5), _B64URL, st.data())
+def test_a_learned_run_gives_each_tokens_own_encoding(texts: list[str], mark: str,
+                                                     data: st.DataObject) -> None:
+    """The run encoded once with the mark, each later token put where the mark stood,
+    equals that token's run encoded by b2a_qp: soft breaks inside a mark included."""
+    run = mark.join(texts)
+    if not run.endswith("\n"):
+        run += "\n"
+    tokens = data.draw(st.lists(_B64URL.filter(lambda t: len(t) == len(mark)), min_size=1,
+                                max_size=4))
+    runs = mime.MarkedRuns(100)
+    for n, token in enumerate(tokens):
+        runs.begin(mark, token, learn=n == 0)
+        assert runs(run) == mime.encode_qp(run.replace(mark, token)).replace(b"\r\n", b"\n")
+
+
+def test_a_learned_run_with_a_mark_cut_by_soft_breaks() -> None:
+    mark, token = "M" * 20, "Ab-_9" * 4
+    runs = mime.MarkedRuns(10)
+    for width in range(50, 80):  # every place a soft break can fall in the mark
+        run = "x" * width + f'<a href="https://t.example/c/{mark}AAAA">{mark}</a>\n'
+        runs.begin(mark, "Q" * 20, learn=True)
+        runs(run)
+        runs.begin(mark, token, learn=False)
+        assert runs(run) == mime.encode_qp(run.replace(mark, token)).replace(b"\r\n", b"\n")
+    with pytest.raises(ValueError, match="differ in length"):
+        runs.begin(mark, "short", learn=False)
+
+
+def test_tracked_messages_are_the_same_hoisted_or_not_across_token_lengths() -> None:
+    """Recipients whose fields move every soft break, message ids whose tokens change
+    length (a new mark): the hoisted, planned, learned path gives the plain one's bytes."""
+    demo = sample_newsletter()
+    src = TemplateSource(demo.subject, demo.html, demo.text)
+    signer = Signer.from_secret(b"s" * 40)
+
+    def tracker() -> Rewriter:
+        return Rewriter(signer, 42, "https://t.example.com/c/", "https://t.example.com/o/",
+                        skip_prefixes("https://lists.example.com/u/{token}",
+                                      "https://t.example.com/c/", "https://t.example.com/o/"))
+
+    plain = Merger(src, INFO, tracker=tracker(), hoist=False)
+    fast = Merger(src, INFO, zdict=plain.zdict, tracker=tracker(), hoist=True)
+    lengths = set()
+    for n, mid in enumerate([1, 2, 3, 127, 128, 129, 2**14, 2**21 - 1, 2**21, 2**28 + 5, 4, 5]):
+        fields = {"first_name": "Å" * (n % 7), "last_name": "x" * (3 * n), "city": "Ærø",
+                  "member_since": str(n), "plan": "Plus" if n % 2 else ""}
+        new_plain: list[tuple[int, str]] = []
+        new_fast: list[tuple[int, str]] = []
+        assert (outcome(fast, n, fields, message_id=mid, new_links=new_fast)
+                == outcome(plain, n, fields, message_id=mid, new_links=new_plain))
+        assert new_fast == new_plain
+        assert fast.tracker is not None
+        lengths.add(len(fast.tracker.token(mid)))
+    assert len(lengths) >= 3
+
+
+def test_a_tracked_newsletters_dictionary_holds_its_rewritten_links() -> None:
+    demo = sample_newsletter()
+    src = TemplateSource(demo.subject, demo.html, demo.text)
+    signer = Signer.from_secret(b"s" * 40)
+    rewriter = Rewriter(signer, 42, "https://t.example.com/c/", "https://t.example.com/o/",
+                        skip_prefixes("https://lists.example.com/u/{token}",
+                                      "https://t.example.com/c/", "https://t.example.com/o/"))
+    tracked = Merger(src, INFO, tracker=rewriter)
+    untracked = Merger(src, INFO)
+    assert b"https://t.example.com/c/" in tracked.zdict
+    assert b"https://t.example.com/c/" not in untracked.zdict
+    # Building the dictionary taught the newsletter's rewriter nothing: the first
+    # message still reports every link as new (the sort worker stores them from that).
+    assert rewriter.known == {}
+    fields = {"first_name": "Søren", "last_name": "Ø", "city": "Aarhus", "member_since": "1999",
+              "plan": "Plus"}
+    new: list[tuple[int, str]] = []
+    raw = tracked.render("r@example.com", fields, UNSUB, message_id=77, new_links=new)
+    assert len(new) == len(rewriter.known) > 5
+    blob = tracked.compress(raw)
+    assert decompress(blob, tracked.zdict) == raw
+    assert len(blob) < len(Merger(src, INFO, zdict=untracked.zdict, tracker=Rewriter(
+        signer, 42, "https://t.example.com/c/", "https://t.example.com/o/", ())).compress(raw))
