@@ -36,16 +36,27 @@ import contextlib
 import logging
 import os
 import pstats
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import bench_database, raw_connect, server_line, table_bytes
-from smtp_bench import free_port, smtp_sink
+from common import PeakMemory, bench_database, raw_connect, server_line, table_bytes
+from sinks import (
+    ClockedCountingSink,
+    DeliveryClock,
+    PostfixInstance,
+    SmtpSink,
+    ceiling,
+    postfix_relay,
+    series_lines,
+    series_step,
+    wait_drained,
+)
 
 from sendsystem import admin, stats
 from sendsystem.config import BalancerConfig, Config, Relay, SendingConfig, load_config
@@ -67,14 +78,44 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ sinks
 
+@dataclass
+class Endpoint:
+    """Where the run's messages go, and how they are counted there (bench/sinks.py)."""
+
+    kind: str                                  # smtp-sink | counting | postfix
+    relay: Relay
+    clock: DeliveryClock
+    size_mark: Callable[[], tuple[int, int]]   # (messages, bytes) counted so far
+    settle: Callable[[], None]                 # until what was sent is counted
+    sink: CountingSink | None = None
+    postfix: PostfixInstance | None = None
+
+    @property
+    def size_unit(self) -> str:
+        return {"smtp-sink": "wire bytes (commands + DATA, rchar of smtp-sink)",
+                "counting": "DATA bytes",
+                "postfix": "queue file bytes (qmgr size=)"}[self.kind]
+
+
 @contextlib.contextmanager
-def open_sink(kind: str) -> Iterator[tuple[Relay, CountingSink | None]]:
+def open_sink(kind: str) -> Iterator[Endpoint]:
     if kind == "smtp-sink":
-        with smtp_sink(free_port()) as relay:
-            yield relay, None
+        with SmtpSink() as smtp:
+            yield Endpoint(kind, smtp.relay, smtp.clock,
+                           lambda: (smtp.clock.count, smtp.wire_bytes()),
+                           lambda: time.sleep(0.3))
+    elif kind == "counting":
+        with ClockedCountingSink() as sink:
+            yield Endpoint(kind, sink.relay, sink.clock,
+                           lambda: (sink.tally.messages, sink.tally.bytes),
+                           lambda: time.sleep(0.3), sink=sink)
     else:
-        with CountingSink() as sink:
-            yield sink.relay, sink
+        with postfix_relay() as (relay, counter, instance):
+            def settle() -> None:
+                wait_drained(instance)
+                time.sleep(0.3)  # the maillog tail catches up
+            yield Endpoint(kind, relay, counter.clock, counter.size_mark, settle,
+                           postfix=instance)
 
 
 # ------------------------------------------------------------------ set-up and measuring
@@ -316,61 +357,109 @@ def worker_shares(db: Database, nid: int) -> list[str]:
 
 # ------------------------------------------------------------------ the two modes
 
+def role_roots(cluster: Cluster) -> dict[int, str]:
+    """{pid: "command name"} of the live role processes (PeakMemory adds their children)."""
+    return {proc.pid: f"{proc.command} {proc.name}" for proc in cluster.procs if proc.alive()}
+
+
 def run_pipeline(args: argparse.Namespace, config: Config, db: Database, work: Path) -> None:
     tuning = tuning_from(args)
-    with open_sink(args.sink) as (relay, sink):
-        config_path = prepare(config, db, work, relay, tuning, args.recipients)
+    kind = "postfix" if args.relay == "postfix" else args.sink
+    with open_sink(kind) as ep:
+        config_path = prepare(config, db, work, ep.relay, tuning, args.recipients)
         roles = ([RoleSpec("sort-balancer", "b1"), RoleSpec("send-balancer", "b1")]
                  + [RoleSpec("sort-worker", f"sort-{i + 1}") for i in range(args.sort)]
                  + [RoleSpec("send-worker", f"send-{i + 1}") for i in range(args.send)])
         cluster = Cluster(config_path, roles, work / "logs", log_level="WARNING",
                           interpreter=interpreter_for(args.profile, {}, work))
         cluster.start()
+        memory = PeakMemory()
         peak_body = [0, 0]
 
-        def sample_bodies(c: dict[str, int]) -> None:
+        def on_poll(c: dict[str, int]) -> None:
+            memory.sample(role_roots(cluster))
             if c["merged"] > peak_body[0]:
                 peak_body[:] = list(body_bytes(config.database.name, nid))
 
         try:
             wait_registered(Database(load_config(config_path, env={}).database), cluster)
+            size0 = ep.size_mark()
             nid, total = enqueue(db, work)
+            released = time.monotonic()  # the rows are committed: sorting can start
+            base = ep.clock.count
             wall = follow(db, cluster, nid, total, ("sent", "failed", "skipped", "bounced"),
-                          args.timeout, sample_bodies)
+                          args.timeout, on_poll)
         finally:
+            memory.sample(role_roots(cluster))
             codes = cluster.stop()
+        ep.settle()
+        size1 = ep.size_mark()
+        msg_size = (size1[1] - size0[1]) / max(size1[0] - size0[0], 1)
         t = stage_times(config.database.name, nid)
         c = stats.counts(db, nid)
         n = c["sent"]
+        e2e = n / t["end_to_end"]
+        target = "relay=postfix (private, queue + discard)" if kind == "postfix" else \
+            f"sink={kind}"
         print(f"\nrecipients={args.recipients} sort={args.sort} send={args.send} "
-              f"sink={args.sink} {tuning}")
+              f"{target} {tuning}")
         print(f"states: {dict((k, v) for k, v in c.items() if v)}   exit codes: "
               f"{sorted(set(codes.values()), key=str)}")
-        if sink is not None:
-            got = sink.counts()
+        if ep.sink is not None:
+            got = ep.sink.counts()
             dup = sum(v - 1 for v in got.values() if v > 1)
-            print(f"sink: {sink.messages} messages, {len(got)} recipients, {dup} duplicates, "
-                  f"{sink.tally.bytes / max(sink.messages, 1) / 1024:.1f} KB average")
-        print(f"END TO END: {n / t['end_to_end']:,.0f} msgs/s  ({n} sent in "
+            print(f"sink: {ep.sink.messages} messages, {len(got)} recipients, {dup} duplicates, "
+                  f"{ep.sink.tally.bytes / max(ep.sink.messages, 1) / 1024:.1f} KB average")
+        print(f"END TO END: {e2e:,.0f} msgs/s  ({n} sent in "
               f"{t['end_to_end']:.2f} s from release to last sent; wall {wall:.1f} s)")
         print(f"  sort stage: {n / t['release_to_last_merged']:,.0f} msgs/s (release -> last "
               f"merged {t['release_to_last_merged']:.2f} s)")
         print(f"  send stage: {n / t['send_span']:,.0f} msgs/s (first -> last sent "
               f"{t['send_span']:.2f} s; first sent {t['release_to_first_sent']:.2f} s after "
               "release)")
-        for line in worker_shares(db, nid) + rss_lines(cluster):
+        step = series_step(args.recipients)
+        where = "discarded by Postfix" if kind == "postfix" else f"counted at {kind}"
+        print(f"throughput per {step:,} delivered recipients ({where}; the first step "
+              "from the release):")
+        for line in series_lines(ep.clock, released, base, ep.clock.count - base, step):
+            print(line)
+        print(f"  delivered at the {'relay' if kind == 'postfix' else 'sink'}: "
+              f"{ep.clock.count - base:,}; message size {msg_size:,.0f} {ep.size_unit}")
+        for line in worker_shares(db, nid) + restart_lines(cluster):
+            print(line)
+        print("peak RSS of every process of the run (target: each under 100 MB):")
+        for line in memory.lines(100.0):
             print(line)
         if peak_body[0]:
             print(f"stored merged body while merged: {peak_body[1] / peak_body[0]:,.0f} "
                   f"bytes/message (sampled at {peak_body[0]:,} merged)")
         print(table_line(config.database.name, "after the run (bodies purged)"))
+        if args.no_ceiling:
+            print("ceiling: skipped (--no-ceiling)")
+        elif kind == "counting":
+            print("ceiling: skipped (smtp-source is measured against smtp-sink or Postfix; "
+                  "use --sink smtp-sink)")
+        else:
+            sessions = args.ceiling_sessions or args.send * tuning.connections
+            ceil = ceiling(ep.relay.port, sessions, msg_size, ep.size_mark,
+                           seconds=args.ceiling_seconds, settle=ep.settle)
+            what = ("POSTFIX ALONE (smtp-source -> private Postfix, accepted)"
+                    if kind == "postfix" else "C CEILING (smtp-source -> the same smtp-sink)")
+            print(f"{what}: {ceil.run.rate:,.0f} msgs/s  ({ceil.run.messages:,} messages in "
+                  f"{ceil.run.seconds:.1f} s, {sessions} sessions kept open, -l "
+                  f"{ceil.run.payload:,}: {ceil.size:,.0f} {ep.size_unit} vs the pipeline's "
+                  f"{msg_size:,.0f})")
+            goal = "  (goal >= 60 %)" if kind == "postfix" else ""
+            print(f"RATIO pipeline / {'Postfix alone' if kind == 'postfix' else 'ceiling'}: "
+                  f"{e2e / ceil.run.rate:.1%}  ({e2e:,.0f} / {ceil.run.rate:,.0f}){goal}")
     if args.profile:
         print_profiles(work, args.profile)
 
 
 def run_send_only(args: argparse.Namespace, config: Config, db: Database, work: Path) -> None:
     tuning = tuning_from(args)
-    with open_sink(args.sink) as (relay, sink):
+    with open_sink(args.sink) as ep:
+        relay, sink = ep.relay, ep.sink
         config_path = prepare(config, db, work, relay, tuning, args.recipients)
         nid, total = enqueue(db, work)
         sorters = Cluster(config_path, [RoleSpec("sort-balancer", "b1")]
@@ -424,6 +513,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--send", type=int, default=2, help="send workers (M)")
     ap.add_argument("--sink", choices=("smtp-sink", "counting"),
                     default="smtp-sink")
+    ap.add_argument("--relay", choices=("sink", "postfix"), default="sink",
+                    help="postfix: send through a private Postfix (queue + discard) instead "
+                         "of --sink, and measure that Postfix alone with smtp-source")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the smtp-source run after the pipeline")
+    ap.add_argument("--ceiling-seconds", type=float, default=12.0,
+                    help="smtp-source runs about this long (calibrated first)")
+    ap.add_argument("--ceiling-sessions", type=int, default=0,
+                    help="smtp-source parallel sessions (default: send workers x "
+                         "[sending] connections, as many as the pipeline opens)")
     ap.add_argument("--send-only", action="store_true",
                     help="merge first, then ONE send worker alone against the sink")
     ap.add_argument("--cpu", type=int, default=None,
@@ -436,6 +535,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     tuning_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.relay == "postfix" and args.send_only:
+        ap.error("--relay postfix measures the whole pipeline; not with --send-only")
+    # SIGTERM like Ctrl-C: unwind, so role processes stop and a private Postfix
+    # and its queue are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="sendsystem-bench-"))
     with bench_database(keep=args.keep) as (config, db):
         conn = raw_connect()
