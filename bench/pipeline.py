@@ -290,6 +290,7 @@ def stage_times(name: str, nid: int) -> dict[str, float]:
             row = cur.fetchone()
     finally:
         conn.close()
+    assert row is not None
     keys = ("release_to_last_merged", "sort_span", "send_span", "end_to_end",
             "release_to_first_sent")
     return {k: float(v or 0) for k, v in zip(keys, row, strict=True)}
@@ -305,6 +306,7 @@ def body_bytes(name: str, nid: int) -> tuple[int, int]:
             row = cur.fetchone()
     finally:
         conn.close()
+    assert row is not None
     return int(row[0]), int(row[1])
 
 
@@ -314,7 +316,9 @@ def table_line(name: str, label: str) -> str:
         data, index, _estimate = table_bytes(conn, name, "messages")
         with conn.cursor() as cur:
             cur.execute(f"SELECT COUNT(*) FROM `{name}`.messages")
-            rows = int(cur.fetchone()[0])
+            got = cur.fetchone()
+            assert got is not None
+            rows = int(got[0])
     finally:
         conn.close()
     per = (data + index) / rows if rows else 0.0
@@ -418,7 +422,8 @@ def run_pipeline(args: argparse.Namespace, config: Config, db: Database, work: P
               f"{t['send_span']:.2f} s; first sent {t['release_to_first_sent']:.2f} s after "
               "release)")
         step = series_step(args.recipients)
-        where = "discarded by Postfix" if kind == "postfix" else f"counted at {kind}"
+        where = ("discarded by the private Postfix" if kind == "postfix"
+                 else f"counted at the {kind} sink")
         print(f"throughput per {step:,} delivered recipients ({where}; the first step "
               "from the release):")
         for line in series_lines(ep.clock, released, base, ep.clock.count - base, step):
