@@ -1,6 +1,9 @@
 """The whole pipeline on this machine: both balancers, K sort and M send workers, a sink.
 
     .venv/bin/python bench/pipeline.py                          # 20,000 x 22 KB, 2+2, smtp-sink
+    .venv/bin/python bench/pipeline.py -n 1000000               # series per 100,000
+    .venv/bin/python bench/pipeline.py --no-ceiling             # without the smtp-source run
+    .venv/bin/python bench/pipeline.py --relay postfix          # through a private Postfix
     .venv/bin/python bench/pipeline.py --sink counting          # the demo's sink (counts)
     .venv/bin/python bench/pipeline.py --sort 1 --send 1 -n 50000
     .venv/bin/python bench/pipeline.py --send-only --cpu 0      # ONE send worker, one core
@@ -12,10 +15,33 @@ throw-away database (bench/common.py). The newsletter is the demo's (sendsystem/
 
 Prints: end-to-end messages/s (from the newsletter's release to its last sent
 message), per-stage rates (sort: release -> last merged; send: first -> last
-sent), peak RSS per role (VmHWM of each child, sampled every 0.25 s and just
-before SIGTERM), and the database cost per message: `messages` data+index
-bytes per row (information_schema after ANALYZE) and the stored merged body
-per message while merged.
+sent); the throughput series: msgs/s of each 100,000 deliveries (N/10 for
+fewer than 1,000,000 recipients; --series-step) counted where the messages
+arrive (bench/sinks.py: smtp-sink's own -c counter, the counting sink's
+accept, or the private Postfix's discard lines), the first step timed from
+the release; the peak RSS of every process of the run (both balancers, each
+sort worker and its render child and multiprocessing resource tracker, each
+send worker; a restarted role is a new line) against the target "each under
+100 MB": VmHWM from /proc/PID/status, read every 0.25 s and once just before
+SIGTERM (VmHWM is the kernel's high-water mark, so the only thing missed is
+growth in the last 0.25 s or during shutdown); and the database cost per
+message.
+
+The ceiling, after the pipeline in the same run (--no-ceiling skips it):
+Postfix's smtp-source against the same smtp-sink, as many sessions as the
+pipeline opens (send workers x [sending] connections), kept open (-d), the
+pipeline's message size as the sink measured it, enough messages for about
+12 s (calibrated): its msgs/s and pipeline / ceiling. Not with --sink
+counting (a Python sink is no C ceiling).
+
+--relay postfix: instead of a sink, a private Postfix instance
+(tests/harness/postfix.py, the tests' code) on a free 127.0.0.1 port that
+queues each message as Postfix always does (cleanup fsyncs the queue file
+before answering 250) and delivers it with discard(8). The pipeline sends
+through it; then smtp-source measures Postfix alone (msgs/s accepted, same
+message size by qmgr's size=, same sessions); printed with the ratio (goal
+>= 60 %). The instance is stopped and its directory and queue removed at the
+end, also on Ctrl-C or SIGTERM.
 
 --send-only: merge everything first (sort roles only), measure the table with
 every body stored, then run the send balancer and ONE send worker (pinned with
@@ -421,9 +447,9 @@ def run_pipeline(args: argparse.Namespace, config: Config, db: Database, work: P
         print(f"  send stage: {n / t['send_span']:,.0f} msgs/s (first -> last sent "
               f"{t['send_span']:.2f} s; first sent {t['release_to_first_sent']:.2f} s after "
               "release)")
-        step = series_step(args.recipients)
-        where = ("discarded by the private Postfix" if kind == "postfix"
-                 else f"counted at the {kind} sink")
+        step = args.series_step or series_step(args.recipients)
+        where = {"postfix": "discarded by the private Postfix", "smtp-sink": "counted at smtp-sink",
+                 "counting": "counted at the counting sink"}[kind]
         print(f"throughput per {step:,} delivered recipients ({where}; the first step "
               "from the release):")
         for line in series_lines(ep.clock, released, base, ep.clock.count - base, step):
@@ -521,6 +547,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--relay", choices=("sink", "postfix"), default="sink",
                     help="postfix: send through a private Postfix (queue + discard) instead "
                          "of --sink, and measure that Postfix alone with smtp-source")
+    ap.add_argument("--series-step", type=int, default=0,
+                    help="deliveries per line of the throughput series (default: 100,000, "
+                         "or N/10 below 1,000,000 recipients)")
     ap.add_argument("--no-ceiling", action="store_true",
                     help="skip the smtp-source run after the pipeline")
     ap.add_argument("--ceiling-seconds", type=float, default=12.0,
@@ -535,10 +564,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--profile", choices=("sort-worker", "send-worker", "sort-balancer",
                                           "send-balancer"),
                     help="run that role under cProfile and print where its time goes")
-    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--timeout", type=float, default=0.0,
+                    help="give up after this many seconds (default: 600, or N/100 for a "
+                         "larger run: it fails below 100 msgs/s)")
     ap.add_argument("--keep", action="store_true", help="keep the database and work dir")
     tuning_args(ap)
     args = ap.parse_args(argv)
+    args.timeout = args.timeout or max(600.0, args.recipients / 100)
     logging.basicConfig(level=logging.WARNING)
     if args.relay == "postfix" and args.send_only:
         ap.error("--relay postfix measures the whole pipeline; not with --send-only")
