@@ -124,9 +124,9 @@ class Endpoint:
 
 
 @contextlib.contextmanager
-def open_sink(kind: str) -> Iterator[Endpoint]:
+def open_sink(kind: str, count: bool = True) -> Iterator[Endpoint]:
     if kind == "smtp-sink":
-        with SmtpSink() as smtp:
+        with SmtpSink(count) as smtp:
             yield Endpoint(kind, smtp.relay, smtp.clock,
                            lambda: (smtp.clock.count, smtp.wire_bytes()),
                            lambda: time.sleep(0.3))
@@ -489,7 +489,7 @@ def run_pipeline(args: argparse.Namespace, config: Config, db: Database, work: P
 
 def run_send_only(args: argparse.Namespace, config: Config, db: Database, work: Path) -> None:
     tuning = tuning_from(args)
-    with open_sink(args.sink) as ep:
+    with open_sink(args.sink, count=False) as ep:
         relay, sink = ep.relay, ep.sink
         config_path = prepare(config, db, work, relay, tuning, args.recipients)
         nid, total = enqueue(db, work)

@@ -126,9 +126,11 @@ def rchar(pid: int) -> int:
 
 
 class SmtpSink:
-    """``smtp-sink -c`` on a free port, its deliveries counted from its counter output."""
+    """``smtp-sink -c`` on a free port, its deliveries counted from its counter output
+    (``count=False``: plain smtp-sink, as --send-only has always measured against)."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: bool = True) -> None:
+        self.count = count
         self.port = free_port()
         self.clock = DeliveryClock()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -143,12 +145,15 @@ class SmtpSink:
             raise SystemExit(f"{SMTP_SINK} missing: apt-get install postfix (`make postfix`)")
         # -u postfix: smtp-sink refuses to run as root without dropping privileges.
         # backlog 1000; -m (max concurrency) stays at its default 256.
+        counter = ["-c"] if self.count else []
         self.proc = subprocess.Popen(
-            [SMTP_SINK, "-c", "-u", "postfix", f"127.0.0.1:{self.port}", "1000"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
-        self._reader = threading.Thread(target=self._read, name="smtp-sink-counter",
-                                        daemon=True)
-        self._reader.start()
+            [SMTP_SINK, *counter, "-u", "postfix", f"127.0.0.1:{self.port}", "1000"],
+            stdout=subprocess.PIPE if self.count else subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, bufsize=0)
+        if self.count:
+            self._reader = threading.Thread(target=self._read, name="smtp-sink-counter",
+                                            daemon=True)
+            self._reader.start()
         try:
             wait_listening(self.port)
         except BaseException:
