@@ -120,3 +120,88 @@ def server_line(conn: pymysql.connections.Connection) -> str:
     assert row is not None
     return (f"server: MariaDB {row[0]}, innodb_buffer_pool_size {int(row[1]) >> 20} MB, "
             f"innodb_flush_log_at_trx_commit {row[2]}; cpus: {os.cpu_count()}")
+
+
+# ------------------------------------------------------------------ every process's peak RSS
+
+def _status_fields(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            return dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+    except OSError:
+        return {}
+
+
+def children_of(pids: set[int]) -> dict[int, int]:
+    """{child pid: parent pid} of every live process whose parent is in ``pids``
+    (a scan of /proc: this kernel has no /proc/PID/task/TID/children)."""
+    found: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid in pids:
+            found[int(entry.name)] = ppid
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+@dataclass
+class PeakMemory:
+    """Peak RSS of a set of processes and all their descendants, by pid.
+
+    ``sample({pid: label})`` reads VmHWM (the kernel's high-water mark of the
+    resident set since the process started) of each live process and of every
+    descendant (labelled "<parent label> / render child" for a
+    ``multiprocessing`` spawn child, else its command). VmHWM is a peak, so one
+    read shortly before a process exits is exact up to that moment; the caller
+    samples periodically (bench/pipeline.py: every 0.25 s) and once just before
+    it stops the processes. A restarted role is a new pid, so a new line.
+    """
+
+    peak_kb: dict[int, int] = field(default_factory=dict)
+    labels: dict[int, str] = field(default_factory=dict)
+
+    def sample(self, roots: dict[int, str]) -> None:
+        pending = dict(roots)
+        while pending:
+            for pid, label in pending.items():
+                self.labels.setdefault(pid, label)
+                kb = _status_fields(pid).get("VmHWM", "0 kB").split()[0]
+                if kb.isdigit() and int(kb):
+                    self.peak_kb[pid] = max(self.peak_kb.get(pid, 0), int(kb))
+            kids = children_of(set(pending))
+            pending = {}
+            for kid, parent in kids.items():
+                cmd = _cmdline(kid)
+                what = ("render child" if "multiprocessing" in cmd and "spawn" in cmd
+                        and "resource_tracker" not in cmd
+                        else "resource tracker" if "resource_tracker" in cmd
+                        else cmd.split(" ")[0].rsplit("/", 1)[-1] or "child")
+                pending[kid] = f"{self.labels.get(parent, str(parent))} / {what}"
+
+    def lines(self, limit_mb: float = 100.0) -> list[str]:
+        out = []
+        over = 0
+        for pid, kb in sorted(self.peak_kb.items(), key=lambda p: self.labels[p[0]]):
+            mb = kb / 1024
+            ok = mb < limit_mb
+            over += not ok
+            out.append(f"  {self.labels[pid]:<38} pid {pid:<7} peak RSS {mb:6.1f} MB  "
+                       f"{'ok' if ok else 'OVER'}")
+        verdict = (f"  every process under {limit_mb:.0f} MB: "
+                   + ("yes" if not over else f"NO ({over} over)")
+                   + f" ({len(self.peak_kb)} processes; VmHWM from /proc/PID/status, "
+                     "read every 0.25 s and just before SIGTERM)")
+        return [*out, verdict]

@@ -1,6 +1,9 @@
 """The whole pipeline on this machine: both balancers, K sort and M send workers, a sink.
 
     .venv/bin/python bench/pipeline.py                          # 20,000 x 22 KB, 2+2, smtp-sink
+    .venv/bin/python bench/pipeline.py -n 1000000               # series per 100,000
+    .venv/bin/python bench/pipeline.py --no-ceiling             # without the smtp-source run
+    .venv/bin/python bench/pipeline.py --relay postfix          # through a private Postfix
     .venv/bin/python bench/pipeline.py --sink counting          # the demo's sink (counts)
     .venv/bin/python bench/pipeline.py --sort 1 --send 1 -n 50000
     .venv/bin/python bench/pipeline.py --send-only --cpu 0      # ONE send worker, one core
@@ -12,10 +15,33 @@ throw-away database (bench/common.py). The newsletter is the demo's (sendsystem/
 
 Prints: end-to-end messages/s (from the newsletter's release to its last sent
 message), per-stage rates (sort: release -> last merged; send: first -> last
-sent), peak RSS per role (VmHWM of each child, sampled every 0.25 s and just
-before SIGTERM), and the database cost per message: `messages` data+index
-bytes per row (information_schema after ANALYZE) and the stored merged body
-per message while merged.
+sent); the throughput series: msgs/s of each 100,000 deliveries (N/10 for
+fewer than 1,000,000 recipients; --series-step) counted where the messages
+arrive (bench/sinks.py: smtp-sink's own -c counter, the counting sink's
+accept, or the private Postfix's discard lines), the first step timed from
+the release; the peak RSS of every process of the run (both balancers, each
+sort worker and its render child and multiprocessing resource tracker, each
+send worker; a restarted role is a new line) against the target "each under
+100 MB": VmHWM from /proc/PID/status, read every 0.25 s and once just before
+SIGTERM (VmHWM is the kernel's high-water mark, so the only thing missed is
+growth in the last 0.25 s or during shutdown); and the database cost per
+message.
+
+The ceiling, after the pipeline in the same run (--no-ceiling skips it):
+Postfix's smtp-source against the same smtp-sink, as many sessions as the
+pipeline opens (send workers x [sending] connections), kept open (-d), the
+pipeline's message size as the sink measured it, enough messages for about
+12 s (calibrated): its msgs/s and pipeline / ceiling. Not with --sink
+counting (a Python sink is no C ceiling).
+
+--relay postfix: instead of a sink, a private Postfix instance
+(tests/harness/postfix.py, the tests' code) on a free 127.0.0.1 port that
+queues each message as Postfix always does (cleanup fsyncs the queue file
+before answering 250) and delivers it with discard(8). The pipeline sends
+through it; then smtp-source measures Postfix alone (msgs/s accepted, same
+message size by qmgr's size=, same sessions); printed with the ratio (goal
+>= 60 %). The instance is stopped and its directory and queue removed at the
+end, also on Ctrl-C or SIGTERM.
 
 --send-only: merge everything first (sort roles only), measure the table with
 every body stored, then run the send balancer and ONE send worker (pinned with
@@ -36,16 +62,27 @@ import contextlib
 import logging
 import os
 import pstats
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import bench_database, raw_connect, server_line, table_bytes
-from smtp_bench import free_port, smtp_sink
+from common import PeakMemory, bench_database, raw_connect, server_line, table_bytes
+from sinks import (
+    ClockedCountingSink,
+    DeliveryClock,
+    PostfixInstance,
+    SmtpSink,
+    ceiling,
+    postfix_relay,
+    series_lines,
+    series_step,
+    wait_drained,
+)
 
 from sendsystem import admin, stats
 from sendsystem.config import BalancerConfig, Config, Relay, SendingConfig, load_config
@@ -67,14 +104,44 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ sinks
 
+@dataclass
+class Endpoint:
+    """Where the run's messages go, and how they are counted there (bench/sinks.py)."""
+
+    kind: str                                  # smtp-sink | counting | postfix
+    relay: Relay
+    clock: DeliveryClock
+    size_mark: Callable[[], tuple[int, int]]   # (messages, bytes) counted so far
+    settle: Callable[[], None]                 # until what was sent is counted
+    sink: CountingSink | None = None
+    postfix: PostfixInstance | None = None
+
+    @property
+    def size_unit(self) -> str:
+        return {"smtp-sink": "wire bytes (commands + DATA, rchar of smtp-sink)",
+                "counting": "DATA bytes",
+                "postfix": "queue file bytes (qmgr size=)"}[self.kind]
+
+
 @contextlib.contextmanager
-def open_sink(kind: str) -> Iterator[tuple[Relay, CountingSink | None]]:
+def open_sink(kind: str, count: bool = True) -> Iterator[Endpoint]:
     if kind == "smtp-sink":
-        with smtp_sink(free_port()) as relay:
-            yield relay, None
+        with SmtpSink(count) as smtp:
+            yield Endpoint(kind, smtp.relay, smtp.clock,
+                           lambda: (smtp.clock.count, smtp.wire_bytes()),
+                           lambda: time.sleep(0.3))
+    elif kind == "counting":
+        with ClockedCountingSink() as sink:
+            yield Endpoint(kind, sink.relay, sink.clock,
+                           lambda: (sink.tally.messages, sink.tally.bytes),
+                           lambda: time.sleep(0.3), sink=sink)
     else:
-        with CountingSink() as sink:
-            yield sink.relay, sink
+        with postfix_relay() as (relay, counter, instance):
+            def settle() -> None:
+                wait_drained(instance)
+                time.sleep(0.3)  # the maillog tail catches up
+            yield Endpoint(kind, relay, counter.clock, counter.size_mark, settle,
+                           postfix=instance)
 
 
 # ------------------------------------------------------------------ set-up and measuring
@@ -249,6 +316,7 @@ def stage_times(name: str, nid: int) -> dict[str, float]:
             row = cur.fetchone()
     finally:
         conn.close()
+    assert row is not None
     keys = ("release_to_last_merged", "sort_span", "send_span", "end_to_end",
             "release_to_first_sent")
     return {k: float(v or 0) for k, v in zip(keys, row, strict=True)}
@@ -264,6 +332,7 @@ def body_bytes(name: str, nid: int) -> tuple[int, int]:
             row = cur.fetchone()
     finally:
         conn.close()
+    assert row is not None
     return int(row[0]), int(row[1])
 
 
@@ -273,7 +342,9 @@ def table_line(name: str, label: str) -> str:
         data, index, _estimate = table_bytes(conn, name, "messages")
         with conn.cursor() as cur:
             cur.execute(f"SELECT COUNT(*) FROM `{name}`.messages")
-            rows = int(cur.fetchone()[0])
+            got = cur.fetchone()
+            assert got is not None
+            rows = int(got[0])
     finally:
         conn.close()
     per = (data + index) / rows if rows else 0.0
@@ -316,61 +387,110 @@ def worker_shares(db: Database, nid: int) -> list[str]:
 
 # ------------------------------------------------------------------ the two modes
 
+def role_roots(cluster: Cluster) -> dict[int, str]:
+    """{pid: "command name"} of the live role processes (PeakMemory adds their children)."""
+    return {proc.pid: f"{proc.command} {proc.name}" for proc in cluster.procs if proc.alive()}
+
+
 def run_pipeline(args: argparse.Namespace, config: Config, db: Database, work: Path) -> None:
     tuning = tuning_from(args)
-    with open_sink(args.sink) as (relay, sink):
-        config_path = prepare(config, db, work, relay, tuning, args.recipients)
+    kind = "postfix" if args.relay == "postfix" else args.sink
+    with open_sink(kind) as ep:
+        config_path = prepare(config, db, work, ep.relay, tuning, args.recipients)
         roles = ([RoleSpec("sort-balancer", "b1"), RoleSpec("send-balancer", "b1")]
                  + [RoleSpec("sort-worker", f"sort-{i + 1}") for i in range(args.sort)]
                  + [RoleSpec("send-worker", f"send-{i + 1}") for i in range(args.send)])
         cluster = Cluster(config_path, roles, work / "logs", log_level="WARNING",
                           interpreter=interpreter_for(args.profile, {}, work))
         cluster.start()
+        memory = PeakMemory()
         peak_body = [0, 0]
 
-        def sample_bodies(c: dict[str, int]) -> None:
+        def on_poll(c: dict[str, int]) -> None:
+            memory.sample(role_roots(cluster))
             if c["merged"] > peak_body[0]:
                 peak_body[:] = list(body_bytes(config.database.name, nid))
 
         try:
             wait_registered(Database(load_config(config_path, env={}).database), cluster)
+            size0 = ep.size_mark()
             nid, total = enqueue(db, work)
+            released = time.monotonic()  # the rows are committed: sorting can start
+            base = ep.clock.count
             wall = follow(db, cluster, nid, total, ("sent", "failed", "skipped", "bounced"),
-                          args.timeout, sample_bodies)
+                          args.timeout, on_poll)
         finally:
+            memory.sample(role_roots(cluster))
             codes = cluster.stop()
+        ep.settle()
+        size1 = ep.size_mark()
+        msg_size = (size1[1] - size0[1]) / max(size1[0] - size0[0], 1)
         t = stage_times(config.database.name, nid)
         c = stats.counts(db, nid)
         n = c["sent"]
+        e2e = n / t["end_to_end"]
+        target = "relay=postfix (private, queue + discard)" if kind == "postfix" else \
+            f"sink={kind}"
         print(f"\nrecipients={args.recipients} sort={args.sort} send={args.send} "
-              f"sink={args.sink} {tuning}")
+              f"{target} {tuning}")
         print(f"states: {dict((k, v) for k, v in c.items() if v)}   exit codes: "
               f"{sorted(set(codes.values()), key=str)}")
-        if sink is not None:
-            got = sink.counts()
+        if ep.sink is not None:
+            got = ep.sink.counts()
             dup = sum(v - 1 for v in got.values() if v > 1)
-            print(f"sink: {sink.messages} messages, {len(got)} recipients, {dup} duplicates, "
-                  f"{sink.tally.bytes / max(sink.messages, 1) / 1024:.1f} KB average")
-        print(f"END TO END: {n / t['end_to_end']:,.0f} msgs/s  ({n} sent in "
+            print(f"sink: {ep.sink.messages} messages, {len(got)} recipients, {dup} duplicates, "
+                  f"{ep.sink.tally.bytes / max(ep.sink.messages, 1) / 1024:.1f} KB average")
+        print(f"END TO END: {e2e:,.0f} msgs/s  ({n} sent in "
               f"{t['end_to_end']:.2f} s from release to last sent; wall {wall:.1f} s)")
         print(f"  sort stage: {n / t['release_to_last_merged']:,.0f} msgs/s (release -> last "
               f"merged {t['release_to_last_merged']:.2f} s)")
         print(f"  send stage: {n / t['send_span']:,.0f} msgs/s (first -> last sent "
               f"{t['send_span']:.2f} s; first sent {t['release_to_first_sent']:.2f} s after "
               "release)")
-        for line in worker_shares(db, nid) + rss_lines(cluster):
+        step = args.series_step or series_step(args.recipients)
+        where = {"postfix": "discarded by the private Postfix", "smtp-sink": "counted at smtp-sink",
+                 "counting": "counted at the counting sink"}[kind]
+        print(f"throughput per {step:,} delivered recipients ({where}; the first step "
+              "from the release):")
+        for line in series_lines(ep.clock, released, base, ep.clock.count - base, step):
+            print(line)
+        print(f"  delivered at the {'relay' if kind == 'postfix' else 'sink'}: "
+              f"{ep.clock.count - base:,}; message size {msg_size:,.0f} {ep.size_unit}")
+        for line in worker_shares(db, nid) + restart_lines(cluster):
+            print(line)
+        print("peak RSS of every process of the run (target: each under 100 MB):")
+        for line in memory.lines(100.0):
             print(line)
         if peak_body[0]:
             print(f"stored merged body while merged: {peak_body[1] / peak_body[0]:,.0f} "
                   f"bytes/message (sampled at {peak_body[0]:,} merged)")
         print(table_line(config.database.name, "after the run (bodies purged)"))
+        if args.no_ceiling:
+            print("ceiling: skipped (--no-ceiling)")
+        elif kind == "counting":
+            print("ceiling: skipped (smtp-source is measured against smtp-sink or Postfix; "
+                  "use --sink smtp-sink)")
+        else:
+            sessions = args.ceiling_sessions or args.send * tuning.connections
+            ceil = ceiling(ep.relay.port, sessions, msg_size, ep.size_mark,
+                           seconds=args.ceiling_seconds, settle=ep.settle)
+            what = ("POSTFIX ALONE (smtp-source -> private Postfix, accepted)"
+                    if kind == "postfix" else "C CEILING (smtp-source -> the same smtp-sink)")
+            print(f"{what}: {ceil.run.rate:,.0f} msgs/s  ({ceil.run.messages:,} messages in "
+                  f"{ceil.run.seconds:.1f} s, {sessions} sessions kept open, -l "
+                  f"{ceil.run.payload:,}: {ceil.size:,.0f} {ep.size_unit} vs the pipeline's "
+                  f"{msg_size:,.0f})")
+            goal = "  (goal >= 60 %)" if kind == "postfix" else ""
+            print(f"RATIO pipeline / {'Postfix alone' if kind == 'postfix' else 'ceiling'}: "
+                  f"{e2e / ceil.run.rate:.1%}  ({e2e:,.0f} / {ceil.run.rate:,.0f}){goal}")
     if args.profile:
         print_profiles(work, args.profile)
 
 
 def run_send_only(args: argparse.Namespace, config: Config, db: Database, work: Path) -> None:
     tuning = tuning_from(args)
-    with open_sink(args.sink) as (relay, sink):
+    with open_sink(args.sink, count=False) as ep:
+        relay, sink = ep.relay, ep.sink
         config_path = prepare(config, db, work, relay, tuning, args.recipients)
         nid, total = enqueue(db, work)
         sorters = Cluster(config_path, [RoleSpec("sort-balancer", "b1")]
@@ -424,6 +544,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--send", type=int, default=2, help="send workers (M)")
     ap.add_argument("--sink", choices=("smtp-sink", "counting"),
                     default="smtp-sink")
+    ap.add_argument("--relay", choices=("sink", "postfix"), default="sink",
+                    help="postfix: send through a private Postfix (queue + discard) instead "
+                         "of --sink, and measure that Postfix alone with smtp-source")
+    ap.add_argument("--series-step", type=int, default=0,
+                    help="deliveries per line of the throughput series (default: 100,000, "
+                         "or N/10 below 1,000,000 recipients)")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the smtp-source run after the pipeline")
+    ap.add_argument("--ceiling-seconds", type=float, default=12.0,
+                    help="smtp-source runs about this long (calibrated first)")
+    ap.add_argument("--ceiling-sessions", type=int, default=0,
+                    help="smtp-source parallel sessions (default: send workers x "
+                         "[sending] connections, as many as the pipeline opens)")
     ap.add_argument("--send-only", action="store_true",
                     help="merge first, then ONE send worker alone against the sink")
     ap.add_argument("--cpu", type=int, default=None,
@@ -431,11 +564,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--profile", choices=("sort-worker", "send-worker", "sort-balancer",
                                           "send-balancer"),
                     help="run that role under cProfile and print where its time goes")
-    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--timeout", type=float, default=0.0,
+                    help="give up after this many seconds (default: 600, or N/100 for a "
+                         "larger run: it fails below 100 msgs/s)")
     ap.add_argument("--keep", action="store_true", help="keep the database and work dir")
     tuning_args(ap)
     args = ap.parse_args(argv)
+    args.timeout = args.timeout or max(600.0, args.recipients / 100)
     logging.basicConfig(level=logging.WARNING)
+    if args.relay == "postfix" and args.send_only:
+        ap.error("--relay postfix measures the whole pipeline; not with --send-only")
+    # SIGTERM like Ctrl-C: unwind, so role processes stop and a private Postfix
+    # and its queue are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="sendsystem-bench-"))
     with bench_database(keep=args.keep) as (config, db):
         conn = raw_connect()

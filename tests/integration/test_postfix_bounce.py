@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import smtplib
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,27 +34,24 @@ from pathlib import Path
 import pytest
 
 from tests.harness.env import Env
-from tests.integration.test_bounce_cli import closed_port, run_cli
+from tests.harness.postfix import (
+    SMTP_SINK,
+    PostfixUnavailable,
+    closed_port,
+    private_postfix,
+    wait_for_port,
+    why_not,
+)
+from tests.integration.test_bounce_cli import run_cli
 from tests.integration.test_intake import Sent, bounce_rows, send_newsletter, state
 
-POSTFIX = Path("/usr/sbin/postfix")
-SMTP_SINK = Path("/usr/sbin/smtp-sink")
-DAEMONS = Path("/usr/lib/postfix/sbin")
 ENVELOPE_DOMAIN = "bounces.test.example"  # as in tests/harness/env.py
 
+# After tests/harness/postfix.py's MAIN_CF_BASE.
 MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {base}/queue
-data_directory = {base}/data
-daemon_directory = {daemons}
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
 myhostname = mx.test.example
 mydomain = test.example
 myorigin = $myhostname
-mynetworks = 127.0.0.0/8
 mydestination = users.test.example
 # Accept every local address in SMTP so that local(8) bounces unknown users
 # with a DSN (a RCPT-time 550 would produce no bounce message at all).
@@ -74,36 +68,6 @@ virtual_gid_maps = static:{gid}
 virtual_minimum_uid = 1
 maximal_queue_lifetime = 0
 bounce_queue_lifetime = 0
-smtputf8_enable = no
-biff = no
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
-"""
-
-# Only what this test needs, and no chroot (a private instance has no chroot tree).
-MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n -  0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n -  - trivial-rewrite
-bounce    unix  - - n -  0 bounce
-defer     unix  - - n -  0 bounce
-trace     unix  - - n -  0 bounce
-verify    unix  - - n -  1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n -  - proxymap
-smtp      unix  - - n -  - smtp
-relay     unix  - - n -  - smtp
-showq     unix  n - n -  - showq
-error     unix  - - n -  - error
-retry     unix  - - n -  - error
-discard   unix  - - n -  - discard
-local     unix  - n n -  - local
-virtual   unix  - n n -  - virtual
-anvil     unix  - - n -  1 anvil
-scache    unix  - - n -  1 scache
-postlog   unix-dgram n - n - 1 postlogd
 """
 
 
@@ -120,70 +84,34 @@ class PrivatePostfix:
             return "(no maillog)"
 
 
-def _why_not() -> str | None:
-    if not (POSTFIX.exists() and SMTP_SINK.exists() and DAEMONS.is_dir()):
-        return "Postfix is not installed (Debian package postfix)"
-    if os.geteuid() != 0:
-        return "a private Postfix instance must be started as root"
-    try:
-        pwd.getpwnam("postfix")
-    except KeyError:
-        return "there is no 'postfix' user"
-    return None
-
-
-def _wait_for_port(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[PrivatePostfix]:
-    reason = _why_not()
+    reason = why_not()
     if reason:
         pytest.skip(reason)
-    # A short path: Postfix's UNIX sockets live under the queue directory.
-    base = Path(tempfile.mkdtemp(prefix="sspf-", dir="/tmp"))
-    base.chmod(0o755)  # the postfix user must reach the queue directory
-    conf = base / "conf"
-    conf.mkdir()
-    (base / "queue").mkdir()
-    (base / "data").mkdir()
-    shutil.chown(base / "data", "postfix")
     nobody = pwd.getpwnam("nobody")
-    (base / "mail").mkdir()
-    os.chown(base / "mail", nobody.pw_uid, nobody.pw_gid)
-    port, sink_port = closed_port(), closed_port()
-    (conf / "main.cf").write_text(MAIN_CF.format(
-        base=base, daemons=DAEMONS, sink_port=sink_port, envelope_domain=ENVELOPE_DOMAIN,
-        uid=nobody.pw_uid, gid=nobody.pw_gid))
-    (conf / "master.cf").write_text(MASTER_CF.format(port=port))
+    sink_port = closed_port()
+
+    def make_mail_dir(base: Path) -> None:
+        (base / "mail").mkdir()
+        os.chown(base / "mail", nobody.pw_uid, nobody.pw_gid)
+
     sink = subprocess.Popen([str(SMTP_SINK), "-u", "nobody", "-r", "rcpt",
                              "-b", "452 4.2.2 Mailbox full", f"127.0.0.1:{sink_port}", "10"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    instance = PrivatePostfix(port, base / "mail" / "box", base / "maillog")
-    if not _wait_for_port(sink_port, 10):
-        sink.kill()
-        shutil.rmtree(base, ignore_errors=True)
-        pytest.skip(f"smtp-sink did not start (exit status {sink.poll()})")
-    started = subprocess.run([str(POSTFIX), "-c", str(conf), "start"], capture_output=True,
-                             text=True, timeout=60)
     try:
-        if started.returncode != 0 or not _wait_for_port(port, 15):
-            pytest.skip(f"could not start a private Postfix: exit {started.returncode} "
-                        f"{started.stderr.strip()} {instance.maillog()}")
-        yield instance
+        if not wait_for_port(sink_port, 10):
+            pytest.skip(f"smtp-sink did not start (exit status {sink.poll()})")
+        try:
+            with private_postfix(MAIN_CF, prepare=make_mail_dir, sink_port=sink_port,
+                                 envelope_domain=ENVELOPE_DOMAIN, uid=nobody.pw_uid,
+                                 gid=nobody.pw_gid) as pf:
+                yield PrivatePostfix(pf.port, pf.base / "mail" / "box", pf.log)
+        except PostfixUnavailable as exc:
+            pytest.skip(str(exc))
     finally:
-        subprocess.run([str(POSTFIX), "-c", str(conf), "stop"], capture_output=True, timeout=60)
         sink.terminate()
         sink.wait(timeout=10)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def send_through(postfix: PrivatePostfix, sent: Sent, envelope_sender: str | None = None) -> None:

@@ -4,9 +4,6 @@ to an aiosmtpd server, where the messages are counted."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,30 +13,15 @@ import pytest
 
 from sendsystem.config import Relay
 from sendsystem.delivery import Outcome
+from tests.harness.postfix import PostfixUnavailable, private_postfix, why_not
 from tests.harness.smtp_server import SmtpServer
 from tests.harness.tls_certs import TestCA
-from tests.integration.test_bounce_cli import closed_port
-from tests.integration.test_postfix_bounce import (
-    DAEMONS,
-    MASTER_CF,
-    POSTFIX,
-    _wait_for_port,
-    _why_not,
-)
 from tests.integration.test_relays import deliver, envelope
 
+# After tests/harness/postfix.py's MAIN_CF_BASE.
 MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {base}/queue
-data_directory = {base}/data
-daemon_directory = {daemons}
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
 myhostname = relay.test.example
 mydomain = test.example
-mynetworks = 127.0.0.0/8
 mydestination =
 alias_maps =
 alias_database =
@@ -49,10 +31,6 @@ smtp_tls_security_level = none
 smtpd_tls_security_level = encrypt
 smtpd_tls_chain_files = {key}, {cert}
 smtpd_tls_loglevel = 1
-smtputf8_enable = no
-biff = no
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
 """
 
 
@@ -72,37 +50,21 @@ class TlsPostfix:
 
 @pytest.fixture(scope="module")
 def tls_postfix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsPostfix]:
-    reason = _why_not()
+    reason = why_not()
     if reason:
         pytest.skip(reason)
     ca = TestCA(tmp_path_factory.mktemp("pfca"))
     leaf = ca.leaf("postfix", ("127.0.0.1", "relay.test.example"))
-    base = Path(tempfile.mkdtemp(prefix="sspt-", dir="/tmp"))
-    base.chmod(0o755)
-    conf = base / "conf"
-    conf.mkdir()
-    (base / "queue").mkdir()
-    (base / "data").mkdir()
-    shutil.chown(base / "data", "postfix")
-    port = closed_port()
     final = SmtpServer().start()
-    (conf / "main.cf").write_text(MAIN_CF.format(
-        base=base, daemons=DAEMONS, final_port=final.port, cert=leaf.cert, key=leaf.key))
-    (conf / "master.cf").write_text(MASTER_CF.format(port=port)
-                                    + "tlsmgr    unix  - - n 1000? 1 tlsmgr\n")
-    started = subprocess.run([str(POSTFIX), "-c", str(conf), "start"], capture_output=True,
-                             text=True, timeout=60)
-    instance = TlsPostfix(port, base / "maillog", final, ca)
     try:
-        if started.returncode != 0 or not _wait_for_port(port, 15):
-            pytest.skip(f"could not start a private Postfix: exit {started.returncode} "
-                        f"{started.stderr.strip()} {instance.maillog()[-2000:]}")
-        yield instance
+        with private_postfix(MAIN_CF, prefix="sspt-",
+                             master_extra="tlsmgr    unix  - - n 1000? 1 tlsmgr\n",
+                             final_port=final.port, cert=leaf.cert, key=leaf.key) as pf:
+            yield TlsPostfix(pf.port, pf.log, final, ca)
+    except PostfixUnavailable as exc:
+        pytest.skip(str(exc))
     finally:
-        subprocess.run([str(POSTFIX), "-c", str(conf), "stop"], capture_output=True, timeout=60)
         final.stop()
-        shutil.rmtree(base, ignore_errors=True)
-
 
 
 def test_postfix_starttls_relay(tls_postfix: TlsPostfix) -> None:
