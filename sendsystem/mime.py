@@ -189,7 +189,7 @@ class MarkedRuns:
         self._mark = ""
         self._mark_b = b""
         self._token = b""
-        self._forms: dict[int, bytes] = {}
+        self._token_s = ""
         self.learn = False
 
     def begin(self, mark: str, token: str, learn: bool) -> None:
@@ -200,34 +200,25 @@ class MarkedRuns:
         # are found again only when it is back (token lengths go 16, 20, ... as ids grow).
         if mark != self._mark:
             self._mark, self._mark_b = mark, mark.encode("ascii")
-        self._token = token.encode("ascii")
-        self._forms.clear()
+        self._token, self._token_s = token.encode("ascii"), token
         self.learn = learn
 
-    def _form(self, k: int) -> bytes:
-        """The token as it stands in the encoding: whole (0) or cut by a soft break at k."""
-        form = self._forms.get(k)
-        if form is None:
-            tok = self._token
-            form = self._forms[k] = tok[:k] + b"=\n" + tok[k:] if k else tok
-        return form
-
     def __call__(self, text: str) -> bytes:
-        got = self._runs.get(text)
+        got = self._runs.get(text) if self._runs else None
         if got is None:
             count = text.count(self._mark)
             if not count:
                 return _qp_lf(text)
             if not self.learn or len(self._runs) >= self._max:
-                return _qp_lf(text.replace(self._mark, self._token.decode("ascii")))
+                return _qp_lf(text.replace(self._mark, self._token_s))
             encoded = _qp_lf(text)
             got = (encoded, _split_marks(encoded, self._mark_b, count))
             self._runs[text] = got
         encoded, splits = got
         encoded = encoded.replace(self._mark_b, self._token)
         for k in splits:
-            mark = self._mark_b
-            encoded = encoded.replace(mark[:k] + b"=\n" + mark[k:], self._form(k))
+            mark, token = self._mark_b, self._token
+            encoded = encoded.replace(mark[:k] + b"=\n" + mark[k:], token[:k] + b"=\n" + token[k:])
         return encoded
 
     def learn_pieces(self, table: QpTable, pieces: Sequence[str], *, min_chars: int,
@@ -255,16 +246,20 @@ class MarkedRuns:
         holes = self._middles.get(encoded)
         if holes is None:
             return encoded
-        parts, splits = holes
-        out = [parts[0]]
-        for k, after in zip(splits, parts[1:], strict=True):
-            out += (self._form(k), after)
+        groups, splits = holes
+        token = self._token
+        if not splits:
+            return token.join(groups[0])
+        out: list[bytes] = [b""] * (2 * len(splits) + 1)
+        out[::2] = [token.join(group) for group in groups]
+        out[1::2] = [token[:k] + b"=\n" + token[k:] for k in splits]
         return b"".join(out)
 
 
-# An encoding cut where the marks stand: the bytes around them, and for each mark where a
-# soft break cuts it (0: it does not).
-_Holes = tuple[tuple[bytes, ...], tuple[int, ...]]
+# An encoding cut where the marks stand: between the marks a soft break cuts, the bytes
+# around the whole marks (so the token goes in with one ``join``), and where a soft break
+# cuts each of the others.
+_Holes = tuple[tuple[tuple[bytes, ...], ...], tuple[int, ...]]
 
 
 def _split_marks(encoded: bytes, mark: bytes, count: int) -> tuple[int, ...]:
@@ -279,6 +274,7 @@ def _cut(encoded: bytes, mark: bytes, count: int) -> _Holes | None:
     """``encoded`` cut at each of the ``count`` places ``mark`` stands, whole or cut by a
     soft break; None when they are not all found, in order."""
     forms = [mark] + [mark[:k] + b"=\n" + mark[k:] for k in range(1, len(mark))]
+    groups: list[tuple[bytes, ...]] = []
     parts: list[bytes] = []
     splits: list[int] = []
     pos = 0
@@ -288,12 +284,16 @@ def _cut(encoded: bytes, mark: bytes, count: int) -> _Holes | None:
             return None
         at, k = min(found)
         parts.append(encoded[pos:at])
-        splits.append(k)
+        if k:
+            groups.append(tuple(parts))
+            parts = []
+            splits.append(k)
         pos = at + len(forms[k])
     parts.append(encoded[pos:])
     if any(form in parts[-1] for form in forms):
         return None
-    return tuple(parts), tuple(splits)
+    groups.append(tuple(parts))
+    return tuple(groups), tuple(splits)
 
 
 def _b_word(text: str) -> bytes:

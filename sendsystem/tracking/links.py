@@ -486,6 +486,30 @@ def _follow(plan: _Plan, pieces: Sequence[str]) -> list[str]:
     return [pieces[x] if isinstance(x, int) else x for x in plan]
 
 
+def _text(pieces: Sequence[str], ends: Sequence[int], start: int, end: int) -> str:
+    """``"".join(pieces)[start:end]`` without joining them all (``ends``: where each ends)."""
+    i = bisect_right(ends, start)
+    j = bisect_left(ends, end, i)
+    base = ends[i] - len(pieces[i]) if i < len(pieces) else ends[-1] if ends else 0
+    return "".join(pieces[i:j + 1])[start - base:end - base]
+
+
+def _whole_value(span: _Span, vcum: Sequence[int], pieces: Sequence[str],
+                 value_idx: frozenset[int]) -> int:
+    """Which merge value the href of ``span`` is, all of it and nothing else, or -1.
+
+    Checked on one render of the shape, it holds for all of them: the href starts
+    and ends at fixed distances from the literal text around that value."""
+    count = span[1]
+    if span[3] != count + 1:
+        return -1
+    index = sorted(value_idx)[count]
+    before = sum(map(len, pieces[:index]))
+    if (span[0] + vcum[count], span[2] + vcum[span[3]]) == (before, before + len(pieces[index])):
+        return count
+    return -1
+
+
 def _joined(plan: _Plan, pieces: Sequence[str], values: frozenset[int]) -> _Plan:
     """``plan`` with each stretch between merge values joined into one text: the same
     for every render of the shape, so merge.py learns its encoding whole."""
@@ -528,7 +552,8 @@ class Rewriter:
     _decided: dict[str, str | None] = field(default_factory=dict)
     untracked: int = 0
     # Per shape whose links hold no merge value: its rewritten pieces (_splice), by mark.
-    _plans: dict[int, tuple[str, _Plan, tuple[_Span, ...]]] = field(default_factory=dict)
+    _plans: dict[int, tuple[str, _Plan, tuple[tuple[_Span, int], ...]]] = field(
+        default_factory=dict)
     _marks: dict[int, str] = field(default_factory=dict)   # by token length
     # The fast path (shapes, above); off only to compare it with the full scan.
     fast: bool = True
@@ -581,7 +606,7 @@ class Rewriter:
         self._decided.clear()
         self._plans.clear()
 
-    def _shape(self, pieces: Sequence[str], document: str
+    def _shape(self, pieces: Sequence[str], document: str | None
                ) -> tuple[_Shape, tuple[str, ...]] | None:
         """The shape of this render and its merge values, when the fast path can take it."""
         for shape in self._shapes.get(len(pieces), ()):
@@ -595,7 +620,7 @@ class Rewriter:
                 return shape, values
         if self._analysed >= _SHAPES_MAX:
             return None
-        found = _analyse(pieces, document)
+        found = _analyse(pieces, "".join(pieces) if document is None else document)
         self._analysed += 1
         if self._analysed == _SHAPES_MAX:
             log.info("newsletter %s: %d template shapes seen; renders of other shapes "
@@ -635,13 +660,14 @@ class Rewriter:
             self._marks[length] = mark
         return mark
 
-    def html_pieces(self, document: str, message_id: int, new: list[tuple[int, str]],
+    def html_pieces(self, document: str | None, message_id: int, new: list[tuple[int, str]],
                     pieces: Sequence[str] | None = None, mark: str | None = None
                     ) -> list[str]:
         """:meth:`html` as pieces: the render's own pieces (the same ``str`` objects where
         nothing is rewritten), cut only where a link or the pixel goes in. ``mark``:
         written where the message's token goes (:meth:`mark`; merge.py puts the token in
-        after encoding), else the token itself.
+        after encoding), else the token itself. ``document`` None: ``"".join(pieces)``,
+        made only if needed (a planned render does without it).
 
         Why keep the render's pieces rather than the text between links: the hoisted
         template's literal pieces are the same in every message, so merge.py finds their
@@ -652,16 +678,20 @@ class Rewriter:
         time: the first one's result is kept as a plan (which piece, which text) and
         followed by the others.
         """
-        if not (self.clicks or self.opens):
-            return [document]
         if pieces is None:
+            if document is None:
+                raise ValueError("html_pieces needs the document or its pieces")
             pieces = (document,)
+        if not (self.clicks or self.opens):
+            return list(pieces)
         found = self._shape(pieces, document) if self.fast else None
         spans: Sequence[_Span]
         vcum: Sequence[int]
         keep = None
         if found is None:
             self.full_scans += 1
+            if document is None:
+                document = "".join(pieces)
             links, body = scan(document)
             spans = [(link.start, 0, link.end, 0, link.quoted, link.raw)
                      for link in links if not link.notrack]
@@ -675,9 +705,11 @@ class Rewriter:
             if mark is not None:
                 kept = self._plans.get(id(shape))
                 if kept is not None and kept[0] == mark and self._left_alone(
-                        kept[2], vcum, document, new):
+                        kept[2], vcum, pieces, values, new):
                     return _follow(kept[1], pieces)
                 keep = id(shape)
+            if document is None:
+                document = "".join(pieces)
             body = shape.body + vcum[shape.body_count] if shape.body >= 0 else -1
         token = mark if mark is not None else self.token(message_id)
         # The pixel goes before the last </body>, which links may follow (a footer
@@ -710,17 +742,28 @@ class Rewriter:
         if keep is not None and found is not None and len(self._plans) < _SHAPES_MAX:
             # Every tracked link is literal text: the same plan for each render of this
             # shape whose links with a merge value (the unsubscribe link) stay as written.
-            plan = _joined(plan, pieces, found[0].value_idx)
-            self._plans[keep] = (cast(str, mark), plan, tuple(sp for sp in spans if sp[5] is None))
+            shape, values = found
+            plan = _joined(plan, pieces, shape.value_idx)
+            self._plans[keep] = (cast(str, mark), plan, tuple(
+                (sp, _whole_value(sp, vcum, pieces, shape.value_idx)) for sp in spans
+                if sp[5] is None))
             self.plans_made += 1
         return _follow(plan, pieces)
 
-    def _left_alone(self, spans: Sequence[_Span], vcum: Sequence[int], document: str,
+    def _left_alone(self, spans: Sequence[tuple[_Span, int]], vcum: Sequence[int],
+                    pieces: Sequence[str], values: Sequence[str],
                     new: list[tuple[int, str]]) -> bool:
         """Whether this render leaves each of these links (with a merge value) as written."""
+        ends: list[int] = []
         decided = self._decided
-        for start, start_count, end, end_count, _quoted, _raw in spans:
-            raw = document[start + vcum[start_count]:end + vcum[end_count]]
+        for (start, start_count, end, end_count, _quoted, _raw), whole in spans:
+            if whole >= 0:
+                raw = values[whole]
+            else:
+                ends = ends or list(accumulate(map(len, pieces)))
+                raw = _text(pieces, ends, start + vcum[start_count], end + vcum[end_count])
+            if "&" not in raw and raw.startswith(self.skip_prefixes):
+                continue  # the unsubscribe link: not remembered, it differs for everyone
             if (decided[raw] if raw in decided else self._decide(raw, None, new)) is not None:
                 return False
         return True

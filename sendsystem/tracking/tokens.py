@@ -110,6 +110,7 @@ class Signer:
         self._msg = hashlib.blake2b(key=key, digest_size=16, person=b"ss-track-msg")
         self._link = hashlib.blake2b(key=key, digest_size=_LINK_MAC, person=b"ss-track-link")
         self._idx = hashlib.blake2b(key=key, digest_size=_IDX, person=b"ss-track-idx")
+        self._prefixes: dict[int, bytes] = {}   # a message part's start, per newsletter
 
     @classmethod
     def from_secret(cls, secret: bytes) -> Signer:
@@ -123,7 +124,12 @@ class Signer:
 
     def message_part(self, newsletter_id: int, message_id: int) -> str:
         """The signed message part (an open token, and the start of every click token)."""
-        payload = bytes((VERSION,)) + _varint(newsletter_id) + _varint(message_id)
+        prefix = self._prefixes.get(newsletter_id)
+        if prefix is None:
+            prefix = bytes((VERSION,)) + _varint(newsletter_id)
+            if len(self._prefixes) < 1000:
+                self._prefixes[newsletter_id] = prefix
+        payload = prefix + _varint(message_id)
         h = self._msg.copy()
         h.update(payload)
         mac = h.digest()[:_msg_mac_len(len(payload))]

@@ -299,3 +299,29 @@ def test_no_disagreement_is_logged_on_generated_documents(caplog: pytest.LogCapt
     caplog.set_level(logging.WARNING, logger="sendsystem.tracking.links")
     test_the_shape_walk_agrees_with_the_scan()
     assert not [r for r in caplog.records if "disagrees" in r.getMessage()]
+
+
+def test_a_planned_render_follows_its_plan_only_while_value_links_stay_untracked() -> None:
+    """A shape's plan is kept when its tracked links are literal text; a link whose href
+    is a merge value is checked in every render: tracked for one recipient (an http
+    URL), left alone for another (mailto:, the unsubscribe link), and the bytes are
+    those of the full scan each time."""
+    html = ('<p><a href="https://ex.com/a">A</a> <a href="{{ u }}">you</a> '
+            '<a href="x{{ v }}">x</a> <a href="https://ex.com/b">B</a></p></body>')
+    src = TemplateSource(subject="Hi", html=html)
+    fast = Merger(src, INFO, tracker=rewriter(True))
+    full = Merger(src, INFO, zdict=fast.zdict, tracker=rewriter(False))
+    urls = ["mailto:a@example.com", "https://ex.com/you", UNSUB.replace("{token}", "t1"),
+            "https://ex.com/you", "#top", UNSUB.replace("{token}", "t2"), "mailto:b@ex.com"]
+    for mid, u in enumerate(urls * 2, 1):
+        new_fast: list[tuple[int, str]] = []
+        new_full: list[tuple[int, str]] = []
+        fields = {"u": u, "v": "y" * mid}
+        out = fast.render("r@example.com", fields, "https://l/u", message_id=mid,
+                          new_links=new_fast)
+        assert out == full.render("r@example.com", fields, "https://l/u", message_id=mid,
+                                  new_links=new_full)
+        assert new_fast == new_full
+    tracker = fast.tracker
+    assert tracker is not None and tracker.plans_made >= 1
+    assert tracker.fast_renders == 2 * len(urls)
