@@ -596,7 +596,7 @@ class _Tracker:
 def _settle(db: Database, other: dict[str, Any], list_name: str, host: str) -> None:
     """Another unfinished import of the list: refuse if it is alive, else mark and report it."""
     idle = int(other["idle"] or 0)
-    gone = other["host"] == host and not _process_exists(int(other["pid"]))
+    gone = other["host"] == host and not process_exists(int(other["pid"]))
     if not gone and idle < STALE_AFTER:
         raise UserError(
             f"Another import into {list_name!r} is running: {other['file']} (pid "
@@ -616,7 +616,8 @@ def _settle(db: Database, other: dict[str, Any], list_name: str, host: str) -> N
                     other["file"], f"{other['started_at']:%Y-%m-%d %H:%M}", other["host"], what)
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id runs on this host (signal 0: nothing is sent)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

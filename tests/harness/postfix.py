@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sendsystem.importer import process_exists
+
 POSTFIX = Path("/usr/sbin/postfix")
 SMTP_SINK = Path("/usr/sbin/smtp-sink")
 SMTP_SOURCE = Path("/usr/sbin/smtp-source")
@@ -146,16 +148,6 @@ def _master_pid(base: Path) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stop(conf: Path, base: Path, timeout: float = 20.0) -> None:
     """``postfix stop``, wait for the master to exit, ``postfix abort`` / SIGKILL after."""
     pid = _master_pid(base)
@@ -163,9 +155,9 @@ def _stop(conf: Path, base: Path, timeout: float = 20.0) -> None:
     if pid is None:
         return
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_exists(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if process_exists(pid):
         subprocess.run([str(POSTFIX), "-c", str(conf), "abort"], capture_output=True,
                        timeout=60)
         time.sleep(0.5)

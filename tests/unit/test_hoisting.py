@@ -75,18 +75,18 @@ def test_the_demo_newsletter_is_hoisted_and_byte_identical() -> None:
     assert assert_same(TemplateSource(demo.subject, demo.html, demo.text), [{"city": "x"}])
 
 
+def demo_tracker() -> Rewriter:
+    return Rewriter(Signer.from_secret(b"s" * 40), 42, "https://t.example.com/c/",
+                    "https://t.example.com/o/",
+                    skip_prefixes("https://lists.example.com/u/{token}",
+                                  "https://t.example.com/c/", "https://t.example.com/o/"))
+
+
 def test_the_demo_newsletter_with_tracking() -> None:
     demo = sample_newsletter()
     src = TemplateSource(demo.subject, demo.html, demo.text)
-    signer = Signer.from_secret(b"s" * 40)
-
-    def tracker() -> Rewriter:
-        return Rewriter(signer, 42, "https://t.example.com/c/", "https://t.example.com/o/",
-                        skip_prefixes("https://lists.example.com/u/{token}",
-                                      "https://t.example.com/c/", "https://t.example.com/o/"))
-
-    plain = Merger(src, INFO, tracker=tracker(), hoist=False)
-    fast = Merger(src, INFO, zdict=plain.zdict, tracker=tracker(), hoist=True)
+    plain = Merger(src, INFO, tracker=demo_tracker(), hoist=False)
+    fast = Merger(src, INFO, zdict=plain.zdict, tracker=demo_tracker(), hoist=True)
     fast._plain = fast._fast
     for i, fields in enumerate(PEOPLE * 2, 1):
         new_plain: list[tuple[int, str]] = []
@@ -314,15 +314,8 @@ def test_tracked_messages_are_the_same_hoisted_or_not_across_token_lengths() -> 
     length (a new mark): the hoisted, planned, learned path gives the plain one's bytes."""
     demo = sample_newsletter()
     src = TemplateSource(demo.subject, demo.html, demo.text)
-    signer = Signer.from_secret(b"s" * 40)
-
-    def tracker() -> Rewriter:
-        return Rewriter(signer, 42, "https://t.example.com/c/", "https://t.example.com/o/",
-                        skip_prefixes("https://lists.example.com/u/{token}",
-                                      "https://t.example.com/c/", "https://t.example.com/o/"))
-
-    plain = Merger(src, INFO, tracker=tracker(), hoist=False)
-    fast = Merger(src, INFO, zdict=plain.zdict, tracker=tracker(), hoist=True)
+    plain = Merger(src, INFO, tracker=demo_tracker(), hoist=False)
+    fast = Merger(src, INFO, zdict=plain.zdict, tracker=demo_tracker(), hoist=True)
     lengths = set()
     for n, mid in enumerate([1, 2, 3, 127, 128, 129, 2**14, 2**21 - 1, 2**21, 2**28 + 5, 4, 5]):
         fields = {"first_name": "Å" * (n % 7), "last_name": "x" * (3 * n), "city": "Ærø",
@@ -340,10 +333,8 @@ def test_tracked_messages_are_the_same_hoisted_or_not_across_token_lengths() -> 
 def test_a_tracked_newsletters_dictionary_holds_its_rewritten_links() -> None:
     demo = sample_newsletter()
     src = TemplateSource(demo.subject, demo.html, demo.text)
-    signer = Signer.from_secret(b"s" * 40)
-    rewriter = Rewriter(signer, 42, "https://t.example.com/c/", "https://t.example.com/o/",
-                        skip_prefixes("https://lists.example.com/u/{token}",
-                                      "https://t.example.com/c/", "https://t.example.com/o/"))
+    rewriter = demo_tracker()
+    signer = rewriter.signer
     tracked = Merger(src, INFO, tracker=rewriter)
     untracked = Merger(src, INFO)
     assert b"https://t.example.com/c/" in tracked.zdict
