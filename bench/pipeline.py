@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import PeakMemory, bench_database, raw_connect, server_line, table_bytes
+from common import PeakMemory, bench_database, pid_of, raw_connect, server_line, table_bytes
 from sinks import (
     ClockedCountingSink,
     DeliveryClock,
@@ -115,6 +115,18 @@ class Endpoint:
     settle: Callable[[], None]                 # until what was sent is counted
     sink: CountingSink | None = None
     postfix: PostfixInstance | None = None
+    pid: int | None = None                     # the C sink, or Postfix's master
+
+    def roots(self) -> dict[int, str]:
+        """The processes besides the roles whose CPU the run costs: the database, the sink."""
+        out = {}
+        db = pid_of("mariadbd") or pid_of("mysqld")
+        if db is not None:
+            out[db] = "MariaDB (every client of it)"
+        pid = self.postfix.master_pid() if self.postfix is not None else self.pid
+        if pid is not None:
+            out[pid] = "Postfix (master + daemons)" if self.postfix is not None else self.kind
+        return out
 
     @property
     def size_unit(self) -> str:
@@ -129,7 +141,8 @@ def open_sink(kind: str, count: bool = True) -> Iterator[Endpoint]:
         with SmtpSink(count) as smtp:
             yield Endpoint(kind, smtp.relay, smtp.clock,
                            lambda: (smtp.clock.count, smtp.wire_bytes()),
-                           lambda: time.sleep(0.3))
+                           lambda: time.sleep(0.3),
+                           pid=smtp.proc.pid if smtp.proc is not None else None)
     elif kind == "counting":
         with ClockedCountingSink() as sink:
             yield Endpoint(kind, sink.relay, sink.clock,
@@ -406,8 +419,13 @@ def run_pipeline(args: argparse.Namespace, config: Config, db: Database, work: P
         memory = PeakMemory()
         peak_body = [0, 0]
 
+        extra = ep.roots()   # CPU only: their peak RSS is not this run's
+        cpu = PeakMemory()
+        cpu.sample(extra)
+
         def on_poll(c: dict[str, int]) -> None:
             memory.sample(role_roots(cluster))
+            cpu.sample(extra)
             if c["merged"] > peak_body[0]:
                 peak_body[:] = list(body_bytes(config.database.name, nid))
 
@@ -423,6 +441,7 @@ def run_pipeline(args: argparse.Namespace, config: Config, db: Database, work: P
             memory.sample(role_roots(cluster))
             codes = cluster.stop()
         ep.settle()
+        cpu.sample(extra)
         size1 = ep.size_mark()
         msg_size = (size1[1] - size0[1]) / max(size1[0] - size0[0], 1)
         t = stage_times(config.database.name, nid)
@@ -460,6 +479,12 @@ def run_pipeline(args: argparse.Namespace, config: Config, db: Database, work: P
             print(line)
         print("peak RSS of every process of the run (target: each under 100 MB):")
         for line in memory.lines(100.0):
+            print(line)
+        print("CPU per delivered message, by process (from the release to the end):")
+        memory.cpu_first.update(cpu.cpu_first)
+        memory.cpu_last.update(cpu.cpu_last)
+        memory.labels.update(cpu.labels)
+        for line in memory.cpu_lines(n):
             print(line)
         if peak_body[0]:
             print(f"stored merged body while merged: {peak_body[1] / peak_body[0]:,.0f} "

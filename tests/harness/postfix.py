@@ -132,6 +132,10 @@ class PostfixInstance:
         except OSError:
             return "(no maillog)"
 
+    def master_pid(self) -> int | None:
+        """The instance's master process (its daemons are its children)."""
+        return _master_pid(self.base)
+
     def queue_files(self) -> int:
         """Messages in the instance's queues (incoming, active, deferred, hold, maildrop)."""
         n = 0
