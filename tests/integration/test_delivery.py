@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from sendsystem.config import Relay
-from sendsystem.delivery import DeliveryPool, Envelope, Outcome, Result
+from sendsystem.delivery import DeliveryPool, Envelope, Outcome, Result, Withdrawn
 from tests.harness.smtp_server import SmtpServer
 
 SENDER = "bounce+1@bounces.example.com"
@@ -251,6 +251,61 @@ def test_timeout_defers_without_duplicate(server: SmtpServer) -> None:
     (result,), _ = run([server.relay], [env(1, "tarpit@example.com")], timeout=0.3)
     assert result.outcome is Outcome.DEFERRED and result.code == 0
     assert "delivery status unknown" in result.reply
+
+
+def test_ready_is_asked_after_354_and_a_no_withdraws_without_sending(
+        server: SmtpServer) -> None:
+    """The send worker's point of no return: ``ready()`` runs after the relay's 354,
+    before any byte of the body. A no closes the connection in the middle of DATA
+    (an RSET there would be message text): the relay discards the transaction,
+    Withdrawn is raised, and the pool goes on with a new connection."""
+    asked: list[int] = []
+
+    async def main() -> Result:
+        p = pool([server.relay], connections=1)
+        try:
+            async def no() -> bool:
+                asked.append(len(server.messages))
+                await asyncio.sleep(0.05)  # a wait here (a window slot) holds nothing back
+                return False
+
+            with pytest.raises(Withdrawn):
+                await p.deliver(env(1), no)
+            assert p.relay_status()[0]["busy"] == 0
+
+            async def yes() -> bool:
+                asked.append(len(server.messages))
+                return True
+
+            return await p.deliver(env(2), yes)
+        finally:
+            await p.close()
+
+    result = asyncio.run(main())
+    assert asked == [0, 0]
+    assert result.outcome is Outcome.SENT
+    # The withdrawn message never arrived; the next one did, once, on a new connection.
+    assert server.count_by_recipient() == {"r2@example.com": 1}
+    assert server.connections == 2
+
+
+def test_ready_is_not_asked_when_the_relay_refuses_before_data(server: SmtpServer) -> None:
+    server.rule("nobody@example.com", "550 5.1.1 User unknown", stage="rcpt")
+    asked: list[str] = []
+
+    async def ready() -> bool:
+        asked.append("asked")
+        return True
+
+    async def main() -> Result:
+        p = pool([server.relay])
+        try:
+            return await p.deliver(env(1, "nobody@example.com"), ready)
+        finally:
+            await p.close()
+
+    result = asyncio.run(main())
+    assert result.outcome is Outcome.FAILED and asked == []
 
 
 def test_server_closing_idle_connection_is_retried_transparently() -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from sendsystem import stats
 from sendsystem.compose import newsletter_zdict
-from sendsystem.delivery import DeliveryPool, Envelope, Result
+from sendsystem.delivery import DeliveryPool, Envelope, Ready, Result
 from sendsystem.merge import compress
 from sendsystem.roles.send_worker import SendWorker
 from sendsystem.runner import RunOptions
@@ -194,10 +194,10 @@ def test_sort_worker_fails_a_row_with_corrupt_fields_alone(env: Env) -> None:
 class FaultyPool(DeliveryPool):
     """Raises for one recipient, as a bug in the delivery code would."""
 
-    async def deliver(self, env: Envelope) -> Result:
+    async def deliver(self, env: Envelope, ready: Ready | None = None) -> Result:
         if env.recipient == "user3@example.com":
             raise RuntimeError("injected fault")
-        return await super().deliver(env)
+        return await super().deliver(env, ready)
 
 
 class FaultySendWorker(SendWorker):
