@@ -10,9 +10,10 @@ The batch loop (:meth:`SendWorker._send_batches`), one round per ``work()``:
 for each batch, fetch a chunk of rows not already in hand, build their
 shared parts once per newsletter, build each envelope and queue it; the
 sender tasks (one per relay connection: the sum of each relay's
-``connections``) take envelopes off the queue, wait for
-the rate limits and a slot of the unconfirmed window, pass the fence gate,
-deliver, and hand the outcome to the writer. A batch is done when a fetch
+``connections``) take envelopes off the queue, wait for the rate limits,
+pass the fence gate and deliver; after the relay's 354 (right before the
+body) they take a slot of the unconfirmed window and check the fence again,
+then hand the outcome to the writer. A batch is done when a fetch
 finds nothing left once every outcome of it is written.
 
 Nothing lost, duplicates bounded: every final outcome (a 250, a 5xx) is
@@ -55,21 +56,42 @@ for the rule and why it holds).
   before anything more goes to the relay, and drops what it holds for a
   batch that is gone: queued envelopes are discarded, not sent.
 * The database calls of the batch loop run in a thread, so the event loop
-  keeps deciding while a query hangs on a partition; the senders check the
-  fence right before ``pool.deliver``: no completed heartbeat for
-  ``heartbeat_timeout / 2`` (monotonic clock) and nothing new is handed to
-  the relay. The balancer reclaims only after ``heartbeat_timeout``.
+  keeps deciding while a query hangs on a partition. The check that counts
+  is made at the point of no return: after the relay's 354 reply to DATA,
+  right before the body (:meth:`_Hold.ready`, called by the pool with no
+  await between it and the write): no completed heartbeat for
+  ``heartbeat_timeout / 2`` (monotonic clock), or the batch no longer ours,
+  and the body is not sent: the connection is closed in the middle of DATA
+  (after 354 an RSET would be message text; a relay discards a transaction
+  whose final dot never came), the message is *withdrawn* and goes back to
+  the gate, which waits while fenced and drops it when its batch is gone.
+  The balancer reclaims only after ``heartbeat_timeout``.
 * The unconfirmed window: a 250 the database does not know yet is a
   duplicate if the batch is reclaimed (a peer cannot read this server's
-  journal). So messages on the wire plus 250s not yet committed are at most
-  ``[sending] unconfirmed_window`` (default: the sender tasks, i.e. the sum of
-  the relays' ``connections``, which is ``connections`` x relays when they
-  share the [sending] value): a sender's
-  slot is freed when the outcome writer has committed its 250. Cut off from
-  the database, a worker therefore stops after at most that many, and those
-  are its only possible duplicates. The price: each slot waits for a commit
-  (one send worker on one core, 8 connections: 2,145-2,541 -> 967-1,265
-  msgs/s; a window of 2x: ~1,600; 4x: ~1,900).
+  journal). So messages on the wire that could be accepted (their body
+  sent) plus 250s not yet committed are at most ``[sending]
+  unconfirmed_window`` (default: the sender tasks, i.e. the sum of the
+  relays' ``connections``, which is ``connections`` x relays when they
+  share the [sending] value): a sender takes its slot after the 354 and it
+  is freed when the outcome writer has committed the 250 (at once for any
+  other outcome). Cut off from the database, a worker therefore stops
+  after at most that many, and those are its only possible duplicates.
+  MAIL, RCPT and DATA are outside the window (nothing can be accepted
+  before the body), so a connection prepares its next message while the
+  previous one's 250 is being committed; a sender waiting at 354 for a
+  slot is woken (and withdraws) within 50 ms when the fence shuts.
+  The price of the window: each slot waits for a commit, and the outcome
+  writer waits (at most 2 ms) for every body on the wire to be answered
+  before it writes, so one write frees the whole window (outcomes.py).
+  One send worker on one core, 8 connections, smtp-sink, 22 KB messages
+  (bench/pipeline.py --send-only --cpu 0, a box shared with other
+  benchmarks, load 2.8-4.3): slot taken before MAIL, 1,002 / 1,008 / 737
+  msgs/s and 493 / 513 / 553 us CPU/message; after the 354 with the
+  gathering writer, 1,087 / 837 / 962 msgs/s and 456 / 507 / 471 us
+  (50,000 each, interleaved). A slot is then held ~5 ms: ~1 ms for the
+  body's 250, ~1 ms gathering, ~2-4 ms for the write, whose thread used
+  0.2 ms of CPU (the rest is the database and waiting for the event loop's
+  core); so a window of 8 allows ~1,600 msgs/s whatever the CPU.
 """
 
 from __future__ import annotations
@@ -80,6 +102,7 @@ import logging
 import random
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -88,7 +111,15 @@ from typing import Any, TypeVar
 from ..addresses import domain_of
 from ..compose import BuildError, Composer, NewsletterParts, dkim_signer
 from ..config import Config, Relay
-from ..delivery import MAX_REPLY, DeliveryPool, Envelope, Outcome, Result, reason_line
+from ..delivery import (
+    MAX_REPLY,
+    DeliveryPool,
+    Envelope,
+    Outcome,
+    Result,
+    Withdrawn,
+    reason_line,
+)
 from ..errors import SendSystemError, TemporaryError
 from ..fencing import Fence
 from ..journal import JournalError
@@ -122,6 +153,78 @@ class _Round:
     queued: int = 0
 
 
+class Window:
+    """The unconfirmed window's slots (module docstring): a semaphore whose waiters
+    can be sent away. :meth:`take` waits for a slot; :meth:`interrupt` wakes every
+    waiter with False (no slot), so a sender holding a relay connection after its
+    354 can re-check the fence instead of waiting for a commit that may not come.
+    A released slot goes straight to the oldest waiter."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._waiters: deque[asyncio.Future[bool]] = deque()
+
+    async def take(self) -> bool:
+        """True: a slot is now ours; False: interrupted, no slot taken."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                if fut.result():
+                    self.release()  # handed to us as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(True)
+                return
+        self.free += 1
+
+    def interrupt(self) -> None:
+        waiters, self._waiters = self._waiters, deque()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(False)
+
+
+class _Hold:
+    """One sender's message at the point of no return: :meth:`ready` is the pool's
+    callback after the relay's 354 (take a window slot, then the fence check)."""
+
+    __slots__ = ("env", "held", "wire", "worker")
+
+    def __init__(self, worker: SendWorker) -> None:
+        self.worker = worker
+        self.env: Envelope | None = None
+        self.held = False  # this message holds a window slot
+        self.wire = False  # its body went out and its outcome is not yet queued
+
+    async def ready(self) -> bool:
+        """May the body go now? No await may follow a True before it is written."""
+        w, env = self.worker, self.env
+        assert w._window is not None and env is not None
+        while w._may_send(env):
+            if await w._window.take():
+                if w._may_send(env):
+                    self.held = self.wire = True
+                    w.on_wire += 1
+                    return True
+                w._window.release()
+                return False
+            # Interrupted (the fence shut, a batch was lost, a failure): look again.
+        return False
+
+
 class SendWorker(BatchWorker):
     role = "send"
     pending_states = SEND_PENDING
@@ -147,7 +250,11 @@ class SendWorker(BatchWorker):
         self.batch_of: dict[int, int] = {}  # message id -> batch, for rows in `unflushed`
         self.fenced_since: float | None = None
         self.discarded = 0                  # queued messages dropped for reclaimed batches
-        self._window: asyncio.Semaphore | None = None
+        self.withdrawn = 0                  # transactions abandoned after the relay's 354
+        # Bodies sent whose outcome is not yet queued for the writer, which waits
+        # for them (briefly) before a commit: read by the writer thread.
+        self.on_wire = 0
+        self._window: Window | None = None
         self.window = s.unconfirmed_window or self.concurrency
         # Each window slot waits for the outcome writer's commit, and CPython
         # hands the GIL to a waiting thread only every switch interval (5 ms)
@@ -162,7 +269,8 @@ class SendWorker(BatchWorker):
     def setup(self) -> None:
         self.writer = OutcomeWriter(self.config, self.worker_id, self.options.name,
                                     self._abort_db_wait, self._journal_failed,
-                                    on_written=self._on_written)
+                                    on_written=self._on_written,
+                                    in_flight=lambda: self.on_wire)
         self.writer.replay()
         self.writer.start()
 
@@ -199,6 +307,9 @@ class SendWorker(BatchWorker):
         self.fence.verified(generation)
         lost = sorted(held - owned)
         if lost:
+            if self._window is not None:
+                # Runs in a thread: the senders waiting after a 354 re-check.
+                self.loop.call_soon_threadsafe(self._window.interrupt)
             n = sum(1 for b in self.batch_of.values() if b in lost)
             log.warning("send worker %s: batches %s were reclaimed while it was cut off from "
                         "the database; dropping what it still held for them (%d rows in hand; "
@@ -253,12 +364,18 @@ class SendWorker(BatchWorker):
         """Log fence changes as they happen, even while a heartbeat hangs."""
         while not done.is_set():
             self._note_fence()
+            if self._window is not None and (
+                    self.failure is not None or not self.fence.is_open(self.db.reconnects)):
+                # Senders waiting after a 354 re-check (and withdraw) rather than
+                # hold the relay until a commit that may not come.
+                self._window.interrupt()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 0.05)
 
     async def _gate(self, env: Envelope) -> bool:
-        """Wait until ``env`` may go to the relay; False: drop it (its batch is not ours,
-        or we are stopping while fenced). No await may follow a True before deliver()."""
+        """Wait until ``env`` may start a transaction; False: drop it (its batch is not
+        ours, or we are stopping while fenced). The check that counts is
+        :meth:`_may_send`, again after the relay's 354 (:meth:`_Hold.ready`)."""
         while True:
             if self.batch_of.get(env.key) not in self.owned:
                 return False
@@ -267,6 +384,11 @@ class SendWorker(BatchWorker):
             if self.stopping:
                 return False
             await asyncio.sleep(0.02)
+
+    def _may_send(self, env: Envelope) -> bool:
+        """May the body of ``env`` go to the relay now (the point of no return)?"""
+        return (self.failure is None and self.batch_of.get(env.key) in self.owned
+                and self.fence.is_open(self.db.reconnects))
 
     def _on_written(self, ids: list[int]) -> None:
         """Outcome-writer thread: these outcomes are committed."""
@@ -318,7 +440,7 @@ class SendWorker(BatchWorker):
         """Deliver what ``batches`` hold; how many messages went to the relay."""
         if self.pool is None:
             self.pool = self.make_pool()
-            self._window = asyncio.Semaphore(self.window)
+            self._window = Window(self.window)
         round_ = _Round(asyncio.Queue(maxsize=self.concurrency * 2), self.discarded)
         senders = [asyncio.create_task(self._sender(round_.queue))
                    for _ in range(self.concurrency)]
@@ -420,45 +542,28 @@ class SendWorker(BatchWorker):
             self._forget(mid)
 
     async def _sender(self, queue: asyncio.Queue[Envelope | None]) -> None:
-        """One of ``concurrency`` tasks: limits, window slot, fence gate, deliver, record."""
+        """One of ``concurrency`` tasks: limits, fence gate, deliver (whose
+        :meth:`_Hold.ready` takes the window slot and checks the fence again after the
+        relay's 354, right before the body), record."""
         assert self.pool is not None and self._window is not None
         rows = self.unflushed
+        hold = _Hold(self)
         while True:
             env = await queue.get()
-            slot = False
+            hold.env, hold.held = env, False
             try:
                 if env is None:
                     return
                 if self.failure is None:
                     await self.rate_limit.acquire()
                     await self.domain_limit.acquire(domain_of(env.recipient))
-                    await self._window.acquire()
-                    slot = True
-                if self.failure is not None:
-                    # Stopping because it is unsafe to go on: not handed to the relay;
-                    # the row stays merged/deferred and goes back with the batch.
-                    self._forget(env.key)
+                result = await self._deliver(env, hold)
+                if result is None:
                     continue
-                if not await self._gate(env):
-                    # Reclaimed (its row belongs to another worker now) or
-                    # stopping while fenced (handed back at shutdown).
-                    self._forget(env.key)
-                    self.discarded += 1
-                    continue
-                try:
-                    result = await self.pool.deliver(env)
-                except Exception as exc:
-                    # deliver() returns SMTP and network trouble as a Result: this is a
-                    # bug. Deferred, not dropped (see the module docstring).
-                    log.exception("message %s: unexpected error in delivery; deferred",
-                                  env.key)
-                    result = Result(env.key, Outcome.DEFERRED, 0,
-                                    reason_line("unexpected error in delivery", exc,
-                                                "(delivery status unknown)"), "", False)
                 if result.outcome is Outcome.SENT:
                     # The slot stays taken until the writer has committed the 250.
                     self._awaiting_commit.add(env.key)
-                    slot = False
+                    hold.held = False
                 # The row stays in `rows` until its outcome is in the database,
                 # so the next fetch of the batch does not send it again.
                 self._record(result, rows[env.key], env.message_id)
@@ -470,7 +575,7 @@ class SendWorker(BatchWorker):
                 if env is not None:
                     if env.key in self._awaiting_commit:  # its 250 never reached the writer
                         self._awaiting_commit.discard(env.key)
-                        slot = True
+                        hold.held = True
                     try:
                         self._defer_plainly(env.key, reason_line("cannot record outcome", exc))
                     except Exception as again:
@@ -482,9 +587,46 @@ class SendWorker(BatchWorker):
                             "this is a bug: report it with this log."),
                             "an outcome cannot be recorded")
             finally:
-                if slot:
+                if hold.held:
+                    hold.held = False
                     self._window.release()
                 queue.task_done()
+
+    async def _deliver(self, env: Envelope, hold: _Hold) -> Result | None:
+        """Gate and deliver ``env``; None: not handed to the relay (forgotten)."""
+        assert self.pool is not None
+        while True:
+            if self.failure is not None:
+                # Stopping because it is unsafe to go on: not handed to the relay;
+                # the row stays merged/deferred and goes back with the batch.
+                self._forget(env.key)
+                return None
+            if not await self._gate(env):
+                # Reclaimed (its row belongs to another worker now) or
+                # stopping while fenced (handed back at shutdown).
+                self._forget(env.key)
+                self.discarded += 1
+                return None
+            try:
+                return await self.pool.deliver(env, hold.ready)
+            except Withdrawn:
+                # The fence shut (or the batch went, or a failure) while the relay
+                # waited for the body: nothing was sent; back to the gate.
+                self.withdrawn += 1
+                log.info("message %s: withdrawn after the relay's 354 (%s); not sent",
+                         env.key, self.fence.reason(self.db.reconnects)
+                         if self.batch_of.get(env.key) in self.owned else "batch reclaimed")
+            except Exception as exc:
+                # deliver() returns SMTP and network trouble as a Result: this is a
+                # bug. Deferred, not dropped (see the module docstring).
+                log.exception("message %s: unexpected error in delivery; deferred", env.key)
+                return Result(env.key, Outcome.DEFERRED, 0,
+                              reason_line("unexpected error in delivery", exc,
+                                          "(delivery status unknown)"), "", False)
+            finally:
+                if hold.wire:  # before its outcome is queued: the writer counts on it
+                    hold.wire = False
+                    self.on_wire -= 1
 
     # -- recording outcomes ---------------------------------------------------------
 
