@@ -309,7 +309,8 @@ class SendWorker(BatchWorker):
         if lost:
             if self._window is not None:
                 # Runs in a thread: the senders waiting after a 354 re-check.
-                self.loop.call_soon_threadsafe(self._window.interrupt)
+                with contextlib.suppress(RuntimeError):  # the loop is closed: on the way out
+                    self.loop.call_soon_threadsafe(self._window.interrupt)
             n = sum(1 for b in self.batch_of.values() if b in lost)
             log.warning("send worker %s: batches %s were reclaimed while it was cut off from "
                         "the database; dropping what it still held for them (%d rows in hand; "
