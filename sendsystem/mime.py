@@ -35,6 +35,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from email.message import MIMEPart
+from operator import itemgetter
 
 CRLF = b"\r\n"
 
@@ -185,6 +186,8 @@ class MarkedRuns:
     def __init__(self, max_runs: int) -> None:
         self._runs: dict[str, tuple[bytes, tuple[int, ...]]] = {}
         self._middles: dict[bytes, _Holes] = {}
+        self._splits: set[int] = set()          # where soft breaks cut the middles' marks
+        self._forms: dict[int, bytes] = {}      # the message's token in those forms
         self._max = max_runs
         self._mark = ""
         self._mark_b = b""
@@ -201,7 +204,16 @@ class MarkedRuns:
         if mark != self._mark:
             self._mark, self._mark_b = mark, mark.encode("ascii")
         self._token, self._token_s = token.encode("ascii"), token
+        self._forms = self._token_forms(self._splits)
         self.learn = learn
+
+    def _token_forms(self, splits: Iterable[int]) -> dict[int, bytes]:
+        """The token as the learned middles need it: whole (0) and cut by a soft break
+        after k characters, for each k they have."""
+        tok = self._token
+        forms = {k: tok[:k] + b"=\n" + tok[k:] for k in splits if k}
+        forms[0] = tok
+        return forms
 
     def __call__(self, text: str) -> bytes:
         got = self._runs.get(text) if self._runs else None
@@ -234,11 +246,14 @@ class MarkedRuns:
                 continue
             count = piece.count(mark) - entry[0].count(mark) - entry[2].count(mark)
             if count:
-                holes = _cut(entry[1], self._mark_b, count)
-                if holes is None:
+                cut = _cut(entry[1], self._mark_b, count)
+                if cut is None:
                     del table[piece]
-                else:
-                    self._middles[entry[1]] = holes
+                    continue
+                parts, splits = cut
+                self._middles[entry[1]] = (parts, _picker(splits))
+                self._splits.update(splits)
+                self._forms.update(self._token_forms(splits))
         return budget
 
     def middle(self, encoded: bytes) -> bytes:
@@ -246,20 +261,25 @@ class MarkedRuns:
         holes = self._middles.get(encoded)
         if holes is None:
             return encoded
-        groups, splits = holes
-        token = self._token
-        if not splits:
-            return token.join(groups[0])
-        out: list[bytes] = [b""] * (2 * len(splits) + 1)
-        out[::2] = [token.join(group) for group in groups]
-        out[1::2] = [token[:k] + b"=\n" + token[k:] for k in splits]
+        parts, forms = holes
+        out: list[bytes] = [b""] * (2 * len(parts) - 1)
+        out[::2] = parts
+        out[1::2] = forms(self._forms)
         return b"".join(out)
 
 
-# An encoding cut where the marks stand: between the marks a soft break cuts, the bytes
-# around the whole marks (so the token goes in with one ``join``), and where a soft break
-# cuts each of the others.
-_Holes = tuple[tuple[tuple[bytes, ...], ...], tuple[int, ...]]
+# An encoding cut where the marks stand: the bytes around them, and what picks, from the
+# token's forms by where a soft break cuts it (0: whole), the form each mark needs.
+_Holes = tuple[tuple[bytes, ...], Callable[[dict[int, bytes]], tuple[bytes, ...]]]
+
+
+def _picker(keys: tuple[int, ...]) -> Callable[[dict[int, bytes]], tuple[bytes, ...]]:
+    """``lambda d: tuple(d[k] for k in keys)``, in C (itemgetter returns a bare item
+    for one key)."""
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda forms: (forms[key],)
+    return itemgetter(*keys)
 
 
 def _split_marks(encoded: bytes, mark: bytes, count: int) -> tuple[int, ...]:
@@ -270,11 +290,12 @@ def _split_marks(encoded: bytes, mark: bytes, count: int) -> tuple[int, ...]:
     return tuple(k for k in range(1, len(mark)) if mark[:k] + b"=\n" + mark[k:] in encoded)
 
 
-def _cut(encoded: bytes, mark: bytes, count: int) -> _Holes | None:
+def _cut(encoded: bytes, mark: bytes, count: int
+         ) -> tuple[tuple[bytes, ...], tuple[int, ...]] | None:
     """``encoded`` cut at each of the ``count`` places ``mark`` stands, whole or cut by a
-    soft break; None when they are not all found, in order."""
+    soft break (the bytes around them, and for each where: 0 whole); None when they are
+    not all found, in order."""
     forms = [mark] + [mark[:k] + b"=\n" + mark[k:] for k in range(1, len(mark))]
-    groups: list[tuple[bytes, ...]] = []
     parts: list[bytes] = []
     splits: list[int] = []
     pos = 0
@@ -284,16 +305,12 @@ def _cut(encoded: bytes, mark: bytes, count: int) -> _Holes | None:
             return None
         at, k = min(found)
         parts.append(encoded[pos:at])
-        if k:
-            groups.append(tuple(parts))
-            parts = []
-            splits.append(k)
+        splits.append(k)
         pos = at + len(forms[k])
     parts.append(encoded[pos:])
     if any(form in parts[-1] for form in forms):
         return None
-    groups.append(tuple(parts))
-    return tuple(groups), tuple(splits)
+    return tuple(parts), tuple(splits)
 
 
 def _b_word(text: str) -> bytes:

@@ -486,6 +486,26 @@ def _follow(plan: _Plan, pieces: Sequence[str]) -> list[str]:
     return [pieces[x] if isinstance(x, int) else x for x in plan]
 
 
+def _follower(plan: _Plan) -> Callable[[Sequence[str]], list[str]]:
+    """:func:`_follow` for this plan, in C when it alternates text and merge values
+    (text first and last, as a joined plan between values almost always is)."""
+    texts = plan[::2]
+    values = plan[1::2]
+    if (len(plan) % 2 == 0 or not all(isinstance(t, str) for t in texts)
+            or not all(isinstance(v, int) for v in values)):
+        return lambda pieces: _follow(plan, pieces)
+    get = _getter(cast(list[int], values))
+    size = len(plan)
+
+    def follow(pieces: Sequence[str]) -> list[str]:
+        out: list[str] = [""] * size
+        out[::2] = cast(list[str], texts)
+        out[1::2] = get(pieces)
+        return out
+
+    return follow
+
+
 def _text(pieces: Sequence[str], ends: Sequence[int], start: int, end: int) -> str:
     """``"".join(pieces)[start:end]`` without joining them all (``ends``: where each ends)."""
     i = bisect_right(ends, start)
@@ -552,8 +572,8 @@ class Rewriter:
     _decided: dict[str, str | None] = field(default_factory=dict)
     untracked: int = 0
     # Per shape whose links hold no merge value: its rewritten pieces (_splice), by mark.
-    _plans: dict[int, tuple[str, _Plan, tuple[tuple[_Span, int], ...]]] = field(
-        default_factory=dict)
+    _plans: dict[int, tuple[str, _Plan, tuple[tuple[_Span, int], ...],
+                            Callable[[Sequence[str]], list[str]]]] = field(default_factory=dict)
     _marks: dict[int, str] = field(default_factory=dict)   # by token length
     # The fast path (shapes, above); off only to compare it with the full scan.
     fast: bool = True
@@ -706,7 +726,7 @@ class Rewriter:
                 kept = self._plans.get(id(shape))
                 if kept is not None and kept[0] == mark and self._left_alone(
                         kept[2], vcum, pieces, values, new):
-                    return _follow(kept[1], pieces)
+                    return kept[3](pieces)
                 keep = id(shape)
             if document is None:
                 document = "".join(pieces)
@@ -746,7 +766,7 @@ class Rewriter:
             plan = _joined(plan, pieces, shape.value_idx)
             self._plans[keep] = (cast(str, mark), plan, tuple(
                 (sp, _whole_value(sp, vcum, pieces, shape.value_idx)) for sp in spans
-                if sp[5] is None))
+                if sp[5] is None), _follower(plan))
             self.plans_made += 1
         return _follow(plan, pieces)
 
