@@ -143,6 +143,7 @@ class _Undo(Exception):
 class Stat:
     median_ms: float
     p99_ms: float
+    cpu_us: float  # median CPU time of the server thread per call
     calls: int
 
 
@@ -173,6 +174,7 @@ class World:
     send_ids: list[int]
     batch: int
     outcomes: int
+    clock: ServerClock | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -180,44 +182,90 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def mrows(rows: int) -> str:
+    return f"{rows / 1e6:g}M"
+
+
 def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def time_calls(calls: int, warmup: int, call: Callable[[int], float | None]) -> Stat:
-    """``call(i)`` runs one call and returns its own seconds (or None: time it here)."""
-    samples = []
-    for i in range(warmup + calls):
+Sample = tuple[float, float]  # (wall seconds, server-thread CPU seconds) of one call
+
+
+class ServerClock:
+    """A call's wall time, and the CPU time the server spent on it.
+
+    The CPU time is that of the mariadbd thread serving the connection (one
+    thread per connection, MariaDB's default): its ``schedstat`` run time in
+    /proc, in nanoseconds, read before and after the call. It counts only
+    what the statement cost the server, not the time it waited for a core,
+    so it stays comparable when neighbours load the box (InnoDB's background
+    threads, e.g. page flushing, are not in it). Zero where /proc is not ours
+    to read (a remote server).
+    """
+
+    def __init__(self, db: Database) -> None:
+        conn = _conn(db)
+        with conn.cursor(pymysql.cursors.Cursor) as cur:
+            cur.execute("SELECT @@pid_file, (SELECT TID FROM information_schema.PROCESSLIST "
+                        "WHERE ID = CONNECTION_ID())")
+            pid_file, tid = cur.fetchone()  # type: ignore[misc]
+        self.path: Path | None = None
+        try:
+            pid = int(Path(str(pid_file)).read_text().strip())
+            self.path = Path(f"/proc/{pid}/task/{int(tid)}/schedstat")
+            self.path.read_text()
+        except (OSError, ValueError, TypeError):
+            self.path = None
+
+    def cpu(self) -> float:
+        if self.path is None:
+            return 0.0
+        try:
+            return int(self.path.read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def measure(self, fn: Callable[[], object]) -> Sample:
+        c0 = self.cpu()
         t0 = time.perf_counter()
-        inner = call(i)
-        took = inner if inner is not None else time.perf_counter() - t0
+        fn()
+        t1 = time.perf_counter()
+        return t1 - t0, self.cpu() - c0
+
+
+def time_calls(calls: int, warmup: int, call: Callable[[int], Sample]) -> Stat:
+    walls, cpus = [], []
+    for i in range(warmup + calls):
+        wall, cpu = call(i)
         if i >= warmup:
-            samples.append(took * 1000)
-    return Stat(statistics.median(samples), percentile(samples, 0.99), calls)
+            walls.append(wall * 1000)
+            cpus.append(cpu * 1e6)
+    return Stat(statistics.median(walls), percentile(walls, 0.99), statistics.median(cpus), calls)
 
 
-def timed_write(db: Database, before: Callable[[], dict[str, Any]],
-                write: Callable[[dict[str, Any]], object]) -> float:
-    """One write inside a transaction, rolled back: the write's own seconds."""
-    took = 0.0
+def timed_write(db: Database, clock: ServerClock, before: Callable[[], dict[str, Any]],
+                write: Callable[[dict[str, Any]], object]) -> Sample:
+    """One write inside a transaction, rolled back: the write's own sample."""
+    sample = (0.0, 0.0)
     try:
         with db.transaction():
             extra = before()
-            t0 = time.perf_counter()
-            write(extra)
-            took = time.perf_counter() - t0
+            sample = clock.measure(lambda: write(extra))
             raise _Undo
     except _Undo:
         pass
-    return took
+    return sample
 
 
-Call = Callable[[int], float | None]
+Call = Callable[[int], Sample]
 
 
 def statements(w: World) -> dict[str, tuple[Call, int, Callable[[int], str]]]:
     """name -> (one call, calls divisor, the SQL text of call i for EXPLAIN)."""
     db = w.db
+    clock = w.clock or ServerClock(db)
     rng = random.Random(17)
     bodies = [rng.randbytes(BODY_BYTES) for _ in range(16)]
 
@@ -228,9 +276,9 @@ def statements(w: World) -> dict[str, tuple[Call, int, Callable[[int], str]]]:
                                                         "newsletter": w.nid})}
         return make
 
-    def assign(name: str, role: str) -> Callable[[int], float]:
-        def call(i: int) -> float:
-            return timed_write(db, new_batch(role), lambda b: db.execute(name, {
+    def assign(name: str, role: str) -> Call:
+        def call(i: int) -> Sample:
+            return timed_write(db, clock, new_batch(role), lambda b: db.execute(name, {
                 "batch": b["batch"], "newsletter": w.nid, "n": w.batch}))
         return call
 
@@ -245,17 +293,17 @@ def statements(w: World) -> dict[str, tuple[Call, int, Callable[[int], str]]]:
                  f"<{w.nid}.{mid}.0badc0de@bounce.example.dk>")
                 for mid in w.send_ids[start:start + w.outcomes]]
 
-    def sort_mark(i: int) -> float:
-        return timed_write(db, dict, lambda _: db.execute_values(
+    def sort_mark(i: int) -> Sample:
+        return timed_write(db, clock, dict, lambda _: db.execute_values(
             "sort_mark", sort_rows(i), {"batch": w.sort_batch, "worker": w.sort_worker}))
 
-    def mark_sent(i: int) -> float:
-        return timed_write(db, dict, lambda _: db.execute_values(
+    def mark_sent(i: int) -> Sample:
+        return timed_write(db, clock, dict, lambda _: db.execute_values(
             "send_mark_sent", sent_rows(i), {"worker": w.send_worker}))
 
-    def reads(name: str, params: dict[str, Any]) -> Callable[[int], None]:
-        def call(i: int) -> None:
-            db.fetchall(name, params)
+    def reads(name: str, params: dict[str, Any]) -> Call:
+        def call(i: int) -> Sample:
+            return clock.measure(lambda: db.fetchall(name, params))
         return call
 
     assign_params = {"batch": 0, "newsletter": w.nid, "n": w.batch}
@@ -465,6 +513,20 @@ def bytes_line(conn: pymysql.connections.Connection, schema: str) -> tuple[int, 
     return data, index, free, rows
 
 
+def index_mb(conn: pymysql.connections.Connection, schema: str) -> dict[str, float]:
+    """Each index of `messages` in MB (pages allocated, from the last ANALYZE)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT index_name, stat_value * @@innodb_page_size "
+                    "FROM mysql.innodb_index_stats WHERE database_name = %s "
+                    "AND table_name = 'messages' AND stat_name = 'size'",
+                    (schema,))
+        return {str(r[0]): int(r[1]) / 1e6 for r in cur.fetchall()}
+
+
+def show_indexes(label: str, sizes: dict[str, float]) -> str:
+    return f"  {label:<32} " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(sizes.items()))
+
+
 def show_bytes(label: str, b: tuple[int, int, int, int]) -> str:
     data, index, free, rows = b
     per = (data + index) / max(rows, 1)
@@ -473,10 +535,12 @@ def show_bytes(label: str, b: tuple[int, int, int, int]) -> str:
             f"(data_free {free / 1e6:.0f} MB)")
 
 
-def purge(w: World, args: argparse.Namespace, alone: tuple[int, int, int, int]) -> None:
+def purge(w: World, args: argparse.Namespace,
+          alone: tuple[tuple[int, int, int, int], dict[str, float]]) -> None:
     schema = w.config.database.name
     conn = raw_connect(schema)
     before = bytes_line(conn, schema)
+    before_ix = index_mb(conn, schema)
     t0 = time.perf_counter()
     done = retention.purge(w.setup, retention.Options(older_than=90 * 86400, chunk=args.purge_chunk,
                                                    pause=0.0, sleep_coef=0.0))
@@ -493,17 +557,22 @@ def purge(w: World, args: argparse.Namespace, alone: tuple[int, int, int, int]) 
     print(f"InnoDB purge: history list length {length} after {time.perf_counter() - t0:.0f} s "
           f"(waited at most {args.purge_wait:.0f} s)")
     after = bytes_line(conn, schema)
+    after_ix = index_mb(conn, schema)
     conn.close()
-    print(show_bytes("running newsletter alone (before):", alone))
+    print(show_bytes("running newsletter alone (before):", alone[0]))
     print(show_bytes("with the finished ones (before):", before))
     print(show_bytes("after purge (rows kept):", after))
+    print("MB per index (PRIMARY = the rows):")
+    print(show_indexes("running newsletter alone:", alone[1]))
+    print(show_indexes("with the finished ones:", before_ix))
+    print(show_indexes("after purge:", after_ix))
 
 
 # ------------------------------------------------------------------------ report
 
 def report(stages: list[Stage]) -> None:
     names = list(stages[0].stats)
-    head = "".join(f" | {s.history_rows / 1e6:>4.1f}M hist: median  p99 " for s in stages)
+    head = "".join(f" | {mrows(s.history_rows):>5} hist: median  p99 " for s in stages)
     print(f"\n{'statement (ms per call)':<32}{head} | ratio (median / empty)  verdict")
     for name in names:
         base = stages[0].stats[name].median_ms
@@ -512,11 +581,18 @@ def report(stages: list[Stage]) -> None:
         ratios = [s.stats[name].median_ms / base for s in stages[1:]]
         verdict = "flat" if all(r <= FLAT for r in ratios) else "NOT FLAT"
         print(f"{name:<32}{cells} | {' '.join(f'{r:.2f}' for r in ratios):<22} {verdict}")
+    cpu_head = "".join(f" | {mrows(s.history_rows):>5}" for s in stages)
+    print(f"\n{'server-thread CPU, us per call':<32}{cpu_head} | ratio (to empty)")
+    for name in names:
+        base_cpu = stages[0].stats[name].cpu_us
+        cells = "".join(f" | {s.stats[name].cpu_us:>5.0f}" for s in stages)
+        ratios = [s.stats[name].cpu_us / base_cpu if base_cpu else 0.0 for s in stages[1:]]
+        print(f"{name:<32}{cells} | {' '.join(f'{r:.2f}' for r in ratios)}")
     print("calls per statement: " + ", ".join(f"{n} {stages[0].stats[n].calls}" for n in names))
     print("load average (1/5/15 min) per stage: "
-          + "; ".join(f"{s.history_rows / 1e6:.1f}M: {s.load}" for s in stages))
+          + "; ".join(f"{mrows(s.history_rows)}: {s.load}" for s in stages))
     print("messages table (data + index) per stage: "
-          + ", ".join(f"{s.history_rows / 1e6:.1f}M: {s.table_mb:.0f} MB" for s in stages))
+          + ", ".join(f"{mrows(s.history_rows)}: {s.table_mb:.0f} MB" for s in stages))
     print("\nEXPLAIN (table:type:key:rows), per history size:")
     for name in names:
         plans = [s.explain[name] for s in stages]
@@ -525,7 +601,7 @@ def report(stages: list[Stage]) -> None:
         else:
             print(f"  {name}:")
             for s, plan in zip(stages, plans, strict=True):
-                print(f"    {s.history_rows / 1e6:.1f}M: {plan}")
+                print(f"    {mrows(s.history_rows)}: {plan}")
 
 
 def main() -> None:
@@ -561,7 +637,7 @@ def main() -> None:
                     "send_batch_messages", "send_mark_sent", "batch_insert"])
         world.db = db
         conn = raw_connect(config.database.name)
-        alone = bytes_line(conn, config.database.name)
+        alone = (bytes_line(conn, config.database.name), index_mb(conn, config.database.name))
         conn.close()
         stages = []
         for k in range(args.history + 1):
