@@ -48,6 +48,18 @@ statement's own work, triggers included, is all there; the commit's redo
 log flush, which no table size changes, is not). The assigning UPDATEs get a
 fresh batch row first (untimed), as the balancer's transaction does.
 
+Each call is also measured as the CPU time of the mariadbd thread serving
+the connection (ServerClock): what the statement cost the server, not how
+long it waited for a core, so a flat line there holds whatever a neighbour
+does to the wall times. What this does not see: the running newsletter's
+rows are the same few thousand every call (the timed writes are rolled
+back), so they stay in the buffer pool; a real worker reads fresh rows each
+chunk, which on a table far larger than the buffer pool may come from disk
+(or the OS cache). The running newsletter's rows are also created first, so
+their ids are lower than the finished ones' (in production the finished ones
+are older); every statement here finds its rows by newsletter, batch or
+primary key, which that order does not change.
+
 Prints, per statement and history size: median and p99 in ms, the ratio of
 the median to the empty table's and the verdict (flat: within 20 %), the
 EXPLAIN of each (table:access type:index:rows), and the bytes per row. Run
@@ -153,6 +165,7 @@ class Stage:
     load: str
     stats: dict[str, Stat] = field(default_factory=dict)
     explain: dict[str, str] = field(default_factory=dict)
+    reads: dict[str, int] = field(default_factory=dict)  # Handler_read_* of one call
     table_mb: float = 0.0
 
 
@@ -174,7 +187,6 @@ class World:
     send_ids: list[int]
     batch: int
     outcomes: int
-    clock: ServerClock | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -206,6 +218,10 @@ class ServerClock:
     """
 
     def __init__(self, db: Database) -> None:
+        self.db = db
+        # When set, measure() also counts the rows the call read (last_reads).
+        self.counting = False
+        self.last_reads = 0
         conn = _conn(db)
         with conn.cursor(pymysql.cursors.Cursor) as cur:
             cur.execute("SELECT @@pid_file, (SELECT TID FROM information_schema.PROCESSLIST "
@@ -218,6 +234,16 @@ class ServerClock:
             self.path.read_text()
         except (OSError, ValueError, TypeError):
             self.path = None
+        first = self.handler_reads()
+        self.overhead = self.handler_reads() - first  # what reading the counters reads
+
+    def handler_reads(self) -> int:
+        """The session's Handler_read_* counters added up: index and row reads so far."""
+        with _conn(self.db).cursor(pymysql.cursors.Cursor) as cur:
+            cur.execute("SELECT SUM(VARIABLE_VALUE) FROM information_schema.SESSION_STATUS "
+                        "WHERE VARIABLE_NAME LIKE 'HANDLER_READ%'")
+            row = cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
     def cpu(self) -> float:
         if self.path is None:
@@ -228,11 +254,15 @@ class ServerClock:
             return 0.0
 
     def measure(self, fn: Callable[[], object]) -> Sample:
+        r0 = self.handler_reads() if self.counting else 0
         c0 = self.cpu()
         t0 = time.perf_counter()
         fn()
         t1 = time.perf_counter()
-        return t1 - t0, self.cpu() - c0
+        c1 = self.cpu()
+        if self.counting:
+            self.last_reads = self.handler_reads() - r0 - self.overhead
+        return t1 - t0, c1 - c0
 
 
 def time_calls(calls: int, warmup: int, call: Callable[[int], Sample]) -> Stat:
@@ -262,10 +292,9 @@ def timed_write(db: Database, clock: ServerClock, before: Callable[[], dict[str,
 Call = Callable[[int], Sample]
 
 
-def statements(w: World) -> dict[str, tuple[Call, int, Callable[[int], str]]]:
+def statements(w: World, clock: ServerClock) -> dict[str, tuple[Call, int, Callable[[int], str]]]:
     """name -> (one call, calls divisor, the SQL text of call i for EXPLAIN)."""
     db = w.db
-    clock = w.clock or ServerClock(db)
     rng = random.Random(17)
     bodies = [rng.randbytes(BODY_BYTES) for _ in range(16)]
 
@@ -478,9 +507,14 @@ def add_history(w: World, n: int, k: int) -> None:
 
 def measure(w: World, history_rows: int, args: argparse.Namespace) -> Stage:
     stage = Stage(history_rows=history_rows, load=loadavg())
-    for name, (call, divisor, text) in statements(w).items():
+    clock = ServerClock(w.db)
+    for name, (call, divisor, text) in statements(w, clock).items():
         calls = max(50, args.calls // divisor)
         stage.stats[name] = time_calls(calls, max(10, calls // 20), call)
+        clock.counting = True
+        call(0)
+        stage.reads[name] = clock.last_reads
+        clock.counting = False
         stage.explain[name] = explain(w.db, text(0))
     conn = raw_connect(w.config.database.name)
     data, index, _ = table_bytes(conn, w.config.database.name, "messages")
@@ -588,6 +622,9 @@ def report(stages: list[Stage]) -> None:
         cells = "".join(f" | {s.stats[name].cpu_us:>5.0f}" for s in stages)
         ratios = [s.stats[name].cpu_us / base_cpu if base_cpu else 0.0 for s in stages[1:]]
         print(f"{name:<32}{cells} | {' '.join(f'{r:.2f}' for r in ratios)}")
+    print(f"\n{'index/row reads per call':<32}{cpu_head} | (Handler_read_*, one call)")
+    for name in names:
+        print(f"{name:<32}" + "".join(f" | {s.reads[name]:>5}" for s in stages))
     print("calls per statement: " + ", ".join(f"{n} {stages[0].stats[n].calls}" for n in names))
     print("load average (1/5/15 min) per stage: "
           + "; ".join(f"{mrows(s.history_rows)}: {s.load}" for s in stages))
