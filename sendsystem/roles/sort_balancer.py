@@ -20,7 +20,8 @@ class SortBalancer(BalancerRunner):
     worker_role = "sort"
     pending_states = SORT_PENDING
     statements = (*BALANCER_STATEMENTS, *RELEASE_STATEMENTS, "newsletters_due",
-                  "sort_ready_count", "sort_assign")
+                  "sort_ready_count", "sort_assign", "newsletter_merged")
+    held: frozenset[int] = frozenset()   # newsletters whose merging waits for the sends
 
     def before_assign(self) -> None:
         # A slice of each due newsletter per tick (release.py): a ten-million
@@ -35,9 +36,31 @@ class SortBalancer(BalancerRunner):
                     holder=f"sort-balancer:{self.worker_id}", budget=left)
 
     def ready_counts(self, cap: int) -> dict[int, int]:
-        return {int(nl["id"]): int(self.db.fetchval("sort_ready_count",
-                                                    {"newsletter": nl["id"], "cap": cap}))
-                for nl in self.db.fetchall("newsletters_running")}
+        """Queued messages to merge, per running newsletter, but no more than keeps its
+        merged-and-not-yet-sent messages within ``[balancer] merged_backlog_max``: the
+        merge is the faster stage, and running ahead only takes CPU from the send
+        workers and stores bodies (about one batch a worker more can be in flight)."""
+        limit = self.config.balancer.merged_backlog_max
+        ready: dict[int, int] = {}
+        for nl in self.db.fetchall("newsletters_running"):
+            nid = int(nl["id"])
+            n = int(self.db.fetchval("sort_ready_count", {"newsletter": nid, "cap": cap}))
+            if limit and n:
+                room = max(0, limit - int(self.db.fetchval("newsletter_merged", {"id": nid})))
+                self._note_held(nid, room < n)
+                n = min(n, room)
+            ready[nid] = n
+        return ready
+
+    def _note_held(self, newsletter_id: int, held: bool) -> None:
+        if held and newsletter_id not in self.held:
+            self.held = self.held | {newsletter_id}
+            log.info("newsletter %s: %d merged messages wait for the send workers "
+                     "([balancer] merged_backlog_max); merging more of it waits too",
+                     newsletter_id, self.config.balancer.merged_backlog_max)
+        elif not held and newsletter_id in self.held:
+            self.held = self.held - {newsletter_id}
+            log.info("newsletter %s: merging again", newsletter_id)
 
     def assign_batch(self, batch: int, newsletter_id: int, n: int) -> int:
         return self.db.execute("sort_assign", {"batch": batch, "newsletter": newsletter_id,

@@ -305,6 +305,11 @@ SELECT EXISTS (
 UPDATE newsletters SET state = 'done', finished_at = NOW(6)
 WHERE id = %(id)s AND state = 'running';
 
+-- name: newsletter_merged
+-- Kept counts: the newsletter's merged messages not yet sent (the sort balancer's brake).
+SELECT COALESCE(SUM(n), 0) AS n FROM kept_counts
+WHERE newsletter_id = %(id)s AND state = 'merged';
+
 -- name: newsletter_counts
 -- Kept counts (migration 014): the slots and reply codes of a state added up.
 SELECT state, SUM(n) AS n FROM kept_counts WHERE newsletter_id = %(id)s

@@ -258,3 +258,22 @@ def test_hostile_templates_fail_alone_and_pause_while_others_flow(env: Env) -> N
     # (the template is copied into the newsletter; cancel is the way out).
     admin.resume(env.db, a)
     assert admin.get_newsletter(env.db, a)["render_failures"] == 0
+
+
+def test_merging_waits_while_merged_messages_wait_to_be_sent(env: Env) -> None:
+    """[balancer] merged_backlog_max: with no send worker, 30 are merged and the other
+    70 stay queued (unassigned) however long the sort side runs; the limit lifted,
+    the rest are merged."""
+    env.configure(balancer={"merged_backlog_max": 30})
+    nid = make_newsletter(env, 100)
+    procs = [env.spawn("sort-balancer", "--max-runtime", "5", "--name", "b"),
+             env.spawn("sort-worker", "--max-runtime", "5", "--name", "w1", log_name="w1")]
+    for p in procs:
+        assert wait_exit(p, 60) == 0
+    assert states(env, nid) == {"merged": 30, "queued": 70}
+    assert sql(env, "SELECT COUNT(*) AS n FROM messages WHERE newsletter_id = %s "
+                    "AND batch_id IS NOT NULL AND state = 'queued'", (nid,))[0]["n"] == 0
+    assert "merging more of it waits too" in (env.tmp / "sort-balancer.log").read_text()
+    env.configure(balancer={"merged_backlog_max": 0})
+    run_sort_once(env, "w1")
+    assert states(env, nid) == {"merged": 100}

@@ -70,6 +70,9 @@ def test_errors_say_what_to_fix(tmp_path: Path) -> None:
     bad.write_text("[balancer]\nbatch_min = many\n")
     with pytest.raises(ConfigError, match="batch_min"):
         load_config(bad, env={})
+    bad.write_text("[balancer]\nmerged_backlog_max = -1\n")
+    with pytest.raises(ConfigError, match="merged_backlog_max must be 0"):
+        load_config(bad, env={})
     bad.write_text("[sending]\nrelays = nohost\n")
     with pytest.raises(ConfigError, match="host:port"):
         load_config(bad, env={})
