@@ -130,7 +130,7 @@ _ZLIB_MEMLEVEL = 8
 _TRACKED_QP_LEARN = 3
 _TRACKED_QP_MIN_CHARS = 64
 _TRACKED_QP_CHARS = 4_000_000
-# ... and at most this many of the lines around links (mime.TokenRuns).
+# ... and at most this many of the lines around links (mime.MarkedRuns).
 _TRACKED_RUNS = 10_000
 
 

@@ -184,9 +184,9 @@ class MarkedRuns:
     """
 
     def __init__(self, max_runs: int) -> None:
-        self._runs: dict[str, tuple[bytes, tuple[int, ...]]] = {}
+        self._runs: dict[str, _Holes] = {}
         self._middles: dict[bytes, _Holes] = {}
-        self._splits: set[int] = set()          # where soft breaks cut the middles' marks
+        self._splits: set[int] = set()          # where soft breaks cut learned marks
         self._forms: dict[int, bytes] = {}      # the message's token in those forms
         self._max = max_runs
         self._mark = ""
@@ -208,7 +208,7 @@ class MarkedRuns:
         self.learn = learn
 
     def _token_forms(self, splits: Iterable[int]) -> dict[int, bytes]:
-        """The token as the learned middles need it: whole (0) and cut by a soft break
+        """The token as the learned encodings need it: whole (0) and cut by a soft break
         after k characters, for each k they have."""
         tok = self._token
         forms = {k: tok[:k] + b"=\n" + tok[k:] for k in splits if k}
@@ -216,22 +216,17 @@ class MarkedRuns:
         return forms
 
     def __call__(self, text: str) -> bytes:
-        got = self._runs.get(text) if self._runs else None
-        if got is None:
-            count = text.count(self._mark)
-            if not count:
+        holes = self._runs.get(text) if self._runs else None
+        if holes is None:
+            if self._mark not in text:
                 return _qp_lf(text)
-            if not self.learn or len(self._runs) >= self._max:
+            if self.learn and len(self._runs) < self._max:
+                holes = self._learn(_qp_lf(text), text.count(self._mark))
+                if holes is not None:
+                    self._runs[text] = holes
+            if holes is None:
                 return _qp_lf(text.replace(self._mark, self._token_s))
-            encoded = _qp_lf(text)
-            got = (encoded, _split_marks(encoded, self._mark_b, count))
-            self._runs[text] = got
-        encoded, splits = got
-        encoded = encoded.replace(self._mark_b, self._token)
-        for k in splits:
-            mark, token = self._mark_b, self._token
-            encoded = encoded.replace(mark[:k] + b"=\n" + mark[k:], token[:k] + b"=\n" + token[k:])
-        return encoded
+        return self._fill(holes)
 
     def learn_pieces(self, table: QpTable, pieces: Sequence[str], *, min_chars: int,
                      budget: int) -> int:
@@ -246,21 +241,30 @@ class MarkedRuns:
                 continue
             count = piece.count(mark) - entry[0].count(mark) - entry[2].count(mark)
             if count:
-                cut = _cut(entry[1], self._mark_b, count)
-                if cut is None:
+                holes = self._learn(entry[1], count)
+                if holes is None:
                     del table[piece]
-                    continue
-                parts, splits = cut
-                self._middles[entry[1]] = (parts, _picker(splits))
-                self._splits.update(splits)
-                self._forms.update(self._token_forms(splits))
+                else:
+                    self._middles[entry[1]] = holes
         return budget
 
     def middle(self, encoded: bytes) -> bytes:
         """A learned piece's encoded middle lines with the token where the marks stand."""
         holes = self._middles.get(encoded)
-        if holes is None:
-            return encoded
+        return encoded if holes is None else self._fill(holes)
+
+    def _learn(self, encoded: bytes, count: int) -> _Holes | None:
+        """``encoded`` (with ``count`` marks) cut where they stand, or None."""
+        cut = _cut(encoded, self._mark_b, count)
+        if cut is None:
+            return None
+        parts, splits = cut
+        self._splits.update(splits)
+        self._forms.update(self._token_forms(splits))
+        return parts, _picker(splits)
+
+    def _fill(self, holes: _Holes) -> bytes:
+        """A learned encoding with this message's token where the marks stood."""
         parts, forms = holes
         out: list[bytes] = [b""] * (2 * len(parts) - 1)
         out[::2] = parts
@@ -280,14 +284,6 @@ def _picker(keys: tuple[int, ...]) -> Callable[[dict[int, bytes]], tuple[bytes, 
         key = keys[0]
         return lambda forms: (forms[key],)
     return itemgetter(*keys)
-
-
-def _split_marks(encoded: bytes, mark: bytes, count: int) -> tuple[int, ...]:
-    """Where soft breaks cut the ``count`` marks of an encoded run (bare LF): for each
-    mark cut as ``mark[:k] =LF mark[k:]``, its ``k``."""
-    if encoded.count(mark) == count:
-        return ()
-    return tuple(k for k in range(1, len(mark)) if mark[:k] + b"=\n" + mark[k:] in encoded)
 
 
 def _cut(encoded: bytes, mark: bytes, count: int
